@@ -1,0 +1,447 @@
+"""Capture and intervention engine on the gate activation ``g = act_fn(gate_proj(x))``.
+
+One hook site per gated MLP (SPEC §1): ``mlp.act_fn`` is swapped, for the duration of a
+session, for a thin wrapper that counts positive activations and/or rewrites ``g`` on mask
+dimensions. Leaving the session puts the original ``act_fn`` objects back, so the model is
+restored exactly (no stale hooks, no changed parameters).
+
+Design choices, each for a measured or specified reason:
+
+* Gated MLPs are found by *structure* (``gate_proj``/``up_proj``/``down_proj``/``act_fn``)
+  under a root module that the model adapter names per group (``lm``, ``synth``), never by
+  hard-coded attribute paths: the same code serves Qwen2, Qwen3, Llama and the Omni models.
+* Counters live on the model's device as one int32 ``[B, D_l]`` tensor per layer and are
+  moved to the host once, when the session ends: no per-call synchronisation.
+* Padding never counts. A forward pre-hook on the group's *root* (the module ``generate``
+  calls) reads ``attention_mask`` and, at decode steps, the fed token ids; a row stops
+  counting once it has fed an end-of-sequence token, because a single unpadded run would
+  have stopped there. Batched counts therefore equal separate single runs.
+* Interventions are data: a method plus per-row flat neuron indices and per-row α. They are
+  compiled once per session into one ``[B, 1, D_l]`` operand per layer, so every method is a
+  single elementwise op per layer call; a row with an empty mask gets the identity operand
+  (×1, +0, max with −inf) and is an untouched baseline, bit for bit.
+* ``steer`` and ``deactivate`` are linear in ``g``, so ``folded_down_proj`` offers them as a
+  change of ``down_proj`` columns with an exact restore, for zero per-token cost.
+* Counts are taken on ``g`` as the model computes it, before the intervention rewrites it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from esn_core.layout import NeuronLayout
+
+METHODS = ("steer", "add", "clamp", "deactivate")
+CountPositions = Literal["all", "generated"]
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def is_gated_mlp(module: nn.Module) -> bool:
+    """True for a module shaped like transformers' gated MLPs (Qwen2/Qwen3/Llama...)."""
+    return (
+        isinstance(getattr(module, "gate_proj", None), nn.Linear)
+        and isinstance(getattr(module, "up_proj", None), nn.Linear)
+        and isinstance(getattr(module, "down_proj", None), nn.Linear)
+        and isinstance(getattr(module, "act_fn", None), nn.Module)
+    )
+
+
+def find_gated_mlps(root: nn.Module) -> list[nn.Module]:
+    """All gated MLPs under ``root`` in module order (= layer order for decoder stacks)."""
+    return [m for _, m in root.named_modules() if is_gated_mlp(m)]
+
+
+@dataclass
+class MLPGroup:
+    """The hooked MLPs of one module group and the module whose inputs define positions.
+
+    ``root`` is the module ``generate`` calls each step (its ``input_ids`` and
+    ``attention_mask`` tell which positions are real); ``eos_token_ids`` end a row.
+    """
+
+    mlps: list[nn.Module]
+    root: nn.Module | None = None
+    eos_token_ids: Sequence[int] = ()
+
+    def __post_init__(self) -> None:
+        if not self.mlps:
+            raise ValueError("an MLP group needs at least one gated MLP")
+        for i, mlp in enumerate(self.mlps):
+            if not is_gated_mlp(mlp):
+                raise TypeError(f"layer {i}: {type(mlp).__name__} is not a gated MLP")
+
+    @classmethod
+    def under(cls, root: nn.Module, position_root: nn.Module | None = None, eos_token_ids=()):
+        return cls(find_gated_mlps(root), position_root, tuple(eos_token_ids))
+
+    @property
+    def layout(self) -> NeuronLayout:
+        return NeuronLayout(tuple(m.gate_proj.out_features for m in self.mlps))
+
+
+# --------------------------------------------------------------------------- interventions
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """What to do to ``g`` on which neurons, per batch row.
+
+    ``row_masks[b]`` holds flat neuron indices (NeuronLayout order) for row ``b``; an empty
+    array leaves the row untouched. ``row_alphas[b]`` is that row's α (ignored by
+    ``deactivate``).
+    """
+
+    method: str
+    row_masks: tuple[np.ndarray, ...]
+    row_alphas: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"intervention method {self.method!r} is not one of {METHODS}")
+        if len(self.row_masks) != len(self.row_alphas):
+            raise ValueError(
+                f"{len(self.row_masks)} row masks but {len(self.row_alphas)} row alphas"
+            )
+        for b, alpha in enumerate(self.row_alphas):
+            if self.method != "deactivate" and not alpha >= 0:
+                raise ValueError(f"row {b}: alpha must be >= 0 for {self.method}, got {alpha}")
+
+    @classmethod
+    def uniform(cls, method: str, mask: np.ndarray, alpha: float, batch_size: int):
+        mask = np.asarray(mask, dtype=np.int64)
+        return cls(method, (mask,) * batch_size, (float(alpha),) * batch_size)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.row_masks)
+
+
+def _identity_value(method: str) -> float:
+    return {"steer": 1.0, "deactivate": 1.0, "add": 0.0, "clamp": float("-inf")}[method]
+
+
+def _masked_value(method: str, alpha: float) -> float:
+    return {"steer": 1.0 + alpha, "deactivate": 0.0, "add": alpha, "clamp": alpha}[method]
+
+
+def compile_operands(
+    plan: Intervention, layout: NeuronLayout, device, dtype
+) -> list[torch.Tensor]:
+    """One ``[B, 1, D_l]`` operand per layer so the hook is a single elementwise op."""
+    dense = np.full((plan.batch_size, layout.n_neurons), _identity_value(plan.method))
+    for b, (mask, alpha) in enumerate(zip(plan.row_masks, plan.row_alphas)):
+        mask = np.asarray(mask, dtype=np.int64)
+        if mask.size and (mask.min() < 0 or mask.max() >= layout.n_neurons):
+            raise IndexError(f"row {b}: mask index outside 0..{layout.n_neurons - 1}")
+        dense[b, mask] = _masked_value(plan.method, alpha)
+    return [
+        torch.as_tensor(part, dtype=dtype, device=device).unsqueeze(1).contiguous()
+        for part in layout.split(dense, axis=1)
+    ]
+
+
+def apply_operand(method: str, g: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
+    """``g`` with the compiled operand applied; in place when autograd is not watching."""
+    inplace = not (torch.is_grad_enabled() and g.requires_grad)
+    if method in ("steer", "deactivate"):
+        return g.mul_(operand) if inplace else g * operand
+    if method == "add":
+        return g.add_(operand) if inplace else g + operand
+    return torch.maximum(g, operand, out=g) if inplace else torch.maximum(g, operand)
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@dataclass(frozen=True)
+class Capture:
+    count_positions: CountPositions = "all"
+    moments: bool = False
+
+    def __post_init__(self) -> None:
+        if self.count_positions not in ("all", "generated"):
+            raise ValueError(
+                f"count_positions must be 'all' or 'generated', got {self.count_positions!r}"
+            )
+
+
+@dataclass
+class CountResult:
+    """Per-row statistics of one session (SPEC §2), on the host."""
+
+    K: np.ndarray  # [B, N] int64, positions with g > 0
+    T: np.ndarray  # [B] int64, counted positions
+    layout: NeuronLayout
+    sum_a: np.ndarray | None = None  # [B, N] float32
+    sum_a2: np.ndarray | None = None  # [B, N] float32
+
+
+@dataclass
+class _GroupState:
+    group: MLPGroup
+    capture: Capture | None
+    intervention: Intervention | None
+    operands: list[torch.Tensor] | None = None
+    valid: torch.Tensor | None = None  # [B, S] bool for the current forward call
+    finished: torch.Tensor | None = None  # [B] bool, rows that fed an end token
+    eos: torch.Tensor | None = None
+    calls: int = 0
+    T: torch.Tensor | None = None
+    K: list[torch.Tensor] = field(default_factory=list)
+    sum_a: list[torch.Tensor] = field(default_factory=list)
+    sum_a2: list[torch.Tensor] = field(default_factory=list)
+
+    # -- positions ---------------------------------------------------------------
+    def observe_inputs(self, input_ids, inputs_embeds, attention_mask) -> None:
+        """Work out which positions of this forward call are real, before the layers run."""
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            self.valid = None
+            return
+        batch, seq = ref.shape[0], ref.shape[1]
+        device = ref.device
+        if attention_mask is not None and attention_mask.dim() == 2:
+            valid = attention_mask[:, -seq:].to(torch.bool)
+        else:
+            valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        decoding = self.calls > 0
+        if self.finished is None:
+            self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        if decoding and input_ids is not None and self.eos is not None:
+            # A row that fed an end token would have stopped in a single run: the end
+            # token and everything after it are padding for counting purposes.
+            fed_end = torch.isin(input_ids, self.eos).any(dim=1)
+            self.finished |= fed_end
+            valid = valid & ~self.finished[:, None]
+        if self.capture is not None and self.capture.count_positions == "generated" and not decoding:
+            valid = torch.zeros_like(valid)
+        self.valid = valid
+        self.calls += 1
+        if self.capture is not None:
+            counted = valid.sum(dim=1, dtype=torch.int64)
+            self.T = counted if self.T is None else self.T + counted
+
+    # -- per layer ---------------------------------------------------------------
+    def on_activation(self, layer: int, g: torch.Tensor) -> torch.Tensor:
+        if self.capture is not None:
+            self._count(layer, g)
+        if self.intervention is not None:
+            g = self._intervene(layer, g)
+        return g
+
+    def _count(self, layer: int, g: torch.Tensor) -> None:
+        g = g.detach()  # statistics never join an autograd graph
+        valid = self._valid_for_layer(layer, g)
+        if not self.K:
+            batch = g.shape[0]
+            sizes = self.group.layout.layer_sizes
+            self.K = [torch.zeros(batch, d, dtype=torch.int32, device=g.device) for d in sizes]
+            if self.capture.moments:
+                self.sum_a = [torch.zeros(batch, d, dtype=torch.float32, device=g.device) for d in sizes]
+                self.sum_a2 = [torch.zeros(batch, d, dtype=torch.float32, device=g.device) for d in sizes]
+        if g.shape[1] == 1:
+            # Decode step: one position per row, no reduction kernel needed.
+            self.K[layer] += (g[:, 0] > 0) & valid
+        else:
+            self.K[layer] += ((g > 0) & valid[:, :, None]).sum(dim=1, dtype=torch.int32)
+        if self.capture.moments:
+            a = g.float() * valid[:, :, None]
+            self.sum_a[layer] += a.sum(dim=1)
+            self.sum_a2[layer] += (a * a).sum(dim=1)
+
+    def _valid_for_layer(self, layer: int, g: torch.Tensor) -> torch.Tensor:
+        if self.group.root is None:
+            # Without a root there is no announcement of positions: every position is
+            # real, and the first layer's call is what defines one forward pass.
+            batch, seq = g.shape[0], g.shape[1]
+            if layer == 0:
+                self.valid = torch.ones(batch, seq, dtype=torch.bool, device=g.device)
+                if self.capture is not None:
+                    counted = torch.full((batch,), seq, dtype=torch.int64, device=g.device)
+                    self.T = counted if self.T is None else self.T + counted
+            return self.valid
+        if self.valid is None or self.valid.shape != g.shape[:2]:
+            got = None if self.valid is None else tuple(self.valid.shape)
+            raise RuntimeError(
+                f"layer {layer} saw {tuple(g.shape[:2])} positions but the group's root "
+                f"announced {got}: is the root the module that runs these MLPs?"
+            )
+        return self.valid
+
+    def _intervene(self, layer: int, g: torch.Tensor) -> torch.Tensor:
+        if self.operands is None:
+            self.operands = compile_operands(
+                self.intervention, self.group.layout, g.device, g.dtype
+            )
+        operand = self.operands[layer]
+        if operand.shape[0] != g.shape[0]:
+            raise ValueError(
+                f"intervention has {operand.shape[0]} rows but the batch has {g.shape[0]}"
+            )
+        return apply_operand(self.intervention.method, g, operand)
+
+    def result(self) -> CountResult:
+        layout = self.group.layout
+        if not self.K:
+            raise RuntimeError("no activation was captured: did the model run in the session?")
+        # One device->host transfer per tensor kind for the whole batch.
+        K = torch.cat(self.K, dim=1).to("cpu", torch.int64).numpy()
+        T = self.T.to("cpu").numpy().astype(np.int64)
+        out = CountResult(K=K, T=T, layout=layout)
+        if self.capture.moments:
+            out.sum_a = torch.cat(self.sum_a, dim=1).cpu().numpy()
+            out.sum_a2 = torch.cat(self.sum_a2, dim=1).cpu().numpy()
+        return out
+
+
+class _HookedActivation(nn.Module):
+    """Stands in for one layer's ``act_fn`` while a session is open."""
+
+    def __init__(self, original: nn.Module, state: _GroupState, layer: int):
+        super().__init__()
+        self.original = original
+        self.state = state
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.state.on_activation(self.layer, self.original(x))
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+class Session:
+    """Handle returned by ``HookEngine.session``; holds results after the block ends."""
+
+    def __init__(self, states: dict[str, _GroupState]):
+        self._states = states
+        self._results: dict[str, CountResult] = {}
+
+    def counts(self, group: str) -> CountResult:
+        if group not in self._results:
+            raise KeyError(f"no capture for group {group!r}; captured: {sorted(self._results)}")
+        return self._results[group]
+
+    def _collect(self) -> None:
+        for name, state in self._states.items():
+            if state.capture is not None and state.K:
+                self._results[name] = state.result()
+
+
+class HookEngine:
+    """Capture and intervention on the gated MLPs of named groups (``lm``, ``synth``)."""
+
+    def __init__(self, groups: dict[str, MLPGroup]):
+        if not groups:
+            raise ValueError("HookEngine needs at least one MLP group")
+        self.groups = groups
+
+    def layout(self, group: str) -> NeuronLayout:
+        return self._group(group).layout
+
+    def _group(self, name: str) -> MLPGroup:
+        if name not in self.groups:
+            raise KeyError(f"unknown MLP group {name!r}; this model has {sorted(self.groups)}")
+        return self.groups[name]
+
+    @contextlib.contextmanager
+    def session(
+        self,
+        capture: dict[str, Capture] | None = None,
+        interventions: dict[str, Intervention] | None = None,
+    ) -> Iterator[Session]:
+        """Hooks on for the ``with`` block (one batch), restored exactly on exit."""
+        capture = capture or {}
+        interventions = interventions or {}
+        names = list(dict.fromkeys([*capture, *interventions]))
+        states: dict[str, _GroupState] = {}
+        for name in names:
+            group = self._group(name)
+            state = _GroupState(group, capture.get(name), interventions.get(name))
+            if state.intervention is not None:
+                n = group.layout.n_neurons
+                for b, mask in enumerate(state.intervention.row_masks):
+                    mask = np.asarray(mask)
+                    if mask.size and (mask.min() < 0 or mask.max() >= n):
+                        raise IndexError(f"group {name!r} row {b}: mask index outside 0..{n - 1}")
+            states[name] = state
+        session = Session(states)
+        with contextlib.ExitStack() as stack:
+            for state in states.values():
+                stack.enter_context(_installed(state))
+            yield session
+        session._collect()
+
+
+@contextlib.contextmanager
+def _installed(state: _GroupState) -> Iterator[None]:
+    group = state.group
+    originals = [mlp.act_fn for mlp in group.mlps]
+    handle = None
+    try:
+        for layer, mlp in enumerate(group.mlps):
+            mlp.act_fn = _HookedActivation(originals[layer], state, layer)
+        if group.root is not None:
+            handle = group.root.register_forward_pre_hook(_root_pre_hook(state), with_kwargs=True)
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+        for mlp, original in zip(group.mlps, originals):
+            mlp.act_fn = original
+
+
+def _root_pre_hook(state: _GroupState):
+    def hook(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None and input_ids.dtype.is_floating_point:
+            input_ids = None
+        if state.eos is None and state.group.eos_token_ids:
+            device = (input_ids if input_ids is not None else kwargs.get("inputs_embeds")).device
+            state.eos = torch.as_tensor(list(state.group.eos_token_ids), device=device)
+        state.observe_inputs(input_ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"))
+        return None
+
+    return hook
+
+
+# --------------------------------------------------------------------------- folding
+
+
+@contextlib.contextmanager
+def folded_down_proj(
+    group: MLPGroup, mask: np.ndarray, method: str, alpha: float = 0.0
+) -> Iterator[None]:
+    """Apply ``steer``/``deactivate`` on ``mask`` by scaling ``down_proj`` columns.
+
+    ``h = W_o (g ⊙ v)`` is linear in each ``g_n``, so scaling column ``n`` of ``W_o`` by
+    ``1 + α`` (or 0) equals the hook at zero per-token cost. The original columns are kept
+    and copied back on exit, so the weights are restored bit for bit.
+    """
+    if method not in ("steer", "deactivate"):
+        raise ValueError(f"only steer and deactivate can be folded into weights, not {method!r}")
+    scale = _masked_value(method, alpha)
+    per_layer = group.layout.split_indices(np.asarray(mask, dtype=np.int64))
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for mlp, idx in zip(group.mlps, per_layer):
+                if idx.size == 0:
+                    continue
+                weight = mlp.down_proj.weight  # [hidden, D]
+                cols = torch.as_tensor(idx, device=weight.device)
+                saved.append((weight, cols, weight[:, cols].clone()))
+                weight[:, cols] = weight[:, cols] * scale
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, cols, original in saved:
+                weight[:, cols] = original

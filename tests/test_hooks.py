@@ -1,0 +1,369 @@
+"""Hook engine: capture counts, interventions, folding, padding, restore."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+from esn_core.hooks import (
+    Capture,
+    HookEngine,
+    Intervention,
+    MLPGroup,
+    find_gated_mlps,
+    folded_down_proj,
+)
+from tiny_models import lm_group, tiny_qwen2
+
+
+class _Stack(nn.Module):
+    """Two real Qwen2MLP layers applied in sequence (a bare MLP stack, no root)."""
+
+    def __init__(self, hidden=6, inter=5):
+        super().__init__()
+        from transformers import Qwen2Config
+
+        cfg = Qwen2Config(hidden_size=hidden, intermediate_size=inter, hidden_act="silu")
+        self.layers = nn.ModuleList([Qwen2MLP(cfg), Qwen2MLP(cfg)])
+        for p in self.parameters():
+            nn.init.normal_(p, 0, 1.0)
+        self.double()
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _manual_mlp(mlp, x, fn):
+    g = torch.nn.functional.silu(mlp.gate_proj(x))
+    return mlp.down_proj(fn(g) * mlp.up_proj(x))
+
+
+@pytest.fixture()
+def stack():
+    torch.manual_seed(3)
+    return _Stack()
+
+
+def test_find_gated_mlps_finds_every_decoder_layer_in_order():
+    model = tiny_qwen2()
+    mlps = find_gated_mlps(model)
+    assert mlps == [layer.mlp for layer in model.model.layers]
+
+
+def test_non_gated_module_is_rejected():
+    with pytest.raises(TypeError, match="layer 0"):
+        MLPGroup([nn.Linear(3, 3)])
+
+
+@pytest.mark.parametrize(
+    "method,alpha,formula",
+    [
+        ("steer", 0.5, lambda g, m: torch.where(m, 1.5 * g, g)),
+        ("add", 0.25, lambda g, m: torch.where(m, g + 0.25, g)),
+        ("clamp", 0.4, lambda g, m: torch.where(m, torch.clamp(g, min=0.4), g)),
+        ("deactivate", 0.0, lambda g, m: torch.where(m, torch.zeros_like(g), g)),
+    ],
+)
+def test_intervention_equals_formula_on_a_gated_mlp(stack, method, alpha, formula):
+    mlp = stack.layers[0]
+    group = MLPGroup([mlp])
+    mask = np.array([1, 3])
+    dims = torch.zeros(5, dtype=torch.bool)
+    dims[mask] = True
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    engine = HookEngine({"lm": group})
+    with engine.session(interventions={"lm": Intervention.uniform(method, mask, alpha, 2)}):
+        got = mlp(x)
+    want = _manual_mlp(mlp, x, lambda g: formula(g, dims))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # and the hook really changed something
+    assert not torch.allclose(got, mlp(x))
+
+
+def test_per_row_masks_and_alphas_in_one_batch(stack):
+    mlp = stack.layers[0]
+    engine = HookEngine({"lm": MLPGroup([mlp])})
+    x = torch.randn(3, 2, 6, dtype=torch.float64)
+    plan = Intervention("steer", (np.array([0]), np.array([], dtype=np.int64), np.array([2, 4])), (1.0, 7.0, 0.5))
+    with engine.session(interventions={"lm": plan}):
+        got = mlp(x)
+    scale = torch.ones(3, 1, 5, dtype=torch.float64)
+    scale[0, 0, 0] = 2.0
+    scale[2, 0, [2, 4]] = 1.5
+    want = _manual_mlp(mlp, x, lambda g: g * scale)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # the empty-mask row is an untouched baseline, bit for bit
+    assert torch.equal(got[1], mlp(x)[1])
+
+
+def test_masks_span_layers_with_flat_indices(stack):
+    engine = HookEngine({"lm": MLPGroup(list(stack.layers))})
+    x = torch.randn(1, 3, 6, dtype=torch.float64)
+    # flat 6 = layer 1, neuron 1 (layers have 5 neurons each)
+    with engine.session(interventions={"lm": Intervention.uniform("deactivate", np.array([6]), 0, 1)}):
+        got = stack(x)
+    h = stack.layers[0](x)
+
+    def kill(g):
+        g = g.clone()
+        g[..., 1] = 0
+        return g
+
+    want = _manual_mlp(stack.layers[1], h, kill)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method,alpha", [("steer", 1.0), ("steer", 0.3), ("deactivate", 0.0)])
+def test_folding_equals_hooking_and_restores_weights_exactly(method, alpha):
+    model = tiny_qwen2()
+    group = lm_group(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mask = np.array([0, 5, 47, 48, 100, 143])
+    ids = torch.tensor([[5, 9, 13, 21, 8]])
+    engine = HookEngine({"lm": group})
+    with engine.session(interventions={"lm": Intervention.uniform(method, mask, alpha, 1)}):
+        hooked = model(ids).logits
+    with folded_down_proj(group, mask, method, alpha):
+        folded = model(ids).logits
+    torch.testing.assert_close(folded, hooked, rtol=1e-10, atol=1e-10)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_folding_refuses_nonlinear_methods():
+    group = lm_group(tiny_qwen2())
+    with pytest.raises(ValueError, match="clamp"):
+        with folded_down_proj(group, np.array([1]), "clamp", 0.1):
+            pass
+
+
+def test_session_restores_the_model_exactly():
+    model = tiny_qwen2()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    plain = model(ids).logits
+    acts = [layer.mlp.act_fn for layer in model.model.layers]
+    hooks_before = [len(model._forward_pre_hooks)]
+    engine = HookEngine({"lm": lm_group(model)})
+    with engine.session(
+        capture={"lm": Capture()},
+        interventions={"lm": Intervention.uniform("add", np.arange(20), 3.0, 1)},
+    ):
+        changed = model(ids).logits
+    assert not torch.allclose(changed, plain)
+    assert [layer.mlp.act_fn for layer in model.model.layers] == acts
+    assert [len(model._forward_pre_hooks)] == hooks_before
+    assert torch.equal(model(ids).logits, plain)
+
+
+def test_counts_equal_manual_count_of_positive_gate_activations():
+    model = tiny_qwen2()
+    ids = torch.tensor([[7, 8, 9, 10, 11, 12]])
+    captured = []
+    handles = [
+        layer.mlp.act_fn.register_forward_hook(lambda m, i, o: captured.append(o.detach().clone()))
+        for layer in model.model.layers
+    ]
+    model(ids)
+    for h in handles:
+        h.remove()
+    want = torch.cat([(g[0] > 0).sum(0) for g in captured]).numpy()
+    engine = HookEngine({"lm": lm_group(model)})
+    with engine.session(capture={"lm": Capture()}) as s:
+        model(ids)
+    got = s.counts("lm")
+    assert got.T.tolist() == [6]
+    np.testing.assert_array_equal(got.K[0], want)
+    assert 0 < want.sum() < 6 * 3 * 48  # both signs occur: the test can fail
+
+
+def test_counting_from_gate_proj_sign_equals_counting_g_positive():
+    model = tiny_qwen2()
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    signs = []
+    handles = [
+        layer.mlp.gate_proj.register_forward_hook(lambda m, i, o: signs.append((o > 0).sum(1)))
+        for layer in model.model.layers
+    ]
+    model(ids)
+    for h in handles:
+        h.remove()
+    from_sign = torch.cat(signs, dim=1).numpy()
+    engine = HookEngine({"lm": lm_group(model)})
+    with engine.session(capture={"lm": Capture()}) as s:
+        model(ids)
+    np.testing.assert_array_equal(s.counts("lm").K, from_sign)
+
+
+def test_moments_are_sums_of_activations_and_squares():
+    model = tiny_qwen2()
+    ids = torch.tensor([[4, 5, 6]])
+    captured = []
+    h = model.model.layers[1].mlp.act_fn.register_forward_hook(lambda m, i, o: captured.append(o.detach().clone()))
+    model(ids)
+    h.remove()
+    engine = HookEngine({"lm": lm_group(model)})
+    with engine.session(capture={"lm": Capture(moments=True)}) as s:
+        model(ids)
+    res = s.counts("lm")
+    g = captured[0][0].float()
+    np.testing.assert_allclose(res.sum_a[0, 48:96], g.sum(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(res.sum_a2[0, 48:96], (g * g).sum(0).numpy(), rtol=1e-5)
+
+
+def _single_counts(model, prompt, eos=(2,), new=6, count_positions="all"):
+    engine = HookEngine({"lm": lm_group(model, eos)})
+    with engine.session(capture={"lm": Capture(count_positions)}) as s:
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=new,
+            do_sample=False,
+            eos_token_id=list(eos),
+            pad_token_id=0,
+        )
+    return s.counts("lm"), out[0, len(prompt):].tolist()
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23]]
+
+
+def _left_padded(prompts):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def test_left_padded_generate_counts_equal_single_runs():
+    model = tiny_qwen2()
+    singles = [_single_counts(model, p) for p in PROMPTS]
+    ids, mask = _left_padded(PROMPTS)
+    engine = HookEngine({"lm": lm_group(model)})
+    with engine.session(capture={"lm": Capture()}) as s:
+        model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    got = s.counts("lm")
+    for b, (single, tokens) in enumerate(singles):
+        # every prompt position and every new token but the last is fed exactly once
+        assert single.T[0] == len(PROMPTS[b]) + len(tokens) - 1
+        assert got.T[b] == single.T[0]
+        np.testing.assert_array_equal(got.K[b], single.K[0])
+    assert {len(t) for _, t in singles} == {6, 2}, "one row ends early on the model's EOS"
+
+
+def test_rows_stop_counting_after_their_end_token():
+    model = tiny_qwen2()
+    _, tokens = _single_counts(model, PROMPTS[0], new=8)
+    eos = tokens[2]  # row 0 ends at its third new token
+    others = [_single_counts(model, p, new=8)[1] for p in PROMPTS[1:]]
+    assert all(eos not in t for t in others), "pick a prompt set where only row 0 ends"
+    assert eos not in tokens[:2]
+    singles = [_single_counts(model, p, eos=(eos,), new=8)[0] for p in PROMPTS]
+    assert singles[0].T[0] == len(PROMPTS[0]) + 3 - 1
+    ids, mask = _left_padded(PROMPTS)
+    engine = HookEngine({"lm": lm_group(model, (eos,))})
+    with engine.session(capture={"lm": Capture()}) as s:
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                       eos_token_id=[eos], pad_token_id=0)
+    got = s.counts("lm")
+    for b, single in enumerate(singles):
+        assert got.T[b] == single.T[0]
+        np.testing.assert_array_equal(got.K[b], single.K[0])
+
+
+def test_right_padded_forward_counts_equal_single_forwards():
+    model = tiny_qwen2()
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([p + [0] * (width - len(p)) for p in PROMPTS])
+    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in PROMPTS])
+    engine = HookEngine({"lm": lm_group(model)})
+    with engine.session(capture={"lm": Capture()}) as s:
+        model(input_ids=ids, attention_mask=mask)
+    batch = s.counts("lm")
+    for b, p in enumerate(PROMPTS):
+        with engine.session(capture={"lm": Capture()}) as one:
+            model(input_ids=torch.tensor([p]))
+        assert batch.T[b] == len(p)
+        np.testing.assert_array_equal(batch.K[b], one.counts("lm").K[0])
+
+
+def test_generated_only_counts_exclude_the_prompt():
+    model = tiny_qwen2()
+    all_pos, _ = _single_counts(model, PROMPTS[0], new=5)
+    gen, _ = _single_counts(model, PROMPTS[0], new=5, count_positions="generated")
+    assert gen.T[0] == 5 - 1
+    assert all_pos.T[0] == len(PROMPTS[0]) + 5 - 1
+    assert (gen.K <= all_pos.K).all() and gen.K.sum() < all_pos.K.sum()
+
+
+def test_per_row_batched_generation_is_token_identical_to_single_runs():
+    model = tiny_qwen2()
+    conditions = [
+        ("steer", np.array([1, 2, 3, 50, 60, 100]), 2.0),
+        ("steer", np.array([], dtype=np.int64), 0.0),
+        ("steer", np.array([7, 70, 140]), 0.5),
+    ]
+    prompt = [5, 6, 7, 8]
+
+    def run(rows):
+        engine = HookEngine({"lm": lm_group(model)})
+        plan = Intervention("steer", tuple(r[1] for r in rows), tuple(r[2] for r in rows))
+        ids = torch.tensor([prompt] * len(rows))
+        with engine.session(capture={"lm": Capture()}, interventions={"lm": plan}) as s:
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                                 do_sample=False, pad_token_id=0)
+        return out[:, len(prompt):], s.counts("lm")
+
+    batch_tokens, batch_counts = run(conditions)
+    singles = [run([c]) for c in conditions]
+    for b, (tokens, counts) in enumerate(singles):
+        assert _until_end(batch_tokens[b]) == tokens[0].tolist()
+        np.testing.assert_array_equal(batch_counts.K[b], counts.K[0])
+    # the interventions matter: not every row generated the same text
+    assert len({tuple(t.tolist()) for t in batch_tokens}) > 1
+    plain = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert _until_end(batch_tokens[1]) == plain[0, len(prompt):].tolist()
+
+
+def _until_end(tokens, eos=2):
+    tokens = tokens.tolist()
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def test_interventions_apply_at_prefill_and_every_decode_step():
+    model = tiny_qwen2()
+    engine = HookEngine({"lm": lm_group(model)})
+    plan = Intervention.uniform("deactivate", np.arange(48), 0, 1)  # all of layer 0
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda m, i, o: seen.append(float(i[0].abs().max()))
+    )
+    with engine.session(interventions={"lm": plan}):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    hook.remove()
+    assert len(seen) == 4  # prefill + 3 decode steps
+    assert seen == [0.0] * 4
+
+
+def test_mask_rows_must_match_batch_and_indices_must_exist():
+    model = tiny_qwen2()
+    engine = HookEngine({"lm": lm_group(model)})
+    with pytest.raises(ValueError, match="2 rows but the batch has 1"):
+        with engine.session(interventions={"lm": Intervention.uniform("steer", np.array([1]), 1.0, 2)}):
+            model(torch.tensor([[1, 2]]))
+    with pytest.raises(IndexError, match="mask index"):
+        with engine.session(interventions={"lm": Intervention.uniform("steer", np.array([144]), 1.0, 1)}):
+            pass
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        Intervention.uniform("clamp", np.array([1]), -1.0, 1)
+    with pytest.raises(ValueError, match="not one of"):
+        Intervention.uniform("boost", np.array([1]), 1.0, 1)
+    with pytest.raises(KeyError, match="unknown MLP group 'synth'"):
+        with engine.session(capture={"synth": Capture()}):
+            pass
+    # a failed session still restores the model
+    assert all(type(l.mlp.act_fn).__name__ != "_HookedActivation" for l in model.model.layers)

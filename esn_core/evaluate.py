@@ -53,7 +53,7 @@ def match_rates(df: pl.DataFrame) -> pl.DataFrame:
         (100.0 * pl.col("match").mean()).alias("match_pct"),
         pl.col("word_errors").sum().alias("_errors"),
         pl.col("ref_words").sum().alias("_words"),
-        pl.col("mos").cast(pl.Float64).mean().alias("mos_mean"),
+        pl.col("mos").mean().alias("mos_mean"),
     )
     rates = rates.with_columns(
         wer_pct=pl.when(pl.col("_words") > 0).then(100.0 * pl.col("_errors") / pl.col("_words"))
@@ -177,9 +177,11 @@ def bootstrap_grid(
     return GridCI(grid=grid, summary=_summary_ci(cells, point, boot, level))
 
 
-def _summary_ci(cells, point: np.ndarray, boot: np.ndarray, level: float) -> pl.DataFrame:
+def _summary_ci(
+    cells: Sequence[tuple[str, str]], point: np.ndarray, boot: np.ndarray, level: float
+) -> pl.DataFrame:
     is_self = np.array([m == t for m, t in cells])
-    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (point[1], boot[B])
+    stats: dict[str, tuple[float, np.ndarray]] = {}  # name -> (point value, replicates [B])
     if is_self.any():
         stats["self"] = (point[is_self].mean(), boot[:, is_self].mean(axis=1))
     if (~is_self).any():
@@ -365,7 +367,12 @@ def _prepare(df: pl.DataFrame) -> pl.DataFrame:
     missing = [c for c in EVAL_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"evaluation table: missing column(s) {missing}; has {df.columns}")
-    df = df.select(EVAL_COLUMNS)
+    # fixed dtypes: an all-null column (a baseline-only table's mask_emotion) reads as Null
+    df = df.select(EVAL_COLUMNS).with_columns(
+        pl.col("source_id", "condition", "mask_emotion", "target_emotion", "label").cast(pl.Utf8),
+        pl.col("word_errors", "ref_words").cast(pl.Int64),
+        pl.col("mos").cast(pl.Float64),
+    )
     for col in ("source_id", "condition", "target_emotion", "word_errors", "ref_words"):
         _require_no_nulls(df, col)
     _require_values_in(df, "target_emotion", EMOTIONS)

@@ -28,7 +28,7 @@ Design choices, each for a measured or specified reason:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
 
 import numpy as np
@@ -135,16 +135,31 @@ def _masked_value(method: str, alpha: float) -> float:
 def compile_operands(
     plan: Intervention, layout: NeuronLayout, device, dtype
 ) -> list[torch.Tensor]:
-    """One ``[B, 1, D_l]`` operand per layer so the hook is a single elementwise op."""
-    dense = np.full((plan.batch_size, layout.n_neurons), _identity_value(plan.method))
+    """One ``[B, 1, D_l]`` operand per layer so the hook is a single elementwise op.
+
+    Built on the model's device with one scatter, so per-row masks for a large batch cost
+    no host work proportional to ``B x N``.
+    """
+    dense = torch.full(
+        (plan.batch_size, layout.n_neurons), _identity_value(plan.method), dtype=dtype, device=device
+    )
+    rows, cols, values = [], [], []
     for b, (mask, alpha) in enumerate(zip(plan.row_masks, plan.row_alphas)):
-        mask = np.asarray(mask, dtype=np.int64)
+        mask = np.asarray(mask, dtype=np.int64).ravel()
         if mask.size and (mask.min() < 0 or mask.max() >= layout.n_neurons):
             raise IndexError(f"row {b}: mask index outside 0..{layout.n_neurons - 1}")
-        dense[b, mask] = _masked_value(plan.method, alpha)
+        rows.append(np.full(mask.size, b))
+        cols.append(mask)
+        values.append(np.full(mask.size, _masked_value(plan.method, alpha)))
+    if rows:
+        index = (
+            torch.as_tensor(np.concatenate(rows), device=device),
+            torch.as_tensor(np.concatenate(cols), device=device),
+        )
+        dense[index] = torch.as_tensor(np.concatenate(values), dtype=dtype, device=device)
     return [
-        torch.as_tensor(part, dtype=dtype, device=device).unsqueeze(1).contiguous()
-        for part in layout.split(dense, axis=1)
+        part.unsqueeze(1).contiguous()
+        for part in torch.split(dense, list(layout.layer_sizes), dim=1)
     ]
 
 
@@ -184,28 +199,122 @@ class CountResult:
     sum_a2: np.ndarray | None = None  # [B, N] float32
 
 
+class _Counter:
+    """Positive-activation counters of one group for one batch, on the model's device.
+
+    Prefill calls (many positions) are reduced at once. Decode calls (one position per
+    row) only write ``g > 0`` into a per-layer step buffer, a single kernel per layer;
+    the buffer is reduced with the step's row validity every few steps. This keeps the
+    per-token cost of capture to one elementwise op per layer, which is what makes
+    capture nearly free next to the model's own kernels.
+    """
+
+    BUFFER_BYTES = 256 * 2**20
+
+    def __init__(self, layout: NeuronLayout, capture: Capture):
+        self.layout = layout
+        self.capture = capture
+        self.K_all: torch.Tensor | None = None
+        self.K: list[torch.Tensor] = []
+        self.T: torch.Tensor | None = None
+        self.sum_a: list[torch.Tensor] = []
+        self.sum_a2: list[torch.Tensor] = []
+        self.valid: torch.Tensor | None = None  # [B, S] for the current call
+        self.step_bufs: list[torch.Tensor] = []  # per layer [steps, B, 1, D] bool
+        self.step_views: list[list[torch.Tensor]] = []
+        self.step_valid: torch.Tensor | None = None  # [steps, B] bool
+        self.slot = -1  # step-buffer slot of the current decode call, -1 for a prefill call
+        self.filled = 0
+
+    def _allocate(self, batch: int, device) -> None:
+        sizes = self.layout.layer_sizes
+        # One [B, N] tensor with per-layer views: the result leaves in one transfer.
+        self.K_all = torch.zeros(batch, self.layout.n_neurons, dtype=torch.int32, device=device)
+        self.K = list(torch.split(self.K_all, list(sizes), dim=1))
+        self.T = torch.zeros(batch, dtype=torch.int64, device=device)
+        steps = int(max(1, min(32, self.BUFFER_BYTES // (batch * self.layout.n_neurons))))
+        self.step_bufs = [torch.empty(steps, batch, 1, d, dtype=torch.bool, device=device) for d in sizes]
+        # Views made once, so a decode call costs one dispatch per layer and no slicing.
+        self.step_views = [list(buf.unbind(0)) for buf in self.step_bufs]
+        self.step_valid = torch.empty(steps, batch, dtype=torch.bool, device=device)
+        if self.capture.moments:
+            self.sum_a = [torch.zeros(batch, d, dtype=torch.float32, device=device) for d in sizes]
+            self.sum_a2 = [torch.zeros(batch, d, dtype=torch.float32, device=device) for d in sizes]
+
+    def begin_call(self, valid: torch.Tensor) -> None:
+        """Called once per forward pass, before its layers run, with its real positions."""
+        if not self.K:
+            self._allocate(valid.shape[0], valid.device)
+        elif valid.shape[0] != self.T.shape[0]:
+            raise RuntimeError(
+                f"batch changed from {self.T.shape[0]} to {valid.shape[0]} rows within a session"
+            )
+        self.valid = valid
+        self.T += valid.sum(dim=1)
+        if valid.shape[1] == 1:
+            if self.filled == len(self.step_valid):
+                self.flush()
+            self.slot = self.filled
+            self.step_valid[self.slot] = valid[:, 0]
+            self.filled += 1
+        else:
+            self.slot = -1
+
+    def count(self, layer: int, g: torch.Tensor) -> None:
+        if self.slot >= 0:
+            torch.gt(g, 0, out=self.step_views[layer][self.slot])
+        else:
+            self.K[layer] += ((g > 0) & self.valid[:, :, None]).sum(dim=1, dtype=torch.int32)
+        if self.capture.moments:
+            a = g.float() * self.valid[:, :, None]
+            self.sum_a[layer] += a.sum(dim=1)
+            self.sum_a2[layer] += (a * a).sum(dim=1)
+
+    def flush(self) -> None:
+        n = self.filled
+        if n:
+            valid = self.step_valid[:n, :, None, None]
+            for K, buf in zip(self.K, self.step_bufs):
+                K += (buf[:n] & valid).sum(dim=(0, 2), dtype=torch.int32)
+        self.filled = 0
+
+    def result(self) -> CountResult:
+        if not self.K:
+            raise RuntimeError("no activation was captured: did the model run in the session?")
+        self.flush()
+        T = self.T.cpu().numpy()
+        # Counts never exceed T: ship them in the narrowest type that holds T, through
+        # pinned memory (pageable device-to-host copies are several times slower).
+        narrow = torch.uint8 if T.max(initial=0) < 2**8 else torch.int32
+        K = _to_host(self.K_all.to(narrow)).astype(np.int64)
+        out = CountResult(K=K, T=T.astype(np.int64), layout=self.layout)
+        if self.capture.moments:
+            out.sum_a = torch.cat(self.sum_a, dim=1).cpu().numpy()
+            out.sum_a2 = torch.cat(self.sum_a2, dim=1).cpu().numpy()
+        return out
+
+
 @dataclass
 class _GroupState:
     group: MLPGroup
     capture: Capture | None
     intervention: Intervention | None
+    counter: _Counter | None = None
     operands: list[torch.Tensor] | None = None
-    valid: torch.Tensor | None = None  # [B, S] bool for the current forward call
     finished: torch.Tensor | None = None  # [B] bool, rows that fed an end token
     eos: torch.Tensor | None = None
     calls: int = 0
-    T: torch.Tensor | None = None
-    K: list[torch.Tensor] = field(default_factory=list)
-    sum_a: list[torch.Tensor] = field(default_factory=list)
-    sum_a2: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.capture is not None:
+            self.counter = _Counter(self.group.layout, self.capture)
 
     # -- positions ---------------------------------------------------------------
     def observe_inputs(self, input_ids, inputs_embeds, attention_mask) -> None:
         """Work out which positions of this forward call are real, before the layers run."""
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
-            self.valid = None
-            return
+            raise RuntimeError("the group's root was called without input_ids or inputs_embeds")
         batch, seq = ref.shape[0], ref.shape[1]
         device = ref.device
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -213,68 +322,38 @@ class _GroupState:
         else:
             valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
         decoding = self.calls > 0
-        if self.finished is None:
-            self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.calls += 1
         if decoding and input_ids is not None and self.eos is not None:
             # A row that fed an end token would have stopped in a single run: the end
             # token and everything after it are padding for counting purposes.
             fed_end = torch.isin(input_ids, self.eos).any(dim=1)
-            self.finished |= fed_end
+            self.finished = fed_end if self.finished is None else self.finished | fed_end
             valid = valid & ~self.finished[:, None]
-        if self.capture is not None and self.capture.count_positions == "generated" and not decoding:
+        if self.capture.count_positions == "generated" and not decoding:
             valid = torch.zeros_like(valid)
-        self.valid = valid
-        self.calls += 1
-        if self.capture is not None:
-            counted = valid.sum(dim=1, dtype=torch.int64)
-            self.T = counted if self.T is None else self.T + counted
+        self.counter.begin_call(valid)
 
     # -- per layer ---------------------------------------------------------------
     def on_activation(self, layer: int, g: torch.Tensor) -> torch.Tensor:
-        if self.capture is not None:
-            self._count(layer, g)
+        if self.counter is not None:
+            if self.group.root is None and layer == 0:
+                # No root announces positions: every position is real and the first
+                # layer's call marks a new forward pass.
+                self.counter.begin_call(torch.ones(g.shape[:2], dtype=torch.bool, device=g.device))
+            self._check_positions(layer, g)
+            self.counter.count(layer, g.detach())
         if self.intervention is not None:
             g = self._intervene(layer, g)
         return g
 
-    def _count(self, layer: int, g: torch.Tensor) -> None:
-        g = g.detach()  # statistics never join an autograd graph
-        valid = self._valid_for_layer(layer, g)
-        if not self.K:
-            batch = g.shape[0]
-            sizes = self.group.layout.layer_sizes
-            self.K = [torch.zeros(batch, d, dtype=torch.int32, device=g.device) for d in sizes]
-            if self.capture.moments:
-                self.sum_a = [torch.zeros(batch, d, dtype=torch.float32, device=g.device) for d in sizes]
-                self.sum_a2 = [torch.zeros(batch, d, dtype=torch.float32, device=g.device) for d in sizes]
-        if g.shape[1] == 1:
-            # Decode step: one position per row, no reduction kernel needed.
-            self.K[layer] += (g[:, 0] > 0) & valid
-        else:
-            self.K[layer] += ((g > 0) & valid[:, :, None]).sum(dim=1, dtype=torch.int32)
-        if self.capture.moments:
-            a = g.float() * valid[:, :, None]
-            self.sum_a[layer] += a.sum(dim=1)
-            self.sum_a2[layer] += (a * a).sum(dim=1)
-
-    def _valid_for_layer(self, layer: int, g: torch.Tensor) -> torch.Tensor:
-        if self.group.root is None:
-            # Without a root there is no announcement of positions: every position is
-            # real, and the first layer's call is what defines one forward pass.
-            batch, seq = g.shape[0], g.shape[1]
-            if layer == 0:
-                self.valid = torch.ones(batch, seq, dtype=torch.bool, device=g.device)
-                if self.capture is not None:
-                    counted = torch.full((batch,), seq, dtype=torch.int64, device=g.device)
-                    self.T = counted if self.T is None else self.T + counted
-            return self.valid
-        if self.valid is None or self.valid.shape != g.shape[:2]:
-            got = None if self.valid is None else tuple(self.valid.shape)
+    def _check_positions(self, layer: int, g: torch.Tensor) -> None:
+        valid = self.counter.valid
+        if valid is None or valid.shape != g.shape[:2]:
+            got = None if valid is None else tuple(valid.shape)
             raise RuntimeError(
                 f"layer {layer} saw {tuple(g.shape[:2])} positions but the group's root "
                 f"announced {got}: is the root the module that runs these MLPs?"
             )
-        return self.valid
 
     def _intervene(self, layer: int, g: torch.Tensor) -> torch.Tensor:
         if self.operands is None:
@@ -288,18 +367,13 @@ class _GroupState:
             )
         return apply_operand(self.intervention.method, g, operand)
 
-    def result(self) -> CountResult:
-        layout = self.group.layout
-        if not self.K:
-            raise RuntimeError("no activation was captured: did the model run in the session?")
-        # One device->host transfer per tensor kind for the whole batch.
-        K = torch.cat(self.K, dim=1).to("cpu", torch.int64).numpy()
-        T = self.T.to("cpu").numpy().astype(np.int64)
-        out = CountResult(K=K, T=T, layout=layout)
-        if self.capture.moments:
-            out.sum_a = torch.cat(self.sum_a, dim=1).cpu().numpy()
-            out.sum_a2 = torch.cat(self.sum_a2, dim=1).cpu().numpy()
-        return out
+
+def _to_host(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.device.type != "cuda":
+        return tensor.numpy().copy()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor)
+    return host.numpy()
 
 
 class _HookedActivation(nn.Module):
@@ -332,8 +406,8 @@ class Session:
 
     def _collect(self) -> None:
         for name, state in self._states.items():
-            if state.capture is not None and state.K:
-                self._results[name] = state.result()
+            if state.counter is not None and state.counter.K:
+                self._results[name] = state.counter.result()
 
 
 class HookEngine:
@@ -407,7 +481,8 @@ def _root_pre_hook(state: _GroupState):
         if state.eos is None and state.group.eos_token_ids:
             device = (input_ids if input_ids is not None else kwargs.get("inputs_embeds")).device
             state.eos = torch.as_tensor(list(state.group.eos_token_ids), device=device)
-        state.observe_inputs(input_ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"))
+        if state.counter is not None:
+            state.observe_inputs(input_ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"))
         return None
 
     return hook

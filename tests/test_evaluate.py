@@ -289,3 +289,16 @@ def test_mask_indices_flatten_a_mask_table():
     assert mask_indices(_mask_table(), "sad", LAYOUT).tolist() == [7]
     with pytest.raises(ValueError, match="'angry'"):
         mask_indices(_mask_table(), "angry", LAYOUT)
+
+
+def test_all_null_columns_of_a_baseline_only_table_are_accepted():
+    df = pl.DataFrame(
+        {
+            "source_id": ["a", "b"], "condition": ["baseline"] * 2, "mask_emotion": [None, None],
+            "target_emotion": ["sad", "sad"], "label": [None, None],
+            "word_errors": [0, 1], "ref_words": [3, 3], "mos": [None, None],
+        }
+    )
+    row = match_rates(df).row(0, named=True)
+    assert (row["n"], row["match_pct"], row["mos_mean"]) == (2, 0.0, None)
+    assert row["wer_pct"] == pytest.approx(100 / 6)

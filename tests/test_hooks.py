@@ -255,7 +255,10 @@ def test_left_padded_generate_counts_equal_single_runs():
     assert {len(t) for _, t in singles} == {6, 2}, "one row ends early on the model's EOS"
 
 
-def test_rows_stop_counting_after_their_end_token():
+@pytest.mark.parametrize("buffer_bytes", [1, 1000, 2**28])
+def test_rows_stop_counting_after_their_end_token(monkeypatch, buffer_bytes):
+    # 1 byte: the decode step buffer is reduced every step; 1000: every few steps.
+    monkeypatch.setattr("esn_core.hooks._Counter.BUFFER_BYTES", buffer_bytes)
     model = tiny_qwen2()
     _, tokens = _single_counts(model, PROMPTS[0], new=8)
     eos = tokens[2]  # row 0 ends at its third new token

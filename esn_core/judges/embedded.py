@@ -5,13 +5,23 @@ It is the judge of the embedded default world (no weights to download, CPU only)
 scipy's L-BFGS) over the five ``EMOTIONS``.
 
 Per-speaker normalisation. Raw prosody mostly encodes *who* speaks (a high voice is not a
-happy voice), so every feature is z-scored against the statistics of the same speaker's
-NEUTRAL recordings: ``z = (x - mean_spk) / std_spk``. In emotional voice conversion the
-speaker's neutral source recording is always at hand when a generated clip is judged, so
-this costs no information the pipeline lacks; a speaker without reference statistics is an
-error, never a silent fallback. ``std_spk`` is shrunk towards the pooled neutral std of the
-calibration speakers with a pseudo-count of ``PRIOR_COUNT`` clips, so a reference of one
-or two clips still gives usable scales.
+happy voice), so every feature is z-scored against the same speaker's NEUTRAL recordings:
+``z = (x - mean_spk) / scale``. In emotional voice conversion the speaker's neutral source
+recording is always at hand when a generated clip is judged, so this costs no information
+the pipeline lacks; a speaker without reference statistics is an error, never a silent
+fallback. ``scale`` is, by default (``speaker_scale="pooled"``), the pooled neutral std of
+the calibration speakers; ``"speaker"`` uses the speaker's own neutral std shrunk towards
+it (pseudo-count ``PRIOR_COUNT`` clips). Measured on espeak renders (3-6 voices x 5
+emotions x 8-16 sentences, 2 calibration speakers, held-out speaker): pooled 97-99%,
+own std 86-95% -- a neutral std from a handful of sentences is too noisy a yardstick,
+while the offsets (semitones, dB) transfer across voices almost unchanged.
+
+Features. The judge reads ``DEFAULT_FEATURES``, a subset of the prosody vector: pitch
+level, spread and range, loudness, and active-speech duration (a tempo proxy that assumes
+judged clips and the neutral reference share a sentence distribution, as in EVC). With
+two calibration speakers the full 13-feature vector over-fits voice idiosyncrasies
+(measured 91-96% vs 98-99% on four rendered corpora); another subset can be chosen per
+judge and is saved with it.
 
 Persistence is a small JSON file (weights, feature names, speaker references, format
 version), written atomically.
@@ -37,7 +47,17 @@ from esn_core.judges.prosody import FEATURE_NAMES, ProsodicFeatures, extract_fea
 
 FORMAT = "esn_core.embedded_judge"
 FORMAT_VERSION = 1
-DEFAULT_L2 = 1e-2
+# Small: five classes along one pitch axis need sharp softmax boundaries (measured on
+# standardised inputs: 1e-1 and 1e-2 cost 3-25 points of held-out accuracy vs 1e-3/1e-4).
+DEFAULT_L2 = 1e-4
+DEFAULT_FEATURES: tuple[str, ...] = (
+    "f0_mean_st",
+    "f0_std_st",
+    "f0_range_st",
+    "energy_mean_db",
+    "active_duration_s",
+)
+SPEAKER_SCALES = ("pooled", "speaker")
 # How many clips' worth of weight the pooled neutral std gets against a speaker's own.
 PRIOR_COUNT = 5.0
 # Keeps a constant feature from dividing by zero; features are in st, dB, s, Hz or shares.
@@ -68,8 +88,10 @@ class SpeakerReference:
             )
         return cls(feats.mean(axis=0), feats.std(axis=0), int(feats.shape[0]))
 
-    def scale(self, pooled_std: np.ndarray) -> np.ndarray:
-        """The speaker's std shrunk towards ``pooled_std`` (pseudo-count ``PRIOR_COUNT``)."""
+    def scale(self, pooled_std: np.ndarray, speaker_scale: str) -> np.ndarray:
+        """``pooled_std``, or the speaker's std shrunk towards it (pseudo-count ``PRIOR_COUNT``)."""
+        if speaker_scale == "pooled":
+            return np.maximum(pooled_std, MIN_STD)
         var = (self.n * self.std**2 + PRIOR_COUNT * pooled_std**2) / (self.n + PRIOR_COUNT)
         return np.maximum(np.sqrt(var), MIN_STD)
 
@@ -139,7 +161,7 @@ def softmax_probs(x: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> np.nd
 
 def features_of(items: Sequence[AudioLike]) -> list[ProsodicFeatures]:
     """Prosodic features of 16 kHz waveforms or sound-file paths (any rate, resampled)."""
-    return [extract_features(load_audio_16k(it) if not isinstance(it, np.ndarray) else it) for it in items]
+    return [extract_features(it if isinstance(it, np.ndarray) else load_audio_16k(it)) for it in items]
 
 
 def _matrix(feats: Sequence[ProsodicFeatures]) -> np.ndarray:
@@ -183,15 +205,31 @@ class EmbeddedJudge(EmotionJudge):
 
     name = "embedded"
 
-    def __init__(self, l2: float = DEFAULT_L2) -> None:
+    def __init__(
+        self,
+        l2: float = DEFAULT_L2,
+        features: Sequence[str] = DEFAULT_FEATURES,
+        speaker_scale: str = "pooled",
+    ) -> None:
+        unknown = [f for f in features if f not in FEATURE_NAMES]
+        if unknown or not features:
+            raise ValueError(
+                f"features must be a non-empty subset of {list(FEATURE_NAMES)}; unknown: {unknown}"
+            )
+        if speaker_scale not in SPEAKER_SCALES:
+            raise ValueError(f"speaker_scale must be one of {SPEAKER_SCALES}, got {speaker_scale!r}")
         self.l2 = float(l2)
+        self.features = tuple(features)
+        self.speaker_scale = speaker_scale
+        self._columns = np.array([FEATURE_NAMES.index(f) for f in self.features])
         self.weights: np.ndarray | None = None  # (n_features, n_emotions)
         self.bias: np.ndarray | None = None
         # Global standardisation of the z-scores, so that one l2 suits every feature.
-        self.input_mean = np.zeros(len(FEATURE_NAMES))
-        self.input_scale = np.ones(len(FEATURE_NAMES))
-        self.pooled_std = np.ones(len(FEATURE_NAMES))
+        self.input_mean = np.zeros(len(self.features))
+        self.input_scale = np.ones(len(self.features))
+        self.pooled_std = np.ones(len(FEATURE_NAMES))  # over the full prosody vector
         self.speaker_refs: dict[str, SpeakerReference] = {}
+        self.train_speakers: list[str] = []
 
     # ------------------------------------------------------------ references
 
@@ -207,7 +245,9 @@ class EmbeddedJudge(EmotionJudge):
         """Set (or replace) ``speaker``'s reference from neutral clips (waveforms or paths)."""
         feats = [f for f in features_of(neutral_waveforms) if f.reliable]
         if not feats:
-            raise ValueError(f"speaker {speaker!r}: no measurable neutral clip among {len(neutral_waveforms)}")
+            raise ValueError(
+                f"speaker {speaker!r}: no measurable neutral clip among {len(neutral_waveforms)}"
+            )
         self.add_speaker_reference_features(speaker, _matrix(feats))
 
     def _check_speakers(self, speakers: Sequence[str], refs: Mapping[str, SpeakerReference]) -> None:
@@ -225,7 +265,10 @@ class EmbeddedJudge(EmotionJudge):
         speakers: Sequence[str],
         refs: Mapping[str, SpeakerReference] | None = None,
     ) -> np.ndarray:
-        """Per-speaker z-scores of feature rows (``refs`` defaults to the judge's own)."""
+        """Per-speaker z-scores of full prosody rows, restricted to the judge's features.
+
+        ``refs`` defaults to the judge's own speaker references.
+        """
         refs = self.speaker_refs if refs is None else refs
         self._check_speakers(speakers, refs)
         feats = np.asarray(features, dtype=np.float64)
@@ -235,10 +278,10 @@ class EmbeddedJudge(EmotionJudge):
                 f"expected ({len(speakers)}, {len(FEATURE_NAMES)})"
             )
         if not len(speakers):
-            return feats
+            return feats[:, self._columns]
         means = np.stack([refs[str(s)].mean for s in speakers])
-        scales = np.stack([refs[str(s)].scale(self.pooled_std) for s in speakers])
-        return (feats - means) / scales
+        scales = np.stack([refs[str(s)].scale(self.pooled_std, self.speaker_scale) for s in speakers])
+        return ((feats - means) / scales)[:, self._columns]
 
     # ------------------------------------------------------------ fitting
 
@@ -249,11 +292,16 @@ class EmbeddedJudge(EmotionJudge):
         labels: Sequence[str],
         speaker_refs: Mapping[str, np.ndarray],
     ) -> "EmbeddedJudge":
-        """Fit on feature rows; ``speaker_refs`` maps speaker -> its NEUTRAL feature rows."""
+        """Fit on full prosody rows (``FEATURE_NAMES`` order) of labelled clips.
+
+        ``speaker_refs`` maps speaker -> that speaker's NEUTRAL prosody rows; every speaker
+        in ``speakers`` needs one (given here or added before).
+        """
         for spk, rows in speaker_refs.items():
             self.add_speaker_reference_features(spk, rows)
         self._check_speakers(speakers, self.speaker_refs)
-        self.pooled_std = _pooled_std([self.speaker_refs[s] for s in sorted({str(s) for s in speakers})])
+        self.train_speakers = sorted({str(s) for s in speakers})
+        self.pooled_std = _pooled_std([self.speaker_refs[s] for s in self.train_speakers])
         z = self.normalise(features_by_utt, speakers)
         self.input_mean = z.mean(axis=0)
         self.input_scale = np.maximum(z.std(axis=0), MIN_STD)
@@ -263,7 +311,12 @@ class EmbeddedJudge(EmotionJudge):
 
     @classmethod
     def calibrate(
-        cls, manifest: pl.DataFrame, train_speakers: Sequence[str], l2: float = DEFAULT_L2
+        cls,
+        manifest: pl.DataFrame,
+        train_speakers: Sequence[str],
+        l2: float = DEFAULT_L2,
+        features: Sequence[str] = DEFAULT_FEATURES,
+        speaker_scale: str = "pooled",
     ) -> "EmbeddedJudge":
         """Fit on every clip of ``train_speakers`` (columns path, speaker, emotion).
 
@@ -285,7 +338,7 @@ class EmbeddedJudge(EmotionJudge):
         no_neutral = sorted(s for s, r in refs.items() if len(r) == 0)
         if no_neutral:
             raise ValueError(f"train speaker(s) {no_neutral} have no measurable neutral clip")
-        return cls(l2).fit(x, spk.tolist(), emo.tolist(), refs)
+        return cls(l2, features, speaker_scale).fit(x, spk.tolist(), emo.tolist(), refs)
 
     # ------------------------------------------------------------ prediction
 
@@ -343,6 +396,9 @@ class EmbeddedJudge(EmotionJudge):
         self._require_fitted()
         if not 0.0 < reference_share < 1.0:
             raise ValueError(f"reference_share must be in (0, 1), got {reference_share}")
+        seen = sorted({str(s) for s in test_speakers} & set(self.train_speakers))
+        if seen:
+            raise ValueError(f"speaker(s) {seen} were calibration speakers; a held-out report needs others")
         _require_columns(manifest, ("path", "speaker", "emotion"))
         refs = dict(self.speaker_refs)
         scored: list[pl.DataFrame] = []
@@ -351,7 +407,8 @@ class EmbeddedJudge(EmotionJudge):
             neutral = rows.filter(pl.col("emotion") == "neutral")
             if neutral.height < 2:
                 raise ValueError(f"test speaker {spk!r} needs >= 2 neutral clips (reference + scored)")
-            picked = neutral[_reference_positions(neutral.height, reference_share).tolist()]
+            # At least one neutral clip stays to be scored.
+            picked = neutral[_reference_positions(neutral.height - 1, reference_share).tolist()]
             measured = [f for f in features_of(picked["path"].to_list()) if f.reliable]
             if not measured:
                 raise ValueError(f"test speaker {spk!r}: no measurable neutral reference clip")
@@ -371,13 +428,16 @@ class EmbeddedJudge(EmotionJudge):
             "version": FORMAT_VERSION,
             "esn_core_version": __version__,
             "emotions": list(EMOTIONS),
-            "feature_names": list(FEATURE_NAMES),
+            "prosody_features": list(FEATURE_NAMES),
+            "feature_names": list(self.features),
+            "speaker_scale": self.speaker_scale,
             "l2": self.l2,
             "weights": self.weights.tolist(),
             "bias": self.bias.tolist(),
             "input_mean": self.input_mean.tolist(),
             "input_scale": self.input_scale.tolist(),
             "pooled_std": self.pooled_std.tolist(),
+            "train_speakers": self.train_speakers,
             "speaker_refs": {s: r.to_json() for s, r in sorted(self.speaker_refs.items())},
         }
 
@@ -395,13 +455,14 @@ class EmbeddedJudge(EmotionJudge):
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not a JSON file: {exc}") from exc
         _check_saved(blob, path)
-        judge = cls(blob["l2"])
+        judge = cls(blob["l2"], blob["feature_names"], blob["speaker_scale"])
         judge.weights = np.asarray(blob["weights"], dtype=np.float64)
         judge.bias = np.asarray(blob["bias"], dtype=np.float64)
         judge.input_mean = np.asarray(blob["input_mean"], dtype=np.float64)
         judge.input_scale = np.asarray(blob["input_scale"], dtype=np.float64)
         judge.pooled_std = np.asarray(blob["pooled_std"], dtype=np.float64)
         judge.speaker_refs = {s: SpeakerReference.from_json(r) for s, r in blob["speaker_refs"].items()}
+        judge.train_speakers = list(blob["train_speakers"])
         return judge
 
 
@@ -412,9 +473,9 @@ def _check_saved(blob: Mapping, path: str | os.PathLike) -> None:
             f"{path}: not an {FORMAT} v{FORMAT_VERSION} file "
             f"(format={blob.get('format')!r}, version={blob.get('version')!r})"
         )
-    if tuple(blob["feature_names"]) != FEATURE_NAMES or tuple(blob["emotions"]) != EMOTIONS:
+    if tuple(blob["prosody_features"]) != FEATURE_NAMES or tuple(blob["emotions"]) != EMOTIONS:
         raise ValueError(
-            f"{path}: fitted on features {blob['feature_names']} / emotions {blob['emotions']}, "
+            f"{path}: fitted on prosody {blob['prosody_features']} / emotions {blob['emotions']}, "
             f"this esn_core computes {list(FEATURE_NAMES)} / {list(EMOTIONS)}; recalibrate"
         )
 

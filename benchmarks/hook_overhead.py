@@ -1,0 +1,176 @@
+"""Capture and steering overhead of the hook engine, hooks-on vs hooks-off, side by side.
+
+    python benchmarks/hook_overhead.py --shape tiny                   # CPU sanity check
+    python benchmarks/hook_overhead.py --shape qwen25omni7b --device cuda --batches 1 16 64
+
+``qwen25omni7b`` is a Qwen2ForCausalLM with Qwen2.5-Omni-7B's thinker shapes (28 layers,
+hidden 3584, 18944 gate neurons per layer, 28/4 heads, vocab 152064) and random bf16
+weights built directly on the device. Every batch generates exactly ``--new`` tokens
+after a ``--prompt``-token prompt. Modes are interleaved round-robin and the median of
+``--repeats`` runs is reported, so drift in clocks hits every mode alike. Also reports the
+stored bytes per attempt of the counts at that shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from esn_core.hooks import Capture, HookEngine, Intervention, MLPGroup
+from esn_core.stats import write_counts
+
+SHAPES = {
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "qwen25omni7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                         num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                         rope_theta=1_000_000.0),
+}
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype) -> Qwen2ForCausalLM:
+    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = Qwen2ForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model.eval().requires_grad_(False)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def steering_plan(layout, batch: int, r: float, seed: int) -> Intervention:
+    """Per-row masks like an evaluation batch: distinct masks, one untouched baseline row."""
+    rng = np.random.default_rng(seed)
+    n_sel = int(r * layout.n_neurons)
+    masks = [rng.choice(layout.n_neurons, n_sel, replace=False) for _ in range(batch)]
+    masks[0] = np.array([], dtype=np.int64)
+    return Intervention("steer", tuple(masks), tuple([1.0] * batch))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--prompt", type=int, default=160)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--r", type=float, default=0.005)
+    ap.add_argument("--profile", action="store_true",
+                    help="also print torch.profiler kernel tables per mode at the last batch size")
+    args = ap.parse_args()
+
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model = build_model(args.shape, args.device, dtype)
+    group = MLPGroup.under(model.model, position_root=model, eos_token_ids=())
+    engine = HookEngine({"lm": group})
+    layout = group.layout
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"device: {name}; torch {torch.__version__}; shape {args.shape}; N = {layout.n_neurons}")
+    print(f"prompt {args.prompt} tokens, {args.new} new tokens, median of {args.repeats}")
+
+    def generate(ids):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
+                              min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+
+    rows = []
+    for batch in args.batches:
+        ids = torch.randint(3, SHAPES[args.shape]["vocab_size"], (batch, args.prompt),
+                            generator=torch.Generator().manual_seed(batch)).to(args.device)
+        plan = steering_plan(layout, batch, args.r, seed=batch)
+        modes = {
+            "plain": contextlib.nullcontext,
+            "plain again": contextlib.nullcontext,  # control: run-to-run noise of the baseline
+            "capture": lambda: engine.session(capture={"lm": Capture()}),
+            "steer": lambda: engine.session(interventions={"lm": plan}),
+            "capture+steer": lambda: engine.session(capture={"lm": Capture()}, interventions={"lm": plan}),
+        }
+        times = {m: [] for m in modes}
+        outputs = {}
+        with torch.inference_mode():
+            for mode in modes:  # warm-up
+                with modes[mode]():
+                    generate(ids)
+            for _ in range(args.repeats):
+                for mode, ctx in modes.items():
+                    sync(args.device)
+                    t0 = time.perf_counter()
+                    with ctx() as session:
+                        out = generate(ids)
+                    sync(args.device)
+                    times[mode].append(time.perf_counter() - t0)
+                    assert out.shape[1] == args.prompt + args.new
+                    outputs[mode] = out
+                    if mode == "capture":
+                        counts = session.counts("lm")
+        base = statistics.median(times["plain"])
+        best = min(times["plain"])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "counts.parquet")
+            write_counts(path, [f"a{i}" for i in range(batch)], counts.K, counts.T, layout)
+            bytes_per_attempt = os.path.getsize(path) / batch
+        print(f"batch {batch}: seconds per run " + "; ".join(
+            f"{m} " + " ".join(f"{t:.3f}" for t in ts) for m, ts in times.items()))
+        if args.profile and batch == args.batches[-1]:
+            profile_modes(modes, generate, ids)
+        # Capture only observes; a steered batch's empty-mask row is an untouched baseline.
+        same_plain = torch.equal(outputs["plain again"], outputs["plain"])
+        same_capture = torch.equal(outputs["capture"], outputs["plain"])
+        same_baseline_row = torch.equal(outputs["steer"][0], outputs["plain"][0])
+        print(f"batch {batch}: tokens identical: plain vs plain {same_plain}; capture vs plain "
+              f"{same_capture}; steered batch's empty-mask row vs plain {same_baseline_row}")
+        row = {"batch": batch, "plain_s": base}
+        for mode in ("plain again", "capture", "steer", "capture+steer"):
+            row[mode] = statistics.median(times[mode]) / base
+            row[mode + " (min)"] = min(times[mode]) / best
+        row["bytes_per_attempt"] = bytes_per_attempt
+        row["T"] = int(counts.T[0])
+        rows.append(row)
+        print(f"batch {batch:3d}: plain {base:.3f} s | plain again {row['plain again']:.3f}x | capture {row['capture']:.3f}x | "
+              f"steer {row['steer']:.3f}x | capture+steer {row['capture+steer']:.3f}x | "
+              f"counts {bytes_per_attempt / 1e6:.3f} MB/attempt (T={row['T']})", flush=True)
+    print("\nratios to plain generate: median of runs (min of runs)")
+    print("| batch | plain generate | plain again | capture | steering | capture+steering | counts per attempt |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = " | ".join(f"{r[m]:.3f}x ({r[m + ' (min)']:.3f}x)"
+                           for m in ("plain again", "capture", "steer", "capture+steer"))
+        print(f"| {r['batch']} | {r['plain_s']:.3f} s | {cells} | {r['bytes_per_attempt'] / 1e6:.3f} MB |")
+
+
+def profile_modes(modes, generate, ids) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    for mode, ctx in modes.items():
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with ctx():
+                generate(ids)
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        cuda_total = sum(e.self_device_time_total for e in events) / 1e3
+        print(f"--- profile {mode}: total device time {cuda_total:.1f} ms")
+        print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,549 @@
+"""The planted LALM: a tiny speech-generative model whose emotion neurons are known.
+
+Like tracr's compiled transformers, its weights are *written*, not trained, so the
+pipeline's answer can be checked: CAS/MAD must find the neurons planted here.
+
+Model (all of it real transformers code on the hooked path):
+
+* Vocabulary: the demo SENTENCES' words, four specials and one instruction token per
+  emotion. Prompt = ``<bos> <target-emotion> w1 .. wn <eos>``.
+* Residual stream, width ``H = word_dims + 1 + 5 + 4``, with reserved coordinates as in
+  tracr: ``[0, word_dims)`` word content, one *bias* coordinate that is 1 at every position
+  (Qwen2MLP has no biases, so thresholds read it), five *instruction* coordinates (one per
+  emotion) and four *readout* coordinates ``r_e`` (one per target). Only content and
+  readout coordinates are ever written, so the instruction channel stays clean.
+* ``lm`` (the hook root ``PlantedLALM.lm``): input = word embedding + the instruction's
+  style vector summed over the row's real positions (a global style embedding: every
+  position sees the instruction, padding sees nothing) + the bias coordinate; then L
+  residual blocks ``x = x + Qwen2MLP(Qwen2RMSNorm(x))``. No attention: positions are
+  independent, so padding is exact and batched rows equal single runs.
+* Planted neurons, ``k`` per target emotion in the middle-to-late layers: gate row =
+  ``κ (instruction_e − θ · bias + content noise)``, so ``g > 0`` at most positions when
+  ``e`` is the instruction and rarely otherwise (the content term makes the share vary
+  with the words); up row reads the bias (``v > 0``); down column writes ``β r_e`` plus a
+  small content *leak*, so strong steering garbles words (WER rises, as in Table 4).
+* Every other neuron is random: gate reads content (activation probability ~0.5, varying
+  per word), weakly the instruction and readout coordinates (some incidental emotion
+  sensitivity, much weaker than the planted one); writes small random content vectors,
+  which flip a few percent of decoded words (so the WER filter matters).
+* Decoded text = per-position argmax of the final content coordinates against the word
+  embeddings (the stream carries its input word), specials dropped.
+* Emotion strength ``s_e = sigmoid(gain · (m_e / readout_scale_e − 1) + logit_e)`` with
+  ``m_e`` the mean of ``r_e`` over the row's real positions: ``logit_e`` is the baseline
+  difficulty per emotion (sad easy, surprise hard, like the paper's Table 2).
+  Output style = neutral + Σ_e s_e (STYLES[e] − neutral), jittered by the request's seed
+  like a sampling TTS, spoken by espeak-ng in the speaker's demo voice.
+* ``synth`` (the "talker", hook root ``PlantedLALM.talker``): Qwen2MLP blocks fed the
+  CONTENT part of the final stream (instruction and readout coordinates zeroed). Its
+  output only sets a rate factor within ±``talker_rate_span`` (2 %): it holds no emotion
+  signal, the paper's Table 6 finding, planted here as a known negative.
+
+Oracle front end: the model does not listen. It perceives the source audio through the
+request's transcript, as if its audio encoder were perfect; words outside its vocabulary
+become ``<unk>`` (decoded as a deletion).
+
+Weights are float64 so that the sign tests and argmaxes never depend on batch shape.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel, Qwen2Config
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
+
+from esn_core.constants import EMOTIONS, SAMPLE_RATE, TARGETS
+from esn_core.demo_corpus import SENTENCES, SPEAKER_VOICES, DemoSpeaker, demo_speakers, render_speech
+from esn_core.hooks import MLPGroup
+from esn_core.layout import NeuronLayout
+from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter
+from esn_core.select import Mask, masks_to_table
+from esn_core.styles import STYLES, EmotionStyle, blend
+
+SPECIALS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<unk>")
+PAD, BOS, EOS, UNK = range(4)
+PROMPT_PREFIX = 2  # <bos> <emotion> before the words
+_WORD = re.compile(r"[a-z']+")
+
+
+def words_of(text: str) -> list[str]:
+    """Lower-case word tokens (punctuation dropped), the planted model's tokenisation."""
+    return _WORD.findall(text.lower())
+
+
+def demo_vocabulary(sentences: Sequence[str] = SENTENCES) -> list[str]:
+    return sorted({w for s in sentences for w in words_of(s)})
+
+
+def emotion_token(emotion: str) -> str:
+    return f"<{emotion}>"
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@strict
+class PlantedConfig(PreTrainedConfig):
+    """Shapes, vocabulary, the planted neurons (ground truth) and the strength readout."""
+
+    model_type = "esn_planted"
+
+    words: list[str] | None = None
+    word_dims: int = 54
+    intermediate_size: int = 128
+    num_hidden_layers: int = 8
+    talker_num_layers: int = 2
+    talker_intermediate_size: int = 64
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    # target emotion -> [[layer, neuron], ...] of the lm group (the known answer)
+    planted: dict | None = None
+    readout_scale: list[float] | None = None  # per TARGETS, mean r_e at baseline
+    strength_gain: float = 4.0
+    strength_logit: list[float] | None = None  # per TARGETS
+    talker_rate_span: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        if self.words is None:
+            self.words = demo_vocabulary()
+        if self.planted is None:
+            self.planted = {e: [] for e in TARGETS}
+        if self.readout_scale is None:
+            self.readout_scale = [1.0] * len(TARGETS)
+        if self.strength_logit is None:
+            self.strength_logit = [0.0] * len(TARGETS)
+        kwargs.pop("hidden_size", None)  # derived, never free
+        self.hidden_size = self.word_dims + 1 + len(EMOTIONS) + len(TARGETS)
+        super().__post_init__(**kwargs)
+
+    @property
+    def tokens(self) -> list[str]:
+        return [*SPECIALS, *(emotion_token(e) for e in EMOTIONS), *self.words]
+
+    # reserved coordinates of the residual stream
+    @property
+    def bias_dim(self) -> int:
+        return self.word_dims
+
+    def instruction_dim(self, emotion: str) -> int:
+        return self.word_dims + 1 + EMOTIONS.index(emotion)
+
+    def readout_dim(self, emotion: str) -> int:
+        return self.word_dims + 1 + len(EMOTIONS) + TARGETS.index(emotion)
+
+    def emotion_dims(self) -> list[int]:
+        """Instruction and readout coordinates: what the talker never sees."""
+        return list(range(self.word_dims + 1, self.hidden_size))
+
+
+def _mlp_config(hidden: int, intermediate: int, config: PlantedConfig) -> Qwen2Config:
+    return Qwen2Config(hidden_size=hidden, intermediate_size=intermediate,
+                       hidden_act=config.hidden_act, num_hidden_layers=1)
+
+
+# ---------------------------------------------------------------------------- modules
+
+
+class ResidualMLPBlock(nn.Module):
+    """``x + Qwen2MLP(Qwen2RMSNorm(x))``: a decoder layer without attention."""
+
+    def __init__(self, hidden: int, intermediate: int, config: PlantedConfig):
+        super().__init__()
+        self.norm = Qwen2RMSNorm(hidden, eps=config.rms_norm_eps)
+        self.mlp = Qwen2MLP(_mlp_config(hidden, intermediate, config))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class PlantedLM(nn.Module):
+    """The ``lm`` group and its hook root: ``forward(input_ids=, attention_mask=)``."""
+
+    def __init__(self, config: PlantedConfig):
+        super().__init__()
+        vocab, hidden = len(config.tokens), config.hidden_size
+        self.embed_tokens = nn.Embedding(vocab, hidden)
+        self.style_embed = nn.Embedding(vocab, hidden)  # nonzero for instruction tokens only
+        self.layers = nn.ModuleList(
+            ResidualMLPBlock(hidden, config.intermediate_size, config)
+            for _ in range(config.num_hidden_layers)
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        real = attention_mask.to(self.embed_tokens.weight.dtype).unsqueeze(-1)
+        style = (self.style_embed(input_ids) * real).sum(dim=1, keepdim=True)
+        x = self.embed_tokens(input_ids) + style
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class PlantedTalker(nn.Module):
+    """The ``synth`` group and its hook root: ``forward(inputs_embeds=, attention_mask=)``."""
+
+    def __init__(self, config: PlantedConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.layers = nn.ModuleList(
+            ResidualMLPBlock(hidden, config.talker_intermediate_size, config)
+            for _ in range(config.talker_num_layers)
+        )
+        self.rate_head = nn.Linear(hidden, 1, bias=False)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-row rate drive (before the ±span squashing), from real positions only."""
+        y = inputs_embeds
+        for layer in self.layers:
+            y = layer(y)
+        drive = self.rate_head(y).squeeze(-1)
+        if attention_mask is None:
+            return drive.mean(dim=1)
+        real = attention_mask.to(drive.dtype)
+        return (drive * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
+
+
+@dataclass
+class PlantedOutput:
+    hidden: torch.Tensor  # [B, S, H] final lm stream
+    token_ids: torch.Tensor  # [B, S] decoded token per position
+    strengths: torch.Tensor  # [B, len(TARGETS)] emotion strengths in (0, 1)
+    rate_factor: torch.Tensor  # [B] talker's rate factor, 1 ± span
+
+
+class PlantedLALM(PreTrainedModel):
+    config_class = PlantedConfig
+    base_model_prefix = "planted"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: PlantedConfig):
+        super().__init__(config)
+        self.lm = PlantedLM(config)
+        self.talker = PlantedTalker(config)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Planted weights are written by plant_model, never drawn here. A fresh model is
+        # blank (zeros; RMSNorm gains 1) and from_pretrained must load every tensor (the
+        # adapter refuses missing keys), so nothing is ever silently re-initialised.
+        with torch.no_grad():
+            if isinstance(module, Qwen2RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.zero_()
+
+    def content_mask(self) -> torch.Tensor:
+        mask = torch.ones(self.config.hidden_size, dtype=self.dtype, device=self.device)
+        mask[self.config.emotion_dims()] = 0.0
+        return mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> PlantedOutput:
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.lm(input_ids=input_ids, attention_mask=attention_mask)
+        words = slice(0, cfg.word_dims)
+        token_ids = (hidden[..., words] @ self.lm.embed_tokens.weight[:, words].T).argmax(dim=-1)
+        real = attention_mask.to(hidden.dtype)
+        read = hidden[..., [cfg.readout_dim(e) for e in TARGETS]]
+        mean_read = (read * real.unsqueeze(-1)).sum(dim=1) / real.sum(dim=1, keepdim=True).clamp(min=1)
+        scale = torch.as_tensor(cfg.readout_scale, dtype=hidden.dtype, device=hidden.device)
+        logit = torch.as_tensor(cfg.strength_logit, dtype=hidden.dtype, device=hidden.device)
+        strengths = torch.sigmoid(cfg.strength_gain * (mean_read / scale - 1.0) + logit)
+        drive = self.talker(inputs_embeds=hidden * self.content_mask(), attention_mask=attention_mask)
+        rate_factor = 1.0 + cfg.talker_rate_span * torch.tanh(drive)
+        return PlantedOutput(hidden, token_ids, strengths, rate_factor)
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+class PlantedTokenizer:
+    """Word-level tokenizer of a PlantedConfig's vocabulary."""
+
+    def __init__(self, config: PlantedConfig):
+        self.tokens = config.tokens
+        self.index = {t: i for i, t in enumerate(self.tokens)}
+
+    def encode(self, transcript: str, target_emotion: str) -> list[int]:
+        if target_emotion not in EMOTIONS:
+            raise ValueError(f"target emotion {target_emotion!r} is not one of {EMOTIONS}")
+        ids = [self.index.get(w, UNK) for w in words_of(transcript)]
+        return [BOS, self.index[emotion_token(target_emotion)], *ids, EOS]
+
+    def batch(self, requests: Sequence[EVCRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ``input_ids`` and ``attention_mask`` for one batch."""
+        rows = [self.encode(r.transcript, r.target_emotion) for r in requests]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, : len(row)] = torch.as_tensor(row)
+            mask[b, : len(row)] = 1
+        return ids, mask
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Words of ``ids``; specials (including ``<unk>`` and instructions) are dropped."""
+        first_word = len(SPECIALS) + len(EMOTIONS)
+        return " ".join(self.tokens[i] for i in ids if i >= first_word)
+
+
+# ---------------------------------------------------------------------------- planting
+
+
+@dataclass(frozen=True)
+class PlantingScales:
+    """The constants of ``plant_model`` (relative to an instruction coordinate of 1).
+
+    Calibrated on the demo corpus with the embedded judge (see tests/test_known_answer.py):
+    baseline match rates are moderate and differ by emotion, WER is a few percent.
+    """
+
+    word_norm: float = 3.0  # |word embedding|
+    threshold: float = 0.5  # planted gate: instruction − threshold · bias
+    planted_gain: float = 4.0  # κ, sharpness of the planted gates
+    planted_noise: float = 0.35  # std of the planted gates' content term
+    planted_write: float = 0.25  # β, write of one planted neuron into r_e
+    planted_leak: float = 0.12  # planted neurons' write into content (steering -> WER)
+    random_gate_offset: float = 0.3  # std of random gates' bias term
+    random_gate_instruction: float = 0.25  # random gates' weight on instruction coordinates
+    random_gate_readout: float = 0.1  # random gates' weight on readout coordinates
+    random_write: float = 0.01  # std of a random neuron's write per content coordinate
+    random_readout_write: float = 0.002  # random neurons' writes into readout coordinates
+    talker_weight: float = 0.3
+    strength_logit: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # happy, angry, sad, surprise
+
+
+DEFAULT_SCALES = PlantingScales(strength_logit=(0.0, 0.0, 0.0, 0.0))
+
+
+def _planted_positions(rng: np.random.Generator, n_layers: int, width: int, per_emotion: int,
+                       layers: Sequence[int]) -> dict[str, list[list[int]]]:
+    """``per_emotion`` neurons per target, spread round-robin over ``layers``, no overlaps."""
+    slots = {l: list(rng.permutation(width)) for l in layers}
+    planted: dict[str, list[list[int]]] = {e: [] for e in TARGETS}
+    for e_index, emotion in enumerate(TARGETS):
+        for j in range(per_emotion):
+            layer = int(layers[(j + e_index) % len(layers)])
+            planted[emotion].append([layer, int(slots[layer].pop())])
+    return planted
+
+
+def _write_lm(model: PlantedLALM, rng: np.random.Generator, s: PlantingScales) -> None:
+    cfg = model.config
+    W, H, D = cfg.word_dims, cfg.hidden_size, cfg.intermediate_size
+    words = slice(0, W)
+    instr = [cfg.instruction_dim(e) for e in EMOTIONS]
+    reads = [cfg.readout_dim(e) for e in TARGETS]
+    n_tokens = len(cfg.tokens)
+
+    emb = np.zeros((n_tokens, H))
+    vectors = rng.normal(size=(n_tokens, W))
+    emb[:, words] = s.word_norm * vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    emb[:, cfg.bias_dim] = 1.0
+    style = np.zeros((n_tokens, H))
+    for e in EMOTIONS:
+        style[cfg.tokens.index(emotion_token(e)), cfg.instruction_dim(e)] = 1.0
+
+    layers = []
+    for _ in range(cfg.num_hidden_layers):
+        gate, up, down = np.zeros((D, H)), np.zeros((D, H)), np.zeros((H, D))
+        # random neurons: content-driven gates (a unit-variance content term), weak
+        # incidental emotion sensitivity, small content writes (decoding noise)
+        gate[:, words] = rng.normal(size=(D, W)) / s.word_norm
+        gate[:, cfg.bias_dim] = rng.normal(0.0, s.random_gate_offset, size=D)
+        gate[:, instr] = rng.normal(0.0, s.random_gate_instruction, size=(D, len(instr)))
+        gate[:, reads] = rng.normal(0.0, s.random_gate_readout, size=(D, len(reads)))
+        up[:, words] = rng.normal(size=(D, W)) / s.word_norm
+        up[:, cfg.bias_dim] = rng.normal(0.0, 0.5, size=D)
+        down[words, :] = rng.normal(0.0, s.random_write, size=(W, D))
+        down[reads, :] = rng.normal(0.0, s.random_readout_write, size=(len(reads), D))
+        layers.append((gate, up, down))
+
+    for emotion, cells in cfg.planted.items():
+        for layer, n in cells:
+            gate, up, down = layers[layer]
+            gate[n] = 0.0
+            gate[n, words] = s.planted_gain * s.planted_noise * rng.normal(size=W) / s.word_norm
+            gate[n, cfg.instruction_dim(emotion)] = s.planted_gain
+            gate[n, cfg.bias_dim] = -s.planted_gain * s.threshold
+            up[n] = 0.0
+            up[n, cfg.bias_dim] = 1.0
+            down[:, n] = 0.0
+            leak = rng.normal(size=W)
+            down[words, n] = s.planted_leak * leak / np.linalg.norm(leak)
+            down[cfg.readout_dim(emotion), n] = s.planted_write
+
+    def put(param: torch.Tensor, value: np.ndarray) -> None:
+        param.copy_(torch.as_tensor(value, dtype=param.dtype))
+
+    with torch.no_grad():
+        put(model.lm.embed_tokens.weight, emb)
+        put(model.lm.style_embed.weight, style)
+        for block, (gate, up, down) in zip(model.lm.layers, layers):
+            put(block.mlp.gate_proj.weight, gate)
+            put(block.mlp.up_proj.weight, up)
+            put(block.mlp.down_proj.weight, down)
+
+
+def _write_talker(model: PlantedLALM, rng: np.random.Generator, s: PlantingScales) -> None:
+    cfg = model.config
+    H, D = cfg.hidden_size, cfg.talker_intermediate_size
+    with torch.no_grad():
+        for block in model.talker.layers:
+            for proj, shape in ((block.mlp.gate_proj, (D, H)), (block.mlp.up_proj, (D, H)),
+                                (block.mlp.down_proj, (H, D))):
+                proj.weight.copy_(torch.as_tensor(rng.normal(0, s.talker_weight / np.sqrt(shape[1]), shape)))
+        head = rng.normal(size=H)
+        model.talker.rate_head.weight.copy_(torch.as_tensor(head / np.linalg.norm(head))[None])
+
+
+def _calibrate_readout(model: PlantedLALM, sentences: Sequence[str]) -> list[float]:
+    """Mean ``r_e`` at baseline when ``e`` is the instruction, over ``sentences``.
+
+    It fixes the unit of ``m_e`` so that ``strength_logit`` is the baseline strength's
+    logit for an average sentence, whatever the other scales are.
+    """
+    tok = PlantedTokenizer(model.config)
+    scales = []
+    for emotion in TARGETS:
+        reqs = [EVCRequest(str(i), "", t, "", emotion, 0) for i, t in enumerate(sentences)]
+        ids, mask = tok.batch(reqs)
+        with torch.no_grad():
+            hidden = model.lm(input_ids=ids, attention_mask=mask)
+        real = mask.to(hidden.dtype)
+        read = hidden[..., model.config.readout_dim(emotion)]
+        scales.append(float(((read * real).sum(1) / real.sum(1)).mean()))
+    if min(scales) <= 0:
+        raise RuntimeError(f"planted readout is not positive at baseline: {scales}")
+    return scales
+
+
+def plant_model(
+    seed: int = 0,
+    *,
+    n_layers: int = 8,
+    width: int = 128,
+    per_emotion: int = 12,
+    planted_layers: Sequence[int] | None = None,
+    word_dims: int = 54,
+    words: Sequence[str] | None = None,
+    scales: PlantingScales = DEFAULT_SCALES,
+) -> PlantedLALM:
+    """Write a PlantedLALM with ``per_emotion`` known neurons per target emotion.
+
+    ``planted_layers`` defaults to the middle-to-late layers ``[L // 3, L)``.
+    """
+    rng = np.random.default_rng(seed)
+    layers = list(planted_layers) if planted_layers is not None else list(range(n_layers // 3, n_layers))
+    if per_emotion * len(TARGETS) > width * len(layers):
+        raise ValueError(f"{per_emotion} neurons x {len(TARGETS)} emotions do not fit in {len(layers)} layers")
+    config = PlantedConfig(
+        words=list(words) if words is not None else demo_vocabulary(),
+        word_dims=word_dims,
+        intermediate_size=width,
+        num_hidden_layers=n_layers,
+        planted=_planted_positions(rng, n_layers, width, per_emotion, layers),
+        strength_logit=list(scales.strength_logit),
+    )
+    model = PlantedLALM(config).to(torch.float64).eval()
+    _write_lm(model, rng, scales)
+    _write_talker(model, rng, scales)
+    model.config.readout_scale = _calibrate_readout(model, SENTENCES)
+    return model
+
+
+def planted_ground_truth(model_or_config: PlantedLALM | PlantedConfig) -> pa.Table:
+    """The planted neurons as a ``masks`` table (score 1, rank in planting order)."""
+    cfg = model_or_config.config if isinstance(model_or_config, PlantedLALM) else model_or_config
+    layout = lm_layout(cfg)
+    masks = []
+    for emotion in TARGETS:
+        cells = np.asarray(cfg.planted.get(emotion, []), dtype=np.int64).reshape(-1, 2)
+        flat = layout.flat_index(cells[:, 0], cells[:, 1])
+        masks.append(Mask("planted", emotion, flat, np.ones(flat.size), flat.size))
+    return masks_to_table(masks, layout)
+
+
+def lm_layout(config: PlantedConfig) -> NeuronLayout:
+    return NeuronLayout((config.intermediate_size,) * config.num_hidden_layers)
+
+
+# ---------------------------------------------------------------------------- speaking
+
+
+def speaker_voice(speaker: str) -> DemoSpeaker:
+    """The demo voice of an ESD-style speaker id; other ids hash to a voice (stable)."""
+    known = demo_speakers(len(SPEAKER_VOICES))
+    if str(speaker) in known:
+        return known[str(speaker)]
+    return SPEAKER_VOICES[zlib.crc32(str(speaker).encode()) % len(SPEAKER_VOICES)]
+
+
+def realised_style(strengths: Sequence[float], rate_factor: float, seed: int) -> EmotionStyle:
+    """neutral + Σ_e s_e (STYLES[e] − neutral), jittered by ``seed``, rate × talker factor."""
+    neutral = STYLES["neutral"]
+    values = {k: getattr(neutral, k) for k in ("pitch", "range", "rate", "amplitude")}
+    for emotion, s in zip(TARGETS, strengths):
+        for k in values:
+            values[k] += float(s) * (getattr(STYLES[emotion], k) - getattr(neutral, k))
+    style = EmotionStyle(**values).jitter(np.random.default_rng([int(seed), 1]))
+    style = replace(style, rate=style.rate * float(rate_factor))
+    return blend(neutral, style, 1.0)  # blend at strength 1 = the style, clamped to espeak's limits
+
+
+SILENCE = np.zeros(SAMPLE_RATE // 10, dtype=np.float32)
+
+
+class PlantedAdapter(LALMAdapter):
+    """The planted LALM behind the adapter interface, loaded like a real checkpoint."""
+
+    name = "planted"
+
+    def __init__(self, path: str | Path | None = None, model: PlantedLALM | None = None):
+        if (path is None) == (model is None):
+            raise ValueError("PlantedAdapter needs exactly one of path= or model=")
+        if model is None:
+            model, info = PlantedLALM.from_pretrained(str(path), dtype=torch.float64, output_loading_info=True)
+            if info["missing_keys"] or info["unexpected_keys"]:
+                raise ValueError(f"{path}: checkpoint does not match PlantedLALM: {info}")
+        self.model = model.eval()
+        self.tokenizer = PlantedTokenizer(model.config)
+
+    def groups(self) -> dict[str, MLPGroup]:
+        return {
+            "lm": MLPGroup.under(self.model.lm, position_root=self.model.lm),
+            "synth": MLPGroup.under(self.model.talker, position_root=self.model.talker),
+        }
+
+    def forward(self, requests: Sequence[EVCRequest]) -> tuple[PlantedOutput, torch.Tensor]:
+        ids, mask = self.tokenizer.batch(requests)
+        with torch.no_grad():
+            return self.model(input_ids=ids, attention_mask=mask), mask
+
+    def convert(self, requests: list[EVCRequest]) -> list[EVCOutput]:
+        if not requests:
+            return []
+        out, mask = self.forward(requests)
+        lengths = mask.sum(dim=1).tolist()
+        outputs = []
+        for b, req in enumerate(requests):
+            content = out.token_ids[b, PROMPT_PREFIX : lengths[b] - 1].tolist()
+            text = self.tokenizer.decode(content)
+            style = realised_style(out.strengths[b].tolist(), float(out.rate_factor[b]), req.seed)
+            voice = speaker_voice(req.speaker)
+            # Nothing to say (every word decoded as a special) is silence, which the
+            # judge flags as unmeasurable rather than an error.
+            wave = render_speech(text, style, voice.voice, voice.pitch_offset) if text else SILENCE
+            outputs.append(EVCOutput(req.attempt_id, text, wave, SAMPLE_RATE, int(lengths[b])))
+        return outputs

@@ -107,6 +107,7 @@ def main() -> None:
         }
         times = {m: [] for m in modes}
         outputs = {}
+        collect = {m: [] for m in modes}
         with torch.inference_mode():
             for mode in modes:  # warm-up
                 with modes[mode]():
@@ -117,8 +118,10 @@ def main() -> None:
                     t0 = time.perf_counter()
                     with ctx() as session:
                         out = generate(ids)
-                    sync(args.device)
+                        sync(args.device)
+                        t1 = time.perf_counter()
                     times[mode].append(time.perf_counter() - t0)
+                    collect[mode].append(time.perf_counter() - t1)
                     assert out.shape[1] == args.prompt + args.new
                     outputs[mode] = out
                     if mode == "capture":
@@ -131,6 +134,8 @@ def main() -> None:
             bytes_per_attempt = os.path.getsize(path) / batch
         print(f"batch {batch}: seconds per run " + "; ".join(
             f"{m} " + " ".join(f"{t:.3f}" for t in ts) for m, ts in times.items()))
+        print(f"batch {batch}: median seconds spent leaving the session (counts to host): " + "; ".join(
+            f"{m} {statistics.median(ts):.4f}" for m, ts in collect.items()))
         if args.profile and batch == args.batches[-1]:
             profile_modes(modes, generate, ids)
         # Capture only observes; a steered batch's empty-mask row is an untouched baseline.

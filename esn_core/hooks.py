@@ -192,7 +192,7 @@ class Capture:
 class CountResult:
     """Per-row statistics of one session (SPEC §2), on the host."""
 
-    K: np.ndarray  # [B, N] int64, positions with g > 0
+    K: np.ndarray  # [B, N] positions with g > 0 (uint8 when T < 256, else int32)
     T: np.ndarray  # [B] int64, counted positions
     layout: NeuronLayout
     sum_a: np.ndarray | None = None  # [B, N] float32
@@ -286,7 +286,7 @@ class _Counter:
         # Counts never exceed T: ship them in the narrowest type that holds T, through
         # pinned memory (pageable device-to-host copies are several times slower).
         narrow = torch.uint8 if T.max(initial=0) < 2**8 else torch.int32
-        K = _to_host(self.K_all.to(narrow)).astype(np.int64)
+        K = _to_host(self.K_all.to(narrow))
         out = CountResult(K=K, T=T.astype(np.int64), layout=self.layout)
         if self.capture.moments:
             out.sum_a = torch.cat(self.sum_a, dim=1).cpu().numpy()
@@ -368,12 +368,20 @@ class _GroupState:
         return apply_operand(self.intervention.method, g, operand)
 
 
+_PINNED: dict[tuple, torch.Tensor] = {}
+
+
 def _to_host(tensor: torch.Tensor) -> np.ndarray:
+    """Copy to a host array through a reused pinned buffer (page-locking is slow to set up)."""
     if tensor.device.type != "cuda":
         return tensor.numpy().copy()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    key = (tuple(tensor.shape), tensor.dtype)
+    if key not in _PINNED:
+        _PINNED.clear()  # keep one buffer: batches of one run share a shape
+        _PINNED[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host = _PINNED[key]
     host.copy_(tensor)
-    return host.numpy()
+    return host.numpy().copy()
 
 
 class _HookedActivation(nn.Module):

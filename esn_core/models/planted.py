@@ -24,8 +24,9 @@ Model (all of it real transformers code on the hooked path):
   small content *leak*, so strong steering garbles words (WER rises, as in Table 4).
 * Every other neuron is random: gate reads content (activation probability ~0.5, varying
   per word), weakly the instruction and readout coordinates (some incidental emotion
-  sensitivity, much weaker than the planted one); writes small random content vectors,
-  which flip a few percent of decoded words (so the WER filter matters).
+  sensitivity, much weaker than the planted one); writes small random content vectors.
+  A share of the longer words sit next to a near-homophone partner in embedding space,
+  so these writes flip a few percent of decoded words (the WER filter matters).
 * Decoded text = per-position argmax of the final content coordinates against the word
   embeddings (the stream carries its input word), specials dropped.
 * Emotion strength ``s_e = sigmoid(gain · (m_e / readout_scale_e − 1) + logit_e)`` with
@@ -108,7 +109,7 @@ class PlantedConfig(PreTrainedConfig):
     # target emotion -> [[layer, neuron], ...] of the lm group (the known answer)
     planted: dict | None = None
     readout_scale: list[float] | None = None  # per TARGETS, mean r_e at baseline
-    strength_gain: float = 4.0
+    strength_gain: float = 5.0
     strength_logit: list[float] | None = None  # per TARGETS
     talker_rate_span: float = 0.02
 
@@ -313,21 +314,26 @@ class PlantingScales:
     threshold: float = 0.5  # planted gate: instruction − threshold · bias
     planted_gain: float = 4.0  # κ, sharpness of the planted gates
     planted_noise: float = 0.35  # std of the planted gates' content term
-    planted_write: float = 0.25  # β, write of one planted neuron into r_e
-    planted_leak: float = 0.12  # planted neurons' write into content (steering -> WER)
+    planted_write: float = 0.01  # β, write of one planted neuron into r_e
+    planted_leak: float = 0.02  # planted neurons' write into content (steering -> WER)
     random_gate_offset: float = 0.3  # std of random gates' bias term
-    random_gate_instruction: float = 0.25  # random gates' weight on instruction coordinates
-    random_gate_readout: float = 0.1  # random gates' weight on readout coordinates
-    random_write: float = 0.01  # std of a random neuron's write per content coordinate
+    random_gate_instruction: float = 0.2  # random gates' weight on instruction coordinates
+    random_gate_readout: float = 0.05  # random gates' weight on readout coordinates
+    random_write: float = 0.002  # std of a random neuron's write per content coordinate
     random_readout_write: float = 0.002  # random neurons' writes into readout coordinates
+    fragile_share: float = 0.3  # share of words of >= 5 letters given a near-homophone
+    fragile_cosine: float = 0.97  # cosine between a fragile word and its partner
     talker_weight: float = 0.3
-    strength_logit: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # happy, angry, sad, surprise
+    # Baseline strength logits per TARGETS (happy, angry, sad, surprise), set against the
+    # embedded judge's measured match-vs-strength curves on the demo corpus (50 % match
+    # at s = 0.6, 0.3, 0.73, 0.82): sad easy, happy and angry moderate, surprise hard.
+    strength_logit: tuple[float, ...] = (0.6, -1.0, 1.1, 1.3)
 
 
-DEFAULT_SCALES = PlantingScales(strength_logit=(0.0, 0.0, 0.0, 0.0))
+DEFAULT_SCALES = PlantingScales()
 
 
-def _planted_positions(rng: np.random.Generator, n_layers: int, width: int, per_emotion: int,
+def _planted_positions(rng: np.random.Generator, width: int, per_emotion: int,
                        layers: Sequence[int]) -> dict[str, list[list[int]]]:
     """``per_emotion`` neurons per target, spread round-robin over ``layers``, no overlaps."""
     slots = {l: list(rng.permutation(width)) for l in layers}
@@ -337,6 +343,27 @@ def _planted_positions(rng: np.random.Generator, n_layers: int, width: int, per_
             layer = int(layers[(j + e_index) % len(layers)])
             planted[emotion].append([layer, int(slots[layer].pop())])
     return planted
+
+
+def _make_fragile_words(cfg: PlantedConfig, vectors: np.ndarray, rng: np.random.Generator,
+                        s: PlantingScales) -> None:
+    """Move a share of the longer words next to a partner word (cosine ``fragile_cosine``).
+
+    Positions are independent, so without this a word is misdecoded either almost never
+    or everywhere (a random drift crossing a wide margin). Near-homophone pairs give the
+    stream's small random writes something to flip, word by word and emotion by emotion:
+    a few percent of words at baseline, more when steering perturbs the stream.
+    """
+    first = len(SPECIALS) + len(EMOTIONS)
+    long_words = [first + i for i, w in enumerate(cfg.words) if len(w) >= 5]
+    n_fragile = int(round(s.fragile_share * len(long_words)))
+    fragile = rng.choice(long_words, size=n_fragile, replace=False)
+    for token in fragile:
+        partner = int(rng.choice([t for t in range(first, len(vectors)) if t != token]))
+        away = vectors[token] - (vectors[token] @ vectors[partner]) * vectors[partner]
+        away /= np.linalg.norm(away)
+        c = s.fragile_cosine
+        vectors[token] = c * vectors[partner] + np.sqrt(1 - c * c) * away
 
 
 def _write_lm(model: PlantedLALM, rng: np.random.Generator, s: PlantingScales) -> None:
@@ -349,7 +376,9 @@ def _write_lm(model: PlantedLALM, rng: np.random.Generator, s: PlantingScales) -
 
     emb = np.zeros((n_tokens, H))
     vectors = rng.normal(size=(n_tokens, W))
-    emb[:, words] = s.word_norm * vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    _make_fragile_words(cfg, vectors, rng, s)
+    emb[:, words] = s.word_norm * vectors
     emb[:, cfg.bias_dim] = 1.0
     style = np.zeros((n_tokens, H))
     for e in EMOTIONS:
@@ -365,7 +394,7 @@ def _write_lm(model: PlantedLALM, rng: np.random.Generator, s: PlantingScales) -
         gate[:, instr] = rng.normal(0.0, s.random_gate_instruction, size=(D, len(instr)))
         gate[:, reads] = rng.normal(0.0, s.random_gate_readout, size=(D, len(reads)))
         up[:, words] = rng.normal(size=(D, W)) / s.word_norm
-        up[:, cfg.bias_dim] = rng.normal(0.0, 0.5, size=D)
+        up[:, cfg.bias_dim] = rng.normal(0.0, 0.5, size=D)  # v of either sign
         down[words, :] = rng.normal(0.0, s.random_write, size=(W, D))
         down[reads, :] = rng.normal(0.0, s.random_readout_write, size=(len(reads), D))
         layers.append((gate, up, down))
@@ -453,7 +482,7 @@ def plant_model(
         word_dims=word_dims,
         intermediate_size=width,
         num_hidden_layers=n_layers,
-        planted=_planted_positions(rng, n_layers, width, per_emotion, layers),
+        planted=_planted_positions(rng, width, per_emotion, layers),
         strength_logit=list(scales.strength_logit),
     )
     model = PlantedLALM(config).to(torch.float64).eval()
@@ -531,19 +560,28 @@ class PlantedAdapter(LALMAdapter):
         with torch.no_grad():
             return self.model(input_ids=ids, attention_mask=mask), mask
 
+    def _texts(self, out: PlantedOutput, mask: torch.Tensor) -> list[str]:
+        lengths = mask.sum(dim=1).tolist()
+        return [
+            self.tokenizer.decode(out.token_ids[b, PROMPT_PREFIX : lengths[b] - 1].tolist())
+            for b in range(len(lengths))
+        ]
+
+    def decoded_texts(self, requests: Sequence[EVCRequest]) -> list[str]:
+        """The text each request would decode, without synthesising speech (cheap)."""
+        return self._texts(*self.forward(requests))
+
     def convert(self, requests: list[EVCRequest]) -> list[EVCOutput]:
         if not requests:
             return []
         out, mask = self.forward(requests)
-        lengths = mask.sum(dim=1).tolist()
+        texts = self._texts(out, mask)
         outputs = []
-        for b, req in enumerate(requests):
-            content = out.token_ids[b, PROMPT_PREFIX : lengths[b] - 1].tolist()
-            text = self.tokenizer.decode(content)
+        for b, (req, text) in enumerate(zip(requests, texts)):
             style = realised_style(out.strengths[b].tolist(), float(out.rate_factor[b]), req.seed)
             voice = speaker_voice(req.speaker)
             # Nothing to say (every word decoded as a special) is silence, which the
             # judge flags as unmeasurable rather than an error.
             wave = render_speech(text, style, voice.voice, voice.pitch_offset) if text else SILENCE
-            outputs.append(EVCOutput(req.attempt_id, text, wave, SAMPLE_RATE, int(lengths[b])))
+            outputs.append(EVCOutput(req.attempt_id, text, wave, SAMPLE_RATE, int(mask[b].sum())))
         return outputs

@@ -43,6 +43,10 @@ Oracle front end: the model does not listen. It perceives the source audio throu
 request's transcript, as if its audio encoder were perfect; words outside its vocabulary
 become ``<unk>`` (decoded as a deletion).
 
+Positions: one parallel forward pass per batch (no decode loop), so every real position
+is a prefill position; ``Capture(count_positions='generated')`` therefore counts nothing
+here, and ``'all'`` (SPEC's default) is the setting to use.
+
 Weights are float64 so that the sign tests and argmaxes never depend on batch shape.
 """
 
@@ -306,8 +310,11 @@ class PlantedTokenizer:
 class PlantingScales:
     """The constants of ``plant_model`` (relative to an instruction coordinate of 1).
 
-    Calibrated on the demo corpus with the embedded judge (see tests/test_known_answer.py):
-    baseline match rates are moderate and differ by emotion, WER is a few percent.
+    Calibrated on the demo corpus (5 speakers x 20 sentences, seed 0) with the embedded
+    judge, as in tests/test_known_answer.py. Measured there: baseline match happy 42,
+    angry 37, sad 67, surprise 28 % (identification speakers), 32/30/72/20 % (unseen);
+    corpus WER 2-3 % at baseline, 8-30 % under α = 8 steering; planted neurons fire at
+    ~0.9 of positions for their emotion and ~0.1 otherwise, random neurons at ~0.5.
     """
 
     word_norm: float = 3.0  # |word embedding|
@@ -327,7 +334,7 @@ class PlantingScales:
     # Baseline strength logits per TARGETS (happy, angry, sad, surprise), set against the
     # embedded judge's measured match-vs-strength curves on the demo corpus (50 % match
     # at s = 0.6, 0.3, 0.73, 0.82): sad easy, happy and angry moderate, surprise hard.
-    strength_logit: tuple[float, ...] = (0.6, -1.0, 1.1, 1.3)
+    strength_logit: tuple[float, ...] = (0.4, -1.0, 1.4, 1.3)
 
 
 DEFAULT_SCALES = PlantingScales()

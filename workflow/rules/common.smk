@@ -1,0 +1,23 @@
+# Shared by every rule: config validation, paths, and the variants the config asks for.
+import json
+import math
+
+from snakemake.utils import validate
+
+validate(config, "../schemas/config.schema.yaml")
+
+from esn_core.workflow import Plan  # noqa: E402  (after validation: clear errors first)
+
+PLAN = Plan(config)
+RESULTS = PLAN.results
+CLI = "python -m esn_core.cli"
+
+
+def manifest_path():
+    return f"{RESULTS}/corpus/manifest.parquet"
+
+
+def n_shards(split):
+    """Shards of a split, read from the manifest once the corpus checkpoint has run."""
+    manifest = checkpoints.corpus.get().output.manifest
+    return PLAN.n_shards(manifest, split)

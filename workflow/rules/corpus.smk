@@ -1,0 +1,54 @@
+# ESD tree (or the generated demo corpus) -> manifest; the planted model and the embedded
+# judge of the embedded default.
+
+
+checkpoint corpus:
+    output:
+        manifest=f"{RESULTS}/corpus/manifest.parquet",
+    params:
+        args=PLAN.corpus_args(),
+    log:
+        f"{RESULTS}/logs/corpus.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "{CLI} corpus {params.args} --threads {threads} --out {output.manifest} > {log} 2>&1"
+
+
+rule plant_model:
+    output:
+        config=f"{RESULTS}/models/planted/config.json",
+        truth=f"{RESULTS}/models/planted/ground_truth.parquet",
+    params:
+        seed=config["seed"],
+    log:
+        f"{RESULTS}/logs/plant_model.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/gpu.yaml"
+    shell:
+        "{CLI} plant --seed {params.seed} --out $(dirname {output.config}) > {log} 2>&1"
+
+
+rule calibrate_embedded_judge:
+    input:
+        manifest=manifest_path(),
+    output:
+        judge=f"{RESULTS}/judges/embedded.json",
+    log:
+        f"{RESULTS}/logs/calibrate_embedded_judge.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "{CLI} calibrate-judge --manifest {input.manifest} --out {output.judge} > {log} 2>&1"

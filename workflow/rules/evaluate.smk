@@ -1,0 +1,62 @@
+# Stage 4 (SPEC §6-7): baseline + every selector x mask emotion x target on the test splits.
+# All cells of one source run in one batch through per-row masks. A variant directory name
+# spells out judge, tau_wer, c, group, r, method, alpha and the selectors it compares.
+
+
+rule evaluate:
+    input:
+        manifest=manifest_path(),
+        model=PLAN.model_inputs(),
+        masks=lambda wc: PLAN.variant(wc.variant).mask_paths(),
+    output:
+        f"{RESULTS}/eval/{{variant}}/attempts/{{split}}/shard{{shard}}.parquet",
+    params:
+        model=PLAN.model_json(),
+        masks=lambda wc: PLAN.variant(wc.variant).masks_arg(),
+        group=lambda wc: PLAN.variant(wc.variant).group,
+        method=lambda wc: PLAN.variant(wc.variant).method,
+        alpha=lambda wc: PLAN.variant(wc.variant).alpha,
+        shard_size=config["model"]["shard_sources"],
+        max_sources=PLAN.max_sources_arg(),
+        batch=config["model"]["batch_size"],
+        seed=config["seed"],
+        audio=lambda wc: f"{RESULTS}/eval/{wc.variant}/audio/{wc.split}",
+    log:
+        f"{RESULTS}/logs/eval/{{variant}}/{{split}}/shard{{shard}}.log",
+    wildcard_constraints:
+        split="test_seen|test_unseen|development",
+    threads: config["model"]["threads"]
+    resources:
+        gpu=PLAN.gpus,
+        mem_mb=PLAN.model_mem_mb,
+        runtime=PLAN.model_runtime_min,
+    conda:
+        "../../envs/gpu.yaml"
+    shell:
+        "{CLI} evaluate --manifest {input.manifest} --model '{params.model}' --split {wildcards.split}"
+        " --shard {wildcards.shard} --shard-size {params.shard_size} {params.max_sources}"
+        " --masks {params.masks} --group {params.group} --method {params.method} --alpha {params.alpha}"
+        " --batch-size {params.batch} --seed {params.seed} --threads {threads}"
+        " --audio-dir {params.audio} --out {output} > {log} 2>&1"
+
+
+rule collect_variant:
+    input:
+        attempts=lambda wc: PLAN.eval_shards(wc.variant, n_shards),
+        judgements=lambda wc: PLAN.eval_judgements(wc.variant, n_shards),
+    output:
+        f"{RESULTS}/eval/{{variant}}/evaluation.parquet",
+    params:
+        variant=lambda wc: PLAN.variant(wc.variant).to_json(),
+        judges=" ".join(PLAN.report_judges),
+    log:
+        f"{RESULTS}/logs/eval/{{variant}}/collect.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "{CLI} collect --variant '{params.variant}' --judges {params.judges}"
+        " --attempts {input.attempts} --judgements {input.judgements} --out {output} > {log} 2>&1"

@@ -1,0 +1,92 @@
+# Tables (Parquet + CSV + Markdown), figures (PNG + SVG) and a Markdown summary.
+
+
+rule evaluation_table:
+    input:
+        [f"{RESULTS}/eval/{v}/evaluation.parquet" for v in PLAN.variant_names],
+    output:
+        f"{RESULTS}/evaluation.parquet",
+    log:
+        f"{RESULTS}/logs/evaluation_table.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "{CLI} concat --inputs {input} --out {output} > {log} 2>&1"
+
+
+rule tables:
+    input:
+        evaluation=f"{RESULTS}/evaluation.parquet",
+        masks=PLAN.all_mask_paths(),
+    output:
+        main=f"{RESULTS}/tables/table3_selectors.md",
+        baseline=f"{RESULTS}/tables/table2_baseline.md",
+    params:
+        masks=PLAN.mask_records_json(),
+        anchor=PLAN.anchor_json(),
+        boot=config["evaluation"]["bootstrap"],
+        seed=config["seed"],
+    log:
+        f"{RESULTS}/logs/tables.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "{CLI} tables --evaluation {input.evaluation} --masks '{params.masks}' --anchor '{params.anchor}'"
+        " --bootstrap {params.boot} --seed {params.seed} --out-dir $(dirname {output.main}) > {log} 2>&1"
+
+
+rule figures:
+    input:
+        evaluation=f"{RESULTS}/evaluation.parquet",
+        masks=PLAN.all_mask_paths(),
+    output:
+        heatmap=report(
+            f"{RESULTS}/figures/delta_heatmap_cas.png",
+            caption="../report/heatmap.rst",
+            category="Emotion control",
+        ),
+        directory=directory(f"{RESULTS}/figures/all"),
+    params:
+        masks=PLAN.mask_records_json(),
+        anchor=PLAN.anchor_json(),
+        boot=config["evaluation"]["bootstrap"],
+        seed=config["seed"],
+    log:
+        f"{RESULTS}/logs/figures.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "{CLI} figures --evaluation {input.evaluation} --masks '{params.masks}' --anchor '{params.anchor}'"
+        " --bootstrap {params.boot} --seed {params.seed} --out-dir {output.directory}"
+        " --headline {output.heatmap} > {log} 2>&1"
+
+
+rule report_md:
+    input:
+        tables=rules.tables.output.main,
+        figures=rules.figures.output.directory,
+    output:
+        f"{RESULTS}/report.md",
+    log:
+        f"{RESULTS}/logs/report.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "{CLI} report --tables-dir $(dirname {input.tables}) --figures-dir {input.figures}"
+        " --out {output} > {log} 2>&1"

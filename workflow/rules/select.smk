@@ -1,0 +1,68 @@
+# Stages 2-3 (SPEC §3-5): success sets -> activation probabilities -> masks. Paths carry the
+# judge, tau_wer, cap c, group, selector and rate, so variants sit side by side and a change
+# of any of them reruns only what follows from it.
+
+
+rule success:
+    input:
+        attempts=lambda wc: PLAN.sample_shards("attempts", n_shards("identification")),
+        judgements=lambda wc: PLAN.sample_judgements(wc.judge, n_shards("identification")),
+    output:
+        f"{RESULTS}/success/{{judge}}/tau{{tau}}/c{{cap}}.parquet",
+    params:
+        seed=config["seed"],
+        human=PLAN.human_labels_arg(),
+    log:
+        f"{RESULTS}/logs/success/{{judge}}/tau{{tau}}/c{{cap}}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "{CLI} success --attempts {input.attempts} --judgements {input.judgements} {params.human}"
+        " --tau {wildcards.tau} --cap {wildcards.cap} --seed {params.seed} --out {output} > {log} 2>&1"
+
+
+rule probs:
+    input:
+        success=f"{RESULTS}/success/{{judge}}/tau{{tau}}/c{{cap}}.parquet",
+        counts=lambda wc: PLAN.sample_shards(f"counts/{wc.group}", n_shards("identification")),
+    output:
+        f"{RESULTS}/probs/{{judge}}/tau{{tau}}/c{{cap}}/{{group}}.parquet",
+    log:
+        f"{RESULTS}/logs/probs/{{judge}}/tau{{tau}}/c{{cap}}/{{group}}.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "{CLI} probs --success {input.success} --counts {input.counts} --out {output} > {log} 2>&1"
+
+
+rule masks:
+    input:
+        f"{RESULTS}/probs/{{judge}}/tau{{tau}}/c{{cap}}/{{group}}.parquet",
+    output:
+        f"{RESULTS}/masks/{{judge}}/tau{{tau}}/c{{cap}}/{{group}}/{{selector}}_r{{rate}}.parquet",
+    params:
+        seed=config["seed"],
+        percentile=config["selection"]["lape_percentile"],
+        emotions=" ".join(config["selection"]["emotions"]),
+    log:
+        f"{RESULTS}/logs/masks/{{judge}}/tau{{tau}}/c{{cap}}/{{group}}/{{selector}}_r{{rate}}.log",
+    wildcard_constraints:
+        selector="lap|lape|mad|cas|random",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "{CLI} masks --probs {input} --selector {wildcards.selector} --rate {wildcards.rate}"
+        " --seed {params.seed} --lape-percentile {params.percentile} --emotions {params.emotions}"
+        " --out {output} > {log} 2>&1"

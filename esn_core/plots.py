@@ -4,7 +4,11 @@
 Every number comes from :class:`esn_core.report.Effects`, the object the tables are built
 from, so a figure and its table agree. Figures are drawn on matplotlib ``Figure`` objects
 with the Agg canvas (no pyplot state, no display needed). Each plotting function returns
-the figure *and* the data it drew, which is what the tests check. ``write_figures`` writes
+the figure *and* the data it drew, which is what the tests check.
+
+Names: ``delta_heatmap_<selector>`` (anchor variant), ``sweep_rate``, ``sweep_cap``,
+``sweep_alpha``, ``methods`` (line/bar plots of self, cross, gap) and their ``*_heatmaps``,
+``layers_<selector>`` (anchor group, r, c) and ``seen_unseen``. ``write_figures`` writes
 ``<name>.png``, ``<name>.svg`` and ``captions/<name>.rst`` (for ``snakemake --report``);
 a figure whose variants are absent is skipped with a warning naming the reason.
 """
@@ -210,7 +214,7 @@ def _ci_note(effects: Effects) -> str:
             f"TEST-SEEN ∪ TEST-UNSEEN.")
 
 
-def _fig3(effects: Effects, anc: Anchor) -> list[FigureSpec]:
+def _heatmaps(effects: Effects, anc: Anchor) -> list[FigureSpec]:
     variant = anchor_variant(effects, anc)
     specs = []
     for selector in effects.selectors(variant):
@@ -219,8 +223,8 @@ def _fig3(effects: Effects, anc: Anchor) -> list[FigureSpec]:
         caption = (f"Per-emotion change in target-emotion match (pp) under {selector.upper()} masks vs. the "
                    f"unintervened baseline ({variant.describe()}); rows: mask emotion, columns: target emotion; "
                    f"diagonal = self-effects, off-diagonal = cross-effects; one panel per judge "
-                   f"({', '.join(effects.judges)}). TEST-SEEN ∪ TEST-UNSEEN.")
-        specs.append(FigureSpec(f"fig3_delta_{selector}", fig, caption,
+                   f"({', '.join(effects.judges)}). TEST-SEEN ∪ TEST-UNSEEN. Cf. paper Fig. 3 (right).")
+        specs.append(FigureSpec(f"delta_heatmap_{selector}", fig, caption,
                                 {"matrices": dict(zip(effects.judges, mats[0])),
                                  "grids": {j: g for j, g in panels[0]}}))
     return specs
@@ -243,11 +247,12 @@ def _sweep(effects: Effects, anc: Anchor, key: str, number: int) -> list[FigureS
     )
     base = f"{anc.selector.upper()} masks, {fixed}, {symbol} ∈ {{{', '.join(labels)}}}."
     return [
-        FigureSpec(f"fig{number}_{key}", fig,
+        FigureSpec(f"sweep_{key}", fig,
                    f"Self-effect, cross-effect average and self–cross gap (pp) against {what} {symbol}; {base} "
-                   + _ci_note(effects), {"x": labels, "series": data}),
-        FigureSpec(f"fig{number}_{key}_heatmaps", heat,
-                   f"Δ emotion match heat maps (pp) per {what} {symbol}; rows of panels: judges; {base}",
+                   + _ci_note(effects) + f" Cf. paper Fig. {number}.", {"x": labels, "series": data}),
+        FigureSpec(f"sweep_{key}_heatmaps", heat,
+                   f"Δ emotion match heat maps (pp) per {what} {symbol}; rows of panels: judges; {base}"
+                   f" Cf. paper Fig. {number}.",
                    {"x": labels, "matrices": mats}),
     ]
 
@@ -266,9 +271,9 @@ def _methods(effects: Effects, anc: Anchor) -> list[FigureSpec]:
     v0 = anc.variant
     base = f"{anc.selector.upper()}, group {v0.group}, c={v0.cap}, r={format_rate(v0.rate)}; α is method-specific."
     return [
-        FigureSpec("fig6_method", fig, f"Self, cross and gap (pp) per intervention method; {base} " + _ci_note(effects),
+        FigureSpec("methods", fig, f"Self, cross and gap (pp) per intervention method; {base} " + _ci_note(effects) + " Cf. paper Fig. 6.",
                    {"x": labels, "series": data}),
-        FigureSpec("fig6_method_heatmaps", heat, f"Δ emotion match heat maps (pp) per intervention method; {base}",
+        FigureSpec("methods_heatmaps", heat, f"Δ emotion match heat maps (pp) per intervention method; {base} Cf. paper Fig. 6.",
                    {"x": labels, "matrices": mats}),
     ]
 
@@ -288,9 +293,9 @@ def _alpha(effects: Effects, anc: Anchor) -> list[FigureSpec]:
     v0 = anc.variant
     base = f"{anc.selector.upper()}, {v0.method}, group {v0.group}, c={v0.cap}, r={format_rate(v0.rate)}."
     return [
-        FigureSpec("fig7_alpha", fig, f"Self, cross and gap (pp) against α; {base} " + _ci_note(effects),
+        FigureSpec("sweep_alpha", fig, f"Self, cross and gap (pp) against α; {base} " + _ci_note(effects) + " Cf. paper Fig. 7 / Table 4.",
                    {"x": labels, "series": data}),
-        FigureSpec("fig7_alpha_heatmaps", heat, f"Δ emotion match heat maps (pp) per α; {base}",
+        FigureSpec("sweep_alpha_heatmaps", heat, f"Δ emotion match heat maps (pp) per α; {base} Cf. paper Fig. 7.",
                    {"x": labels, "matrices": mats}),
     ]
 
@@ -305,9 +310,9 @@ def _layers(mask_set: MaskSet, anc: Anchor) -> list[FigureSpec]:
         counts = mask_set.counts(records[selector])
         fig, matrix = layer_heatmap(counts, f"{selector.upper()} neurons per layer (group {v.group}, r={format_rate(v.rate)}, c={v.cap})")
         specs.append(FigureSpec(
-            f"fig9_layers_{selector}", fig,
+            f"layers_{selector}", fig,
             f"Number of {selector.upper()}-selected neurons per decoder layer and mask emotion "
-            f"(group {v.group}, c={v.cap}, r={format_rate(v.rate)}); where neurons concentrate, not effect size.",
+            f"(group {v.group}, c={v.cap}, r={format_rate(v.rate)}); where neurons concentrate, not effect size. Cf. paper Fig. 9.",
             {"counts": matrix, "emotions": order_emotions(counts["emotion"].to_list())},
         ))
     return specs
@@ -330,8 +335,8 @@ def _seen_unseen(effects: Effects, anc: Anchor) -> list[FigureSpec]:
                              "target emotion Δ(e, e) / summary")
     caption = (f"Δ emotion match (pp) of the anchor intervention ({anc.describe()}) on seen (TEST-SEEN) and "
                f"unseen (TEST-UNSEEN) speakers: per-target self-effect Δ(e, e) and self/cross/gap, with 95% "
-               f"paired-bootstrap CIs (B={effects.n_boot}); one panel per judge.")
-    return [FigureSpec("fig10_seen_unseen", fig, caption, {"categories": categories, "series": data})]
+               f"paired-bootstrap CIs (B={effects.n_boot}); one panel per judge. Cf. paper Fig. 10.")
+    return [FigureSpec("seen_unseen", fig, caption, {"categories": categories, "series": data})]
 
 
 def build_figures(
@@ -347,7 +352,7 @@ def build_figures(
     effects = Effects(evaluation, n_boot=n_boot, seed=seed)
     mask_set = MaskSet(masks, layouts)
     builders = {
-        "fig3 (Δ heat maps)": lambda: _fig3(effects, anc),
+        "fig3 (Δ heat maps)": lambda: _heatmaps(effects, anc),
         "fig4 (rate sweep)": lambda: _sweep(effects, anc, "rate", 4),
         "fig5 (cap sweep)": lambda: _sweep(effects, anc, "cap", 5),
         "fig6 (methods)": lambda: _methods(effects, anc),

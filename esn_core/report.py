@@ -766,7 +766,8 @@ def write_tables(
 def markdown_report(tables_dir, figures_dir, link_base=None) -> str:
     """results/report.md: anchor self/cross/gap per judge with CIs, baseline match per emotion, figures.
 
-    Links to figures are relative to ``link_base`` (the report's folder) when given.
+    Links to figures are relative to ``link_base``, the folder the report will sit in
+    (default: the parent of ``tables_dir``, i.e. ``results/`` for ``results/tables``).
     """
     tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
     lines = ["# ESN results", ""]
@@ -801,7 +802,8 @@ def markdown_report(tables_dir, figures_dir, link_base=None) -> str:
     lines += ["## Tables", "", ", ".join(f"`{n}`" for n in present) or "none", ""]
     if absent:
         lines += [f"Not produced (their variants were not evaluated): {', '.join(absent)}.", ""]
-    figures = sorted(figures_dir.glob("*.png"), key=_natural) if figures_dir.exists() else []
+    figures = sorted(figures_dir.glob("*.png"), key=_figure_rank) if figures_dir.exists() else []
+    link_base = tables_dir.parent if link_base is None else link_base
     if figures:
         lines += ["## Figures", ""]
         for fig in figures:
@@ -812,9 +814,15 @@ def markdown_report(tables_dir, figures_dir, link_base=None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _natural(path: Path) -> list:
-    """fig3 before fig10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.stem)]
+FIGURE_ORDER: tuple[str, ...] = (
+    "delta_heatmap", "sweep_rate", "sweep_cap", "methods", "sweep_alpha", "layers", "seen_unseen",
+)
+
+
+def _figure_rank(path: Path) -> tuple[int, str]:
+    """The paper's figure order (Fig. 3, 4, 5, 6, 7, 9, 10), then the name."""
+    ranks = [i for i, prefix in enumerate(FIGURE_ORDER) if path.stem.startswith(prefix)]
+    return (ranks[0] if ranks else len(FIGURE_ORDER), path.stem)
 
 
 def _ci_text(row: Mapping[str, Any], col: str) -> str:

@@ -202,14 +202,14 @@ def test_rate_sweep_and_synth_table(tmp_path, masks):
     t6 = _written(paths, "table6_synth")
     assert t6["gap_e2v"].to_list() == pytest.approx([0.0]) and t6["mask_size_mean"].to_list() == [None]
     specs = {s.name: s for s in build_figures(evaluation, masks, {"lm": LAYOUT}, ANCHOR, n_boot=N_BOOT)}
-    lines = specs["fig4_rate"].data["series"]["e2v"]
+    lines = specs["sweep_rate"].data["series"]["e2v"]
     assert lines["self"][0] == pytest.approx([62.5, -37.5])
-    assert specs["fig4_rate"].data["x"] == ["0.5%", "1%"]
+    assert specs["sweep_rate"].data["x"] == ["0.5%", "1%"]
 
 
 def test_heatmap_annotations_equal_delta_grid(masks):
     specs = {s.name: s for s in build_figures(_evaluation(), masks, {"lm": LAYOUT}, ANCHOR, n_boot=N_BOOT)}
-    heat = specs["fig3_delta_cas"]
+    heat = specs["delta_heatmap_cas"]
     np.testing.assert_allclose(heat.data["matrices"]["e2v"], EXPECTED_GRID)
     ax = heat.figure.axes[0]
     texts = [float(t.get_text()) for t in ax.texts]
@@ -219,9 +219,9 @@ def test_heatmap_annotations_equal_delta_grid(masks):
     assert heat.figure._suptitle.get_text()
     image = ax.images[0]
     assert image.norm.vmin == -image.norm.vmax  # diverging scale centred at 0
-    counts = specs["fig9_layers_cas"].data["counts"]  # emotions happy, angry, sad, surprise x 3 layers
+    counts = specs["layers_cas"].data["counts"]  # emotions happy, angry, sad, surprise x 3 layers
     np.testing.assert_array_equal(counts, [[2, 2, 0], [2, 1, 0], [0, 0, 4], [0, 1, 0]])
-    seen = specs["fig10_seen_unseen"].data
+    seen = specs["seen_unseen"].data
     assert seen["categories"] == [*TARGETS, "self", "cross", "gap"]
     assert seen["series"]["e2v"]["TEST-SEEN"][0][2] == pytest.approx(100.0)  # Δ(sad, sad) on s1
 
@@ -237,7 +237,7 @@ def test_write_figures_png_svg_and_captions(tmp_path, masks):
     out = tmp_path / "figures"
     paths = write_figures(_evaluation(), masks, {"lm": LAYOUT}, ANCHOR, out, n_boot=N_BOOT)
     pngs = [p for p in paths if p.suffix == ".png"]
-    assert {p.stem for p in pngs} == {"fig3_delta_cas", "fig9_layers_cas", "fig9_layers_lap", "fig10_seen_unseen"}
+    assert {p.stem for p in pngs} == {"delta_heatmap_cas", "layers_cas", "layers_lap", "seen_unseen"}
     for png in pngs:
         blob = png.read_bytes()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 1000
@@ -250,13 +250,13 @@ def test_write_figures_png_svg_and_captions(tmp_path, masks):
 def test_markdown_report_headline(tmp_path, masks):
     write_tables(_evaluation(), masks, {"lm": LAYOUT}, ANCHOR, tmp_path / "tables", n_boot=N_BOOT)
     write_figures(_evaluation(), masks, {"lm": LAYOUT}, ANCHOR, tmp_path / "figures", n_boot=N_BOOT)
-    text = markdown_report(tmp_path / "tables", tmp_path / "figures", link_base=tmp_path)
+    text = markdown_report(tmp_path / "tables", tmp_path / "figures")
     assert "Anchor: CAS, group lm, c=50, r=0.5%, steer α=1" in text
     assert "| e2v | +62.50 [+50.00, +75.00] | -37.50 [-50.00, -25.00] | +100.00 [+100.00, +100.00] |" in text
     assert "| qwen3 | -12.50" in text
     assert "| happy | 100.00 | 0.00 | 10.00 | 4.00 |" in text  # Table 2, pooled: e2v, qwen3, WER, MOS
     assert "WER 20.00% (Δ +10.00 pp)" in text
-    assert "![fig3_delta_cas](figures/fig3_delta_cas.png)" in text
+    assert "![delta_heatmap_cas](figures/delta_heatmap_cas.png)" in text
     assert "table4_strength" in text.split("Not produced")[1]
 
 

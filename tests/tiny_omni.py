@@ -149,9 +149,13 @@ def tiny_config(ids: dict[str, int], vocab: int):
         video_token_index=ids["<|VIDEO|>"], audio_start_token_id=ids["<|audio_bos|>"],
         audio_end_token_id=ids["<|audio_eos|>"],
     )
-    thinker = dict(text_config=text, audio_config=audio, vision_config=vision, **specials)
-    if TF_MAJOR < 5:
-        thinker["user_token_id"] = 0
+    vision_ids = dict(
+        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
+    )
+    thinker = dict(
+        text_config=text, audio_config=audio, vision_config=vision, user_token_id=0,
+        **specials, **vision_ids,
+    )
     talker = dict(
         vocab_size=64, embedding_size=hidden, hidden_size=24, intermediate_size=40,
         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
@@ -159,8 +163,7 @@ def tiny_config(ids: dict[str, int], vocab: int):
         tts_codec_start_token_id=60, tts_codec_end_token_id=61, tts_codec_pad_token_id=62,
         tts_codec_mask_token_id=63, tts_text_pad_token_id=ids["<|tts_pad|>"],
         tts_text_start_token_id=ids["<|tts_bos|>"], tts_text_end_token_id=ids["<|tts_eos|>"],
-        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
-        **specials, **_rope(8),
+        **specials, **vision_ids, **_rope(8),
     )
     token2wav = dict(
         dit_config=dict(

@@ -52,8 +52,10 @@ Weights are float64 so that the sign tests and argmaxes never depend on batch sh
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -546,7 +548,9 @@ class PlantedAdapter(LALMAdapter):
 
     name = "planted"
 
-    def __init__(self, path: str | Path | None = None, model: PlantedLALM | None = None):
+    def __init__(self, path: str | Path | None = None, model: PlantedLALM | None = None,
+                 speech_workers: int | None = None):
+        self.speech_workers = speech_workers or os.cpu_count() or 1
         if (path is None) == (model is None):
             raise ValueError("PlantedAdapter needs exactly one of path= or model=")
         if model is None:
@@ -583,12 +587,21 @@ class PlantedAdapter(LALMAdapter):
             return []
         out, mask = self.forward(requests)
         texts = self._texts(out, mask)
-        outputs = []
-        for b, (req, text) in enumerate(zip(requests, texts)):
-            style = realised_style(out.strengths[b].tolist(), float(out.rate_factor[b]), req.seed)
-            voice = speaker_voice(req.speaker)
+        styles = [realised_style(out.strengths[b].tolist(), float(out.rate_factor[b]), req.seed)
+                  for b, req in enumerate(requests)]
+
+        def speak(b: int) -> np.ndarray:
             # Nothing to say (every word decoded as a special) is silence, which the
             # judge flags as unmeasurable rather than an error.
-            wave = render_speech(text, style, voice.voice, voice.pitch_offset) if text else SILENCE
-            outputs.append(EVCOutput(req.attempt_id, text, wave, SAMPLE_RATE, int(mask[b].sum())))
-        return outputs
+            if not texts[b]:
+                return SILENCE
+            voice = speaker_voice(requests[b].speaker)
+            return render_speech(texts[b], styles[b], voice.voice, voice.pitch_offset)
+
+        # espeak-ng runs as a subprocess, so threads overlap its work (order is kept).
+        with ThreadPoolExecutor(max_workers=self.speech_workers) as pool:
+            waves = list(pool.map(speak, range(len(requests))))
+        return [
+            EVCOutput(req.attempt_id, text, wave, SAMPLE_RATE, int(mask[b].sum()))
+            for b, (req, text, wave) in enumerate(zip(requests, texts, waves))
+        ]

@@ -10,7 +10,6 @@ from esn_core.workflow import Plan  # noqa: E402  (after validation: clear error
 
 PLAN = Plan(config)
 RESULTS = PLAN.results
-CLI = "python -m esn_core.cli"
 
 
 def manifest_path():

@@ -16,7 +16,7 @@ checkpoint corpus:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "{CLI} corpus {params.args} --threads {threads} --out {output.manifest} > {log} 2>&1"
+        "python -m esn_core.cli corpus {params.args} --threads {threads} --out {output.manifest} > {log} 2>&1"
 
 
 rule plant_model:
@@ -34,7 +34,7 @@ rule plant_model:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "{CLI} plant --seed {params.seed} --out $(dirname {output.config}) > {log} 2>&1"
+        "python -m esn_core.cli plant --seed {params.seed} --out $(dirname {output.config}) > {log} 2>&1"
 
 
 rule calibrate_embedded_judge:
@@ -51,4 +51,4 @@ rule calibrate_embedded_judge:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "{CLI} calibrate-judge --manifest {input.manifest} --out {output.judge} > {log} 2>&1"
+        "python -m esn_core.cli calibrate-judge --manifest {input.manifest} --out {output.judge} > {log} 2>&1"

@@ -33,7 +33,7 @@ rule evaluate:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "{CLI} evaluate --manifest {input.manifest} --model '{params.model}' --split {wildcards.split}"
+        "python -m esn_core.cli evaluate --manifest {input.manifest} --model '{params.model}' --split {wildcards.split}"
         " --shard {wildcards.shard} --shard-size {params.shard_size} {params.max_sources}"
         " --masks {params.masks} --group {params.group} --method {params.method} --alpha {params.alpha}"
         " --batch-size {params.batch} --seed {params.seed} --threads {threads}"
@@ -58,5 +58,5 @@ rule collect_variant:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "{CLI} collect --variant '{params.variant}' --judges {params.judges}"
+        "python -m esn_core.cli collect --variant '{params.variant}' --judges {params.judges}"
         " --attempts {input.attempts} --judgements {input.judgements} --out {output} > {log} 2>&1"

@@ -25,5 +25,5 @@ rule judge:
     conda:
         "../../envs/judge.yaml"
     shell:
-        "{CLI} judge --judge '{params.judge}' --naturalness '{params.naturalness}'"
+        "python -m esn_core.cli judge --judge '{params.judge}' --naturalness '{params.naturalness}'"
         " --manifest {input.manifest} --attempts {input.attempts} --out {output} > {log} 2>&1"

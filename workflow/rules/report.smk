@@ -15,7 +15,7 @@ rule evaluation_table:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "{CLI} concat --inputs {input} --out {output} > {log} 2>&1"
+        "python -m esn_core.cli concat --inputs {input} --out {output} > {log} 2>&1"
 
 
 rule tables:
@@ -39,7 +39,7 @@ rule tables:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "{CLI} tables --evaluation {input.evaluation} --masks '{params.masks}' --anchor '{params.anchor}'"
+        "python -m esn_core.cli tables --evaluation {input.evaluation} --masks '{params.masks}' --anchor '{params.anchor}'"
         " --bootstrap {params.boot} --seed {params.seed} --out-dir $(dirname {output.main}) > {log} 2>&1"
 
 
@@ -68,7 +68,7 @@ rule figures:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "{CLI} figures --evaluation {input.evaluation} --masks '{params.masks}' --anchor '{params.anchor}'"
+        "python -m esn_core.cli figures --evaluation {input.evaluation} --masks '{params.masks}' --anchor '{params.anchor}'"
         " --bootstrap {params.boot} --seed {params.seed} --out-dir {output.directory}"
         " --headline {output.heatmap} > {log} 2>&1"
 
@@ -88,5 +88,5 @@ rule report_md:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "{CLI} report --tables-dir $(dirname {input.tables}) --figures-dir {input.figures}"
+        "python -m esn_core.cli report --tables-dir $(dirname {input.tables}) --figures-dir {input.figures}"
         " --out {output} > {log} 2>&1"

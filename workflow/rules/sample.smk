@@ -31,7 +31,7 @@ rule sample:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "{CLI} sample --manifest {input.manifest} --model '{params.model}' --split identification"
+        "python -m esn_core.cli sample --manifest {input.manifest} --model '{params.model}' --split identification"
         " --shard {wildcards.shard} --shard-size {params.shard_size} --batch-size {params.batch}"
         " --count-positions {params.positions} {params.moments} --seed {params.seed}"
         " --threads {threads} --audio-dir {params.audio} --attempts {output.attempts}"

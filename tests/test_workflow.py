@@ -1,0 +1,160 @@
+"""The Snakemake workflow on a tiny embedded default: runs, validates config, reruns only
+what a config change touches, and reproduces identical tables."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from esn_core.workflow import Plan
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "corpus": {"demo": {"speakers": 3, "utterances": 10}},
+    "model": {"shard_sources": 4, "batch_size": 32},
+    "selection": {"selectors": ["cas", "random"], "groups": ["lm"]},
+    "evaluation": {"max_sources": 2, "bootstrap": 50},
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def _config(**override) -> dict:
+    base = yaml.safe_load((REPO / "config.yaml").read_text())
+    return _merge(_merge(base, TINY), override)
+
+
+def _workdir(path: Path, config: dict) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "Snakefile", path)
+    shutil.copytree(REPO / "workflow", path / "workflow", dirs_exist_ok=True)
+    shutil.copytree(REPO / "envs", path / "envs", dirs_exist_ok=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    return path
+
+
+def _snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--nocolor", *args]
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+
+
+def _planned_rules(workdir: Path, config: dict) -> dict[str, int]:
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = _snakemake(workdir, "-n", "--quiet", "rules")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    counts = {}
+    for line in (proc.stdout + proc.stderr).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "job"):
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    workdir = _workdir(tmp_path_factory.mktemp("wf"), _config())
+    proc = _snakemake(workdir)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir
+
+
+def test_demo_workflow_produces_tables_figures_and_audit_trail(finished):
+    results = finished / "results"
+    for name in ("table2_baseline", "table3_selectors", "delta_grid"):
+        for ext in ("parquet", "csv", "md"):
+            assert (results / "tables" / f"{name}.{ext}").stat().st_size > 0
+    assert (results / "figures" / "delta_heatmap_cas.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (results / "report.md").read_text().strip()
+    masks = pl.read_parquet(results / "masks/embedded/tau0.15/c50/lm/cas_r0.0118.parquet")
+    assert set(masks["emotion"]) <= {"happy", "angry", "sad", "surprise"} and masks.height > 0
+    attempts = pl.read_parquet(results / "sample/attempts/shard0.parquet")
+    assert attempts["audio_path"].map_elements(os.path.exists, return_dtype=pl.Boolean).all()
+    table3 = pl.read_parquet(results / "tables/table3_selectors.parquet")
+    assert set(table3["selector"]) == {"cas", "random"}
+
+
+def test_nothing_to_do_after_a_complete_run(finished):
+    assert _planned_rules(finished, _config()) == {}
+
+
+@pytest.mark.parametrize(
+    "change,must_run,must_not_run",
+    [
+        ({"selection": {"selectors": ["cas", "random", "mad"]}}, {"masks", "evaluate"}, {"sample", "success", "probs"}),
+        ({"success": {"tau_wer": 0.3}}, {"success", "probs", "masks", "evaluate"}, {"sample", "corpus"}),
+        ({"success": {"caps": [50, 10]}}, {"success", "probs", "masks", "evaluate"}, {"sample"}),
+        ({"selection": {"rates": [0.0118, 0.005]}}, {"masks", "evaluate"}, {"sample", "success", "probs"}),
+        ({"evaluation": {"interventions": {"steer": [1.0], "deactivate": [0]}}}, {"evaluate"},
+         {"sample", "success", "probs", "masks"}),
+        ({"judges": {"filter": "embedded_b", "available": {"embedded": {"kind": "embedded"},
+                                                           "embedded_b": {"kind": "embedded"}}}},
+         {"judge", "success", "probs", "masks", "evaluate"}, {"sample"}),
+    ],
+    ids=["selector", "tau_wer", "cap", "rate", "intervention", "judge"],
+)
+def test_config_changes_rerun_only_dependent_jobs(finished, change, must_run, must_not_run):
+    planned = _planned_rules(finished, _config(**change))
+    assert must_run <= set(planned), planned
+    assert not (must_not_run & set(planned)), planned
+    _planned_rules(finished, _config())  # restore
+
+
+def test_wrong_config_key_or_value_is_named_before_any_job(tmp_path):
+    bad = _config()
+    bad["selection"]["selecters"] = ["cas"]
+    workdir = _workdir(tmp_path / "a", bad)
+    proc = _snakemake(workdir, "-n")
+    assert proc.returncode != 0 and "selecters" in proc.stderr
+    bad = _config(success={"tau_wer": -1})
+    workdir = _workdir(tmp_path / "b", bad)
+    proc = _snakemake(workdir, "-n")
+    assert proc.returncode != 0 and "tau_wer" in proc.stderr and not (workdir / "results").exists()
+
+
+def test_rerun_after_losing_outputs_reproduces_identical_tables(finished, tmp_path):
+    table = finished / "results/tables/table3_selectors.csv"
+    mask = finished / "results/masks/embedded/tau0.15/c50/lm/cas_r0.0118.parquet"
+    before_table, before_mask = table.read_bytes(), pl.read_parquet(mask)
+    shard = next((finished / "results/eval").glob("*/attempts/test_unseen/shard0.parquet"))
+    shard.unlink()
+    mask.unlink()
+    proc = _snakemake(finished, "--rerun-incomplete")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert table.read_bytes() == before_table
+    assert pl.read_parquet(mask).equals(before_mask)
+
+
+def test_lint_is_clean():
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "good condition" in proc.stdout + proc.stderr, proc.stdout
+
+
+def test_plan_variants_are_anchor_plus_one_at_a_time_sweeps():
+    plan = Plan(_config(selection={"rates": [0.005, 0.01], "selectors": ["cas", "mad"], "groups": ["lm", "synth"]},
+                        evaluation={"interventions": {"steer": [1.0, 2.0], "deactivate": [0]},
+                                    "anchor": {"selector": "cas", "rate": 0.005, "cap": 50, "group": "lm",
+                                               "method": "steer", "alpha": 1.0}}))
+    names = set(plan.variant_names)
+    assert names == {
+        "embedded_tau0.15_c50_lm_r0.005_steer_a1_cas+mad",
+        "embedded_tau0.15_c50_synth_r0.005_steer_a1_cas+mad",
+        "embedded_tau0.15_c50_lm_r0.01_steer_a1_cas",
+        "embedded_tau0.15_c50_lm_r0.005_steer_a2_cas",
+        "embedded_tau0.15_c50_lm_r0.005_deactivate_a0_cas",
+    }
+    with pytest.raises(ValueError, match="not defined under judges.available"):
+        Plan(_config(judges={"report": ["e2v"]}))

@@ -7,9 +7,19 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 # espeak-ng renders the demo corpus and the planted model's speech.
-if ! command -v espeak-ng >/dev/null 2>&1; then
+apt_pkgs=""
+command -v espeak-ng >/dev/null 2>&1 || apt_pkgs="espeak-ng"
+# --test: a real single-node SLURM (slurm-wlm 22.05 + munge) for tests/test_slurm.py, which
+# starts and stops the daemons itself through scripts/slurm_local.sh (no systemd needed).
+if [ "${1:-}" = "--test" ]; then
+    { command -v sbatch && [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ]; } >/dev/null 2>&1 \
+        || apt_pkgs="$apt_pkgs slurm-wlm"
+    [ -x /usr/sbin/munged ] || apt_pkgs="$apt_pkgs munge"
+fi
+if [ -n "$apt_pkgs" ]; then
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng >/dev/null
+    # shellcheck disable=SC2086
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $apt_pkgs >/dev/null
 fi
 # torch first, pinned, so that the project's range is satisfied by the CPU build on disk
 # instead of pulling a multi-GB CUDA build. On a GPU node install your CUDA torch first.

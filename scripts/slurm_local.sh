@@ -8,13 +8,16 @@
 #   bash scripts/slurm_local.sh stop   [DIR]   stop the daemons by their pid files
 #
 # DIR (default: $SLURM_LOCAL_DIR, else /tmp/esn-slurm) holds slurm.conf, gres.conf, state,
-# spool, pid and log files. Clients find the cluster through SLURM_CONF:
-#   export SLURM_CONF=DIR/etc/slurm.conf      (start prints this line)
+# spool, pid and log files. Clients (sbatch, squeue, and the srun that snakemake's jobstep
+# plugin runs inside each job with SLURM_* variables, SLURM_CONF included, stripped) find the
+# cluster at the default /etc/slurm/slurm.conf: start links it to DIR/etc/slurm.conf (and
+# refuses to replace a real file there); stop removes the link.
 # Optional env: SLURM_LOCAL_CTLD_PORT / SLURM_LOCAL_SLURMD_PORT (default 6817 / 6818).
-# One node named `hostname -s` with CPUs = nproc, RealMemory = MemTotal minus headroom and one
-# fake `gpu` GRES (File=/dev/null) so that `--gpus=1` jobs schedule. No accounting: snakemake's
-# profile must use `slurm-status-command: squeue` (MinJobAge=300 keeps finished jobs visible).
-# Every finished job is also appended to DIR/log/jobcomp.txt (id, name, state, TRES incl. GPUs).
+# One node named `hostname -s` with CPUs = nproc, RealMemory = MemTotal minus headroom (at least
+# 8 GB) and one fake `gpu` GRES (File=/dev/null) so that `--gpus=1` jobs schedule. No accounting:
+# snakemake's profile must use `slurm-status-command: squeue` (MinJobAge=300 keeps finished jobs
+# visible).
+# Every finished job is also appended to DIR/log/jobcomp.txt (id, name, state, workdir, TRES).
 # Installs nothing (scripts/install.sh --test installs slurm-wlm and munge). Run as root.
 set -euo pipefail
 
@@ -23,6 +26,7 @@ DIR="${2:-${SLURM_LOCAL_DIR:-/tmp/esn-slurm}}"
 CTLD_PORT="${SLURM_LOCAL_CTLD_PORT:-6817}"
 SLURMD_PORT="${SLURM_LOCAL_SLURMD_PORT:-6818}"
 CONF="$DIR/etc/slurm.conf"
+SYS_CONF=/etc/slurm/slurm.conf
 export SLURM_CONF="$CONF"
 
 die() { echo "slurm_local: $*" >&2; exit 1; }
@@ -38,6 +42,9 @@ write_config() {
     mem_mb=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 ))
     headroom=$(( mem_mb / 10 > 1024 ? mem_mb / 10 : 1024 ))
     mem_mb=$(( mem_mb - headroom ))
+    # The workflow's largest request is 8 GB (judge, probs); memory is not enforced here (no
+    # cgroups), so a small machine still declares 8 GB rather than reject those jobs.
+    [ "$mem_mb" -ge 8192 ] || mem_mb=8192
     mkdir -p "$DIR"/{etc,state,spool,run,log}
     cat >"$CONF" <<EOF
 # Written by scripts/slurm_local.sh: single-node SLURM on localhost.
@@ -96,13 +103,23 @@ node_state() { sinfo -h -o %T 2>/dev/null | head -1; }
 
 start() {
     [ "$(id -u)" -eq 0 ] || die "run as root"
-    command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
+    [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/munged ] \
         || die "slurmctld/slurmd/munged not installed (apt-get install slurm-wlm munge)"
     if pid_alive "$DIR/run/slurmctld.pid" || pid_alive "$DIR/run/slurmd.pid"; then
         die "already running under $DIR (stop it first)"
     fi
+    if [ -e "$SYS_CONF" ] && [ ! -L "$SYS_CONF" ]; then
+        die "$SYS_CONF is a real file (a configured SLURM?); not replacing it"
+    fi
+    if [ -L "$SYS_CONF" ] && [ "$(readlink "$SYS_CONF")" != "$CONF" ]; then
+        local other; other="$(dirname "$(dirname "$(readlink "$SYS_CONF")")")"
+        pid_alive "$other/run/slurmctld.pid" \
+            && die "another local SLURM runs under $other (scripts/slurm_local.sh stop $other)"
+    fi
     rm -rf "$DIR/state" "$DIR/spool" "$DIR/run" "$DIR/log"
     write_config
+    mkdir -p /etc/slurm
+    ln -sfn "$CONF" "$SYS_CONF"
     start_munge
     /usr/sbin/slurmctld -f "$CONF" || die "slurmctld failed to start (see $DIR/log/slurmctld.log)"
     /usr/sbin/slurmd -f "$CONF" -N "$(hostname -s)" || die "slurmd failed to start (see $DIR/log/slurmd.log)"
@@ -118,7 +135,7 @@ start() {
            die "node state '${state}' after 30 s (expected idle)" ;;
     esac
     echo "slurm_local: node $(hostname -s) ${state} ($(nproc) CPUs, gpu:1 fake) under $DIR"
-    echo "export SLURM_CONF=$CONF"
+    echo "slurm_local: config $CONF (linked from $SYS_CONF); logs in $DIR/log"
 }
 
 stop() {
@@ -140,6 +157,7 @@ stop() {
         fi
         rm -f "$DIR/run/munged.ours"
     fi
+    if [ -L "$SYS_CONF" ] && [ "$(readlink "$SYS_CONF")" = "$CONF" ]; then rm -f "$SYS_CONF"; fi
     echo "slurm_local: stopped ($DIR)"
 }
 
@@ -150,7 +168,7 @@ status() {
         else echo "$d: not running"; ok=1; fi
     done
     munge_ok && echo "munged: running" || { echo "munged: not running"; ok=1; }
-    [ "$ok" -eq 0 ] && echo "node: $(node_state)" && echo "export SLURM_CONF=$CONF"
+    [ "$ok" -eq 0 ] && echo "node: $(node_state)"
     return "$ok"
 }
 

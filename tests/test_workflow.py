@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -117,22 +119,43 @@ def test_wrong_config_key_or_value_is_named_before_any_job(tmp_path):
     bad["selection"]["selecters"] = ["cas"]
     workdir = _workdir(tmp_path / "a", bad)
     proc = _snakemake(workdir, "-n")
-    assert proc.returncode != 0 and "selecters" in proc.stderr
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "selecters" in out and "Additional properties" in out
     bad = _config(success={"tau_wer": -1})
     workdir = _workdir(tmp_path / "b", bad)
     proc = _snakemake(workdir, "-n")
-    assert proc.returncode != 0 and "tau_wer" in proc.stderr and not (workdir / "results").exists()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "tau_wer" in out and "minimum" in out
+    assert not (workdir / "results").exists()
 
 
-def test_rerun_after_losing_outputs_reproduces_identical_tables(finished, tmp_path):
-    table = finished / "results/tables/table3_selectors.csv"
-    mask = finished / "results/masks/embedded/tau0.15/c50/lm/cas_r0.0118.parquet"
+def test_killed_run_resumes_with_rerun_incomplete_and_identical_tables(finished):
+    results = finished / "results"
+    table = results / "tables/table3_selectors.csv"
+    mask = results / "masks/embedded/tau0.15/c50/lm/cas_r0.0118.parquet"
     before_table, before_mask = table.read_bytes(), pl.read_parquet(mask)
-    shard = next((finished / "results/eval").glob("*/attempts/test_unseen/shard0.parquet"))
-    shard.unlink()
-    mask.unlink()
-    proc = _snakemake(finished, "--rerun-incomplete")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Lose everything from the masks on, then kill the rerun while evaluation runs.
+    for path in ["masks", "eval", "judgements/embedded/eval", "evaluation.parquet", "tables", "figures",
+                 "report.md"]:
+        target = results / path
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--nocolor"]
+    proc = subprocess.Popen(cmd, cwd=finished, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not list((results / "eval").glob("*/audio/*/*.wav")):
+            assert proc.poll() is None, "the run ended before evaluation started"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not table.exists()
+    # A hard kill leaves Snakemake's lock behind: unlock, then resume (README).
+    assert _snakemake(finished, "--unlock").returncode == 0
+    resumed = _snakemake(finished, "--rerun-incomplete")
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     assert table.read_bytes() == before_table
     assert pl.read_parquet(mask).equals(before_mask)
 

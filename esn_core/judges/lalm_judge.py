@@ -90,7 +90,9 @@ def parse_choice(text: str | None) -> str | None:
     Accepted: a bare letter ('B', '(B)'), a letter opening the answer ('B) happy',
     'B. Happy'), a letter introduced as the answer ('The answer is B'), an upper-case
     letter closing it ("I think it's C"), or an emotion word
-    ('Happy.', 'The answer is happy', 'surprised'). Case is ignored. A letter and a word
+    ('Happy.', 'The answer is happy', 'surprised'). Case is ignored, except that a lower-case
+    letter counts only where it cannot be the article ('the answer is a happy voice' names
+    happy, not option A). A letter and a word
     that disagree ('A. happy'), or two emotion words ('happy or sad', 'not happy but sad'),
     are ambiguous -> None; so is any answer holding a negation ('not happy').
     """

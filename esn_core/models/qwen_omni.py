@@ -334,7 +334,15 @@ def _ids(value) -> list[int]:
 
 
 class QwenOmniAdapter(LALMAdapter):
-    """Qwen2.5-Omni: EVC prompts in, decoded text and 16 kHz speech out, hookable groups."""
+    """Qwen2.5-Omni: EVC prompts in, decoded text and 16 kHz speech out, hookable groups.
+
+    ``path``: local checkpoint directory or hub id. ``speaker``: a voice of ``spk_dict.pt``.
+    ``device``: default ``cuda`` when available. ``dtype``: thinker/talker weights
+    (token2wav always runs in float32). ``max_new_tokens`` / ``talker_max_new_tokens``: text
+    and codec token budgets. ``batch_size``: rows per ``convert`` call the workflow should
+    send (1 on transformers < 5). ``token2wav_steps``: ODE steps of the DiT (model default 10).
+    ``stop_token_ids``: extra ids that end the text answer (hooks stop counting there too).
+    """
 
     name = "qwen2_5_omni"
 
@@ -351,17 +359,45 @@ class QwenOmniAdapter(LALMAdapter):
         batch_size: int = 8,
         token2wav_steps: int = 10,
         attn_implementation: str = "sdpa",
+        stop_token_ids: Sequence[int] = (),
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if max_new_tokens < 1 or talker_max_new_tokens < 1 or batch_size < 1 or token2wav_steps < 2:
-            raise ValueError("max_new_tokens, talker_max_new_tokens, batch_size must be >= 1 "
-                             "and token2wav_steps >= 2")
+        self._configure(system_prompt, instruction_template, max_new_tokens,
+                        talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids)
         from transformers import Qwen2_5OmniForConditionalGeneration
 
         self.path = resolve_checkpoint(path)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = DTYPES[dtype]
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        load_kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+        if device.type == "cuda":
+            load_kwargs["device_map"] = str(device)
+        model = Qwen2_5OmniForConditionalGeneration.from_pretrained(self.path, **load_kwargs)
+        self._attach(model.to(device), load_processor(self.path), speaker)
+
+    @classmethod
+    def from_model(cls, model, processor=None, speaker: str = "Chelsie", *,
+                   system_prompt: str | None = None, instruction_template: str | None = None,
+                   max_new_tokens: int = 64, talker_max_new_tokens: int = 1024,
+                   batch_size: int = 8, token2wav_steps: int = 10,
+                   stop_token_ids: Sequence[int] = ()) -> "QwenOmniAdapter":
+        """An adapter around a model already in memory (benchmarks with random weights).
+
+        Without a ``processor`` there is no prompt building (``prepare``/``convert``), but
+        ``generate`` and ``groups`` work on inputs the caller builds.
+        """
+        self = cls.__new__(cls)
+        self._configure(system_prompt, instruction_template, max_new_tokens,
+                        talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids)
+        self.path = None
+        self._attach(model, processor, speaker)
+        return self
+
+    def _configure(self, system_prompt, instruction_template, max_new_tokens,
+                   talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids) -> None:
+        if min(max_new_tokens, talker_max_new_tokens, batch_size) < 1 or token2wav_steps < 2:
+            raise ValueError("max_new_tokens, talker_max_new_tokens and batch_size must be >= 1, "
+                             "token2wav_steps >= 2")
         self.system_prompt = SYSTEM_PROMPT if system_prompt is None else system_prompt
         self.instruction_template = check_template(
             INSTRUCTION_TEMPLATE if instruction_template is None else instruction_template
@@ -370,33 +406,37 @@ class QwenOmniAdapter(LALMAdapter):
         self.talker_max_new_tokens = int(talker_max_new_tokens)
         self.token2wav_steps = int(token2wav_steps)
         self.batch_size = int(batch_size) if _transformers_major() >= 5 else 1
+        self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
 
-        load_kwargs = dict(dtype=self.dtype, attn_implementation=attn_implementation)
-        if self.device.type == "cuda":
-            load_kwargs["device_map"] = str(self.device)
-        self.model = Qwen2_5OmniForConditionalGeneration.from_pretrained(self.path, **load_kwargs)
-        self.model.to(self.device).eval()
-        if not getattr(self.model, "has_talker", False):
-            raise ValueError(f"{self.path}: enable_audio_output is off, the talker is not loaded")
-        if speaker not in self.model.speaker_map:
+    def _attach(self, model, processor, speaker: str) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        if not getattr(model, "has_talker", False):
+            raise ValueError("enable_audio_output is off: the talker and token2wav are not loaded")
+        if speaker not in model.speaker_map:
             raise ValueError(
-                f"speaker {speaker!r} is not in {self.path / SPEAKER_FILE}; "
-                f"available: {sorted(self.model.speaker_map)}"
+                f"speaker {speaker!r} is not in the checkpoint's {SPEAKER_FILE}; "
+                f"available: {sorted(model.speaker_map)}"
             )
         self.speaker = speaker
-        self.processor = load_processor(self.path)
+        first = next(model.thinker.parameters())
+        self.device, self.dtype = first.device, first.dtype
         self._groups = self._find_groups()
 
     # -- groups ------------------------------------------------------------------------
     def _find_groups(self) -> dict[str, MLPGroup]:
         thinker, talker = self.model.thinker, self.model.talker
-        tokenizer = self.processor.tokenizer
+        tokenizer = getattr(self.processor, "tokenizer", None)
         eos = _ids(thinker.generation_config.eos_token_id)
-        eos += [t for t in _ids([tokenizer.eos_token_id, tokenizer.pad_token_id]) if t >= 0]
+        pad = _ids(thinker.generation_config.pad_token_id)
+        if tokenizer is not None:
+            eos += [t for t in _ids([tokenizer.eos_token_id, tokenizer.pad_token_id]) if t >= 0]
+            pad = _ids(tokenizer.pad_token_id) or pad
+        eos += list(self.stop_token_ids)
         self.thinker_eos = tuple(dict.fromkeys(eos))
         if not self.thinker_eos:
             raise ValueError("the thinker has no end-of-sequence token (generation config, tokenizer)")
-        self.thinker_pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.thinker_eos[0]
+        self.thinker_pad = pad[0] if pad else self.thinker_eos[0]
         self.talker_eos = (int(talker.codec_pad_token), int(talker.codec_eos_token))
 
         decoder = thinker_text_decoder(thinker)
@@ -420,6 +460,8 @@ class QwenOmniAdapter(LALMAdapter):
 
     def prompt(self, target_emotion: str) -> str:
         """The chat text of one attempt (the audio placeholder not yet expanded)."""
+        if self.processor is None:
+            raise RuntimeError("this adapter was built without a processor: no prompts")
         conversation = [
             {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]},
             {"role": "user", "content": [
@@ -441,8 +483,12 @@ class QwenOmniAdapter(LALMAdapter):
         return inputs
 
     # -- generation --------------------------------------------------------------------
-    def generate(self, inputs, seeds: Sequence[int]):
-        """The model's own generate, greedy, seeding token2wav's noise per row."""
+    def generate(self, inputs, seeds: Sequence[int], **overrides):
+        """The model's own generate, greedy, seeding token2wav's noise per row.
+
+        ``overrides``: further ``generate`` keywords (``thinker_*``/``talker_*``/``token2wav_*``),
+        e.g. ``thinker_min_new_tokens`` to fix the work per attempt in a benchmark.
+        """
         calls = {"n": 0}
 
         def seed_row(module, args, kwargs):
@@ -457,8 +503,7 @@ class QwenOmniAdapter(LALMAdapter):
         devices = [self.device] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
-                return self.model.generate(
-                    **inputs,
+                settings = dict(
                     speaker=self.speaker,
                     thinker_max_new_tokens=self.max_new_tokens,
                     thinker_do_sample=False,
@@ -469,6 +514,7 @@ class QwenOmniAdapter(LALMAdapter):
                     talker_eos_token_id=list(self.talker_eos),
                     token2wav_num_steps=self.token2wav_steps,
                 )
+                return self.model.generate(**inputs, **{**settings, **overrides})
         finally:
             for handle in handles:
                 handle.remove()

@@ -1,0 +1,286 @@
+"""End-to-end EVC throughput of Qwen2.5-Omni through the adapter: thinker, talker, token2wav.
+
+    python3 benchmarks/qwen_omni_throughput.py --device cuda --batches 1 4 16
+    python3 benchmarks/qwen_omni_throughput.py --tiny                # CPU smoke test
+
+The model is ``Qwen2_5OmniForConditionalGeneration`` at Qwen2.5-Omni-7B's shapes (thinker
+28 x 3584/18944 with its audio encoder and vision tower, talker 24 x 896/18944, token2wav
+DiT 22 x 1024 + BigVGAN) with random bf16 weights built directly on the device (token2wav
+in float32, as transformers runs it), and a random speaker. Every attempt does fixed work:
+a ``--audio-seconds`` source (Whisper features, ``<|AUDIO|>`` tokens as the processor makes
+them) inside the EVC chat layout, exactly ``--text-tokens`` thinker tokens and exactly
+``--codec-tokens`` talker tokens (min = max new tokens), greedy, via
+``QwenOmniAdapter.generate`` (the model's own ``generate`` with the adapter's fixes).
+
+Per batch size and mode the script reports the time of the thinker's ``generate``, the
+talker's ``generate`` and token2wav (summed over its per-row calls), the total, EVC
+utterances per hour and peak device memory. Modes: ``off`` (no hooks), ``capture``
+(counts on the ``lm`` and ``synth`` groups, as config/paper.yaml samples), ``steer``
+(``steer`` alpha=1 on a random 0.5% ``lm`` mask in every row). Modes are interleaved
+round-robin and the median of ``--repeats`` runs is reported. A batch size that does not
+fit is reported as OOM, so ``--batches 1 4 16 32 64 128`` finds the largest that fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+import transformers
+from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+
+from esn_core.hooks import Capture, HookEngine, Intervention
+from esn_core.models.qwen_omni import QwenOmniAdapter, audio_token_count
+
+MAJOR = int(transformers.__version__.split(".")[0])
+
+# Qwen2.5-Omni's token ids (the real tokenizer's), used to lay out prompts without it.
+IM_START, IM_END, NEWLINE = 151644, 151645, 198
+SYSTEM, USER, ASSISTANT = 8948, 872, 77091
+AUDIO, AUDIO_BOS, AUDIO_EOS = 151646, 151647, 151648
+SPEAKER_BOS = 151872
+
+
+def _rope(head_dim: int) -> dict:
+    half = head_dim // 2
+    section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]  # 7B: 16/24/24
+    rope = {"rope_type": "default", "mrope_section": section, "rope_theta": 1_000_000.0}
+    if MAJOR < 5:
+        return {"rope_scaling": {**rope, "type": "default"}}
+    return {"rope_parameters": rope}
+
+
+def omni_config(tiny: bool) -> Qwen2_5OmniConfig:
+    """Qwen2.5-Omni-7B's configuration, or the same layout shrunk (``tiny``)."""
+    if tiny:
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, **_rope(8))
+        audio = dict(d_model=16, encoder_layers=1, encoder_attention_heads=2,
+                     encoder_ffn_dim=32, output_dim=32)
+        vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                      out_hidden_size=32, fullatt_block_indexes=[0])
+        talker = dict(embedding_size=32, hidden_size=24, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=8, **_rope(8))
+        dit = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16,
+                   emb_dim=8, enc_emb_dim=8, enc_dim=8, enc_channels=[16, 16, 16, 16, 48],
+                   enc_attention_channels=8, enc_se_channels=8, look_ahead_layers=[1],
+                   look_backward_layers=[0])
+        bigvgan = dict(upsample_initial_channel=16, upsample_rates=[5, 4],
+                       upsample_kernel_sizes=[11, 8], resblock_kernel_sizes=[3],
+                       resblock_dilation_sizes=[[1, 3, 5]])
+    else:
+        text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                    num_attention_heads=28, num_key_value_heads=4, **_rope(128))
+        audio = dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20,
+                     encoder_ffn_dim=5120, output_dim=3584)
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                      out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31])
+        talker = dict(embedding_size=3584, hidden_size=896, intermediate_size=18944,
+                      num_hidden_layers=24, num_attention_heads=12, num_key_value_heads=4,
+                      head_dim=128, **_rope(128))
+        dit, bigvgan = {}, {}  # the config defaults are the 7B token2wav
+    text.update(vocab_size=152064, max_position_embeddings=32768, use_sliding_window=False,
+                tie_word_embeddings=False, eos_token_id=IM_END, pad_token_id=151643)
+    ids = dict(audio_token_index=AUDIO, image_token_index=151655, video_token_index=151656,
+               audio_start_token_id=AUDIO_BOS, audio_end_token_id=AUDIO_EOS,
+               vision_start_token_id=151652, vision_end_token_id=151653)
+    thinker = dict(text_config=text, audio_config=dict(num_mel_bins=128, **audio),
+                   vision_config=vision, user_token_id=USER, **ids)
+    talker.update(vocab_size=8448, max_position_embeddings=32768, use_sliding_window=False, **ids)
+    return Qwen2_5OmniConfig(
+        thinker_config=thinker, talker_config=talker,
+        token2wav_config=dict(dit_config=dit, bigvgan_config=bigvgan), enable_audio_output=True,
+    )
+
+
+def build_model(tiny: bool, device: str, dtype: torch.dtype):
+    """Random weights, created on ``device`` (no host copy of a 10B-parameter model)."""
+    config = omni_config(tiny)
+    config._attn_implementation = "sdpa"
+    for sub in (config.thinker_config, config.thinker_config.text_config,
+                config.thinker_config.audio_config, config.thinker_config.vision_config,
+                config.talker_config):
+        sub._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    with torch.device(device):
+        torch.set_default_dtype(dtype)
+        try:
+            model = Qwen2_5OmniForConditionalGeneration(config)
+        finally:
+            torch.set_default_dtype(previous)
+    model.token2wav.float()  # what generate would do; keep it out of the timings
+    dit = config.token2wav_config.dit_config
+    generator = torch.Generator().manual_seed(1)
+    model.speaker_map = {"Chelsie": {
+        "cond": torch.randn(1, dit.enc_emb_dim, generator=generator),
+        "ref_mel": torch.randn(1, 300, dit.mel_dim, generator=generator),
+        "bos_token": SPEAKER_BOS,
+    }}
+    return model.eval().requires_grad_(False)
+
+
+def evc_inputs(batch: int, seconds: float, device: str, dtype: torch.dtype, rng) -> dict:
+    """A batch of EVC prompts as the processor lays them out: system, user audio + instruction."""
+    frames = int(seconds * 100)  # Whisper features: 100 frames per second
+    window = 3000  # the 30 s window the feature extractor pads to
+    n_audio = int(audio_token_count(torch.tensor(frames)))
+    system = [IM_START, SYSTEM, NEWLINE, *rng.integers(1000, 100_000, 40), IM_END, NEWLINE]
+    user = [IM_START, USER, NEWLINE, AUDIO_BOS, *[AUDIO] * n_audio, AUDIO_EOS,
+            *rng.integers(1000, 100_000, 28), IM_END, NEWLINE, IM_START, ASSISTANT, NEWLINE]
+    ids = torch.tensor([system + user] * batch, device=device)
+    features = torch.randn(batch, 128, window, device=device, dtype=dtype)
+    feature_mask = torch.zeros(batch, window, dtype=torch.long, device=device)
+    feature_mask[:, :frames] = 1
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "input_features": features, "feature_attention_mask": feature_mask}
+
+
+class PartTimer:
+    """Times thinker.generate, talker.generate and token2wav.forward on the instance."""
+
+    def __init__(self, model, device: str):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        model.thinker.generate = self._timed("thinker", model.thinker.generate)
+        model.talker.generate = self._timed("talker", model.talker.generate)
+        model.token2wav.forward = self._timed("token2wav", model.token2wav.forward)
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def _timed(self, name, fn):
+        def wrapper(*args, **kwargs):
+            self.sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                self.seconds[name] += time.perf_counter() - start
+
+        return wrapper
+
+    def reset(self) -> None:
+        self.seconds.clear()
+
+
+def run_once(adapter, engine, mode, inputs, seeds, args, steer_plan, timer) -> dict:
+    timer.reset()
+    fixed = dict(thinker_min_new_tokens=args.text_tokens, talker_min_new_tokens=args.codec_tokens)
+    if mode == "off":
+        scope = contextlib.nullcontext()
+    elif mode == "capture":
+        scope = engine.session(capture={"lm": Capture(), "synth": Capture()})
+    else:
+        scope = engine.session(interventions={"lm": steer_plan})
+    timer.sync()
+    start = time.perf_counter()
+    with scope:
+        sequences, waves = adapter.generate(inputs, seeds, **fixed)
+    timer.sync()
+    total = time.perf_counter() - start
+    n_text = sequences.shape[1] - inputs["input_ids"].shape[1]
+    if n_text != args.text_tokens:
+        raise RuntimeError(f"thinker made {n_text} tokens, expected {args.text_tokens}")
+    return {**timer.seconds, "total": total}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--tiny", action="store_true", help="shrunk shapes: a CPU smoke test")
+    parser.add_argument("--batches", type=int, nargs="+", default=None)
+    parser.add_argument("--modes", nargs="+", default=["off", "capture", "steer"],
+                        choices=["off", "capture", "steer"])
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--text-tokens", type=int, default=None)
+    parser.add_argument("--codec-tokens", type=int, default=None)
+    parser.add_argument("--audio-seconds", type=float, default=3.0)
+    parser.add_argument("--token2wav-steps", type=int, default=10)
+    parser.add_argument("--rate", type=float, default=0.005, help="steer mask share of lm neurons")
+    parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+    device = args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    args.batches = args.batches or ([1, 2] if args.tiny else [1, 4, 16])
+    args.repeats = args.repeats or (1 if args.tiny else 3)
+    args.text_tokens = args.text_tokens or (4 if args.tiny else 32)
+    args.codec_tokens = args.codec_tokens or (8 if args.tiny else 200)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if device == "cpu":
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+
+    started = time.perf_counter()
+    model = build_model(args.tiny, device, dtype)
+    built = time.perf_counter() - started
+    adapter = QwenOmniAdapter.from_model(
+        model, speaker="Chelsie", max_new_tokens=args.text_tokens,
+        talker_max_new_tokens=args.codec_tokens, token2wav_steps=args.token2wav_steps,
+        stop_token_ids=[IM_END, 151643],
+    )
+    engine = HookEngine(adapter.groups())
+    timer = PartTimer(model, device)
+    n_lm = engine.layout("lm").n_neurons
+    rng = np.random.default_rng(0)
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
+    print(f"# Qwen2.5-Omni {'tiny' if args.tiny else '7B'} throughput on {name}; torch "
+          f"{torch.__version__}, transformers {transformers.__version__}; built in {built:.1f} s")
+    print(f"# {' '.join(sys.argv)}")
+    print(f"# {args.audio_seconds:g} s source, {args.text_tokens} text + {args.codec_tokens} codec "
+          f"tokens per attempt, token2wav {args.token2wav_steps} steps, median of {args.repeats}")
+    print("| batch | mode | thinker | talker | token2wav | total | utterances/hour | peak memory |")
+    print("|---|---|---|---|---|---|---|---|")
+    results = []
+    for batch in args.batches:
+        inputs = evc_inputs(batch, args.audio_seconds, device, dtype, rng)
+        seeds = list(range(batch))
+        mask = np.sort(rng.choice(n_lm, int(args.rate * n_lm), replace=False))
+        steer_plan = Intervention.uniform("steer", mask, 1.0, batch)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        runs = defaultdict(list)
+        try:
+            run_once(adapter, engine, "off", inputs, seeds, args, steer_plan, timer)  # warm-up
+            for _ in range(args.repeats):
+                for mode in args.modes:
+                    runs[mode].append(run_once(adapter, engine, mode, inputs, seeds, args,
+                                               steer_plan, timer))
+        except torch.OutOfMemoryError:
+            print(f"| {batch} | all | OOM | | | | | |")
+            results.append({"batch": batch, "oom": True})
+            del inputs
+            continue
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
+        peak_text = f"{peak:.1f} GiB" if peak is not None else "-"
+        base = None
+        for mode in args.modes:
+            med = {k: statistics.median(r[k] for r in runs[mode]) for k in runs[mode][0]}
+            per_hour = batch / med["total"] * 3600
+            base = med["total"] if mode == "off" else base
+            ratio = f" ({med['total'] / base:.3f}x)" if base and mode != "off" else ""
+            print(f"| {batch} | {mode} | {med.get('thinker', 0):.2f} s | {med.get('talker', 0):.2f} s | "
+                  f"{med.get('token2wav', 0):.2f} s | {med['total']:.2f} s{ratio} | {per_hour:,.0f} | "
+                  f"{peak_text} |")
+            results.append({"batch": batch, "mode": mode, **med, "utterances_per_hour": per_hour,
+                            "peak_gib": peak, "runs": runs[mode]})
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": name, "argv": sys.argv, "torch": torch.__version__,
+                       "transformers": transformers.__version__, "args": vars(args),
+                       "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

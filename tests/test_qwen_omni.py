@@ -1,0 +1,367 @@
+"""Qwen2.5-Omni adapter on a tiny checkpoint of the real transformers classes.
+
+The checkpoint (thinker with audio encoder and vision tower, talker, token2wav, tokenizer,
+feature extractor, speaker dictionary) is written once per session by tests/tiny_omni.py
+and loaded through the adapter's real ``from_pretrained`` path. The adapter runs in
+float64 so that a padded batch and a single run agree to the bit a greedy argmax or a
+sign test could notice; token2wav runs in float32 as transformers forces it to.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from esn_core.hooks import Capture, HookEngine, Intervention, find_gated_mlps
+from esn_core.models.base import EVCRequest, load_adapter
+from esn_core.models.qwen_omni import (
+    SYSTEM_PROMPT,
+    CheckpointError,
+    QwenOmniAdapter,
+    _talker_mask,
+    check_checkpoint,
+    load_source,
+    resolve_checkpoint,
+    thinker_text_decoder,
+)
+from tiny_omni import build_tiny_omni, write_source
+
+SETTINGS = dict(device="cpu", max_new_tokens=5, talker_max_new_tokens=8, token2wav_steps=4)
+BOTH = {"lm": Capture(), "synth": Capture()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops: one intra-op thread is fastest, and immune to a busy machine's barriers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_omni(tmp_path_factory.mktemp("omni") / "Qwen2.5-Omni-tiny")
+
+
+@pytest.fixture(scope="session")
+def adapter(checkpoint) -> QwenOmniAdapter:
+    return QwenOmniAdapter(checkpoint, dtype="float64", **SETTINGS)
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("sources")
+    # Different lengths, so a batch is left padded and carries different audio-token counts.
+    return [write_source(folder / f"src{i}.wav", s, i) for i, s in enumerate((0.45, 0.7, 0.55))]
+
+
+def requests(sources, emotions=("happy", "sad", "angry"), seed=11) -> list[EVCRequest]:
+    return [
+        EVCRequest(f"att{i}", str(src), "unused", "0011", emotion, seed + i)
+        for i, (src, emotion) in enumerate(zip(sources, emotions))
+    ]
+
+
+def run(adapter, reqs, capture=BOTH, interventions=None):
+    engine = HookEngine(adapter.groups())
+    with engine.session(capture=capture, interventions=interventions) as session:
+        outputs = adapter.convert(reqs)
+    return outputs, session
+
+
+def assert_rows_equal(batched, session, b, single, single_session):
+    assert batched.decoded_text == single.decoded_text
+    assert batched.n_positions == single.n_positions
+    np.testing.assert_array_equal(batched.waveform, single.waveform)
+    for group in ("lm", "synth"):
+        counts, alone = session.counts(group), single_session.counts(group)
+        assert counts.T[b] == alone.T[0], group
+        np.testing.assert_array_equal(counts.K[b], alone.K[0], err_msg=group)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def test_loads_the_real_classes_from_a_saved_checkpoint(adapter, checkpoint):
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    assert isinstance(adapter.model, Qwen2_5OmniForConditionalGeneration)
+    assert adapter.path == checkpoint
+    assert set(adapter.model.speaker_map) == {"Chelsie", "Ethan"}
+    assert adapter.speaker == "Chelsie"
+    assert adapter.model.thinker.dtype == torch.float64
+    assert next(adapter.model.token2wav.parameters()).dtype == torch.float32
+    # Sharded weights, as the real checkpoint: every shard is named by the index.
+    assert len(list(checkpoint.glob("model-*.safetensors"))) > 1
+
+
+def test_missing_checkpoint_files_are_named_with_how_to_get_them(checkpoint, tmp_path):
+    broken = tmp_path / "omni"
+    shutil.copytree(checkpoint, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    (broken / "spk_dict.pt").unlink()
+    with pytest.raises(CheckpointError) as err:
+        QwenOmniAdapter(broken, **SETTINGS)
+    message = str(err.value)
+    assert shard.name in message and "spk_dict.pt" in message
+    assert "huggingface-cli download Qwen/Qwen2.5-Omni-7B --local-dir" in message
+    for name in ("config.json", "preprocessor_config.json", "tokenizer.json"):
+        (broken / name).unlink()
+        with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+            check_checkpoint(broken)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nowhere")
+
+
+def test_hub_id_offline_and_uncached_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE is set") as err:
+        resolve_checkpoint("esn-tests/no-such-omni")
+    assert "huggingface-cli download esn-tests/no-such-omni" in str(err.value)
+
+
+def test_registry_builds_the_adapter_in_bfloat16(checkpoint, sources):
+    bf16 = load_adapter("qwen2_5_omni", path=str(checkpoint), dtype="bfloat16", **SETTINGS)
+    assert isinstance(bf16, QwenOmniAdapter)
+    assert bf16.model.thinker.dtype == torch.bfloat16
+    (out,) = bf16.convert(requests(sources[:1]))
+    assert out.waveform.size > 0 and np.isfinite(out.waveform).all()
+
+
+# ---------------------------------------------------------------------------- prompt
+
+
+def test_prompt_is_system_prompt_then_audio_then_instruction(adapter):
+    happy, sad = adapter.prompt("happy"), adapter.prompt("sad")
+    assert SYSTEM_PROMPT in happy
+    assert happy.index(SYSTEM_PROMPT) < happy.index("<|audio_bos|><|AUDIO|><|audio_eos|>")
+    assert happy.index("<|AUDIO|>") < happy.index(adapter.instruction("happy"))
+    assert happy.endswith("<|im_start|>assistant\n")
+    # Emotion-agnostic: the two prompts differ only where the emotion is named.
+    assert happy.replace("happy", "sad") == sad
+
+
+def test_templates_come_from_config(checkpoint):
+    with pytest.raises(ValueError, match="emotion"):
+        QwenOmniAdapter(checkpoint, instruction_template="Say it {mood}.", **SETTINGS)
+    custom = QwenOmniAdapter(
+        checkpoint, system_prompt="SYS", instruction_template="Say it as {emotion}.", **SETTINGS
+    )
+    prompt = custom.prompt("angry")
+    assert "SYS" in prompt and "Say it as angry." in prompt and SYSTEM_PROMPT not in prompt
+
+
+def test_sources_are_read_as_16k_mono(tmp_path):
+    rate = 22_050
+    t = np.arange(rate // 2) / rate
+    stereo = np.stack([np.sin(2 * np.pi * 200 * t), np.sin(2 * np.pi * 200 * t)], axis=1)
+    sf.write(tmp_path / "stereo.wav", 0.5 * stereo, rate)
+    audio = load_source(tmp_path / "stereo.wav")
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert audio.size == 8000  # 0.5 s at 16 kHz
+
+
+# ---------------------------------------------------------------------------- groups
+
+
+def test_groups_are_the_text_decoder_and_talker_only(adapter):
+    thinker, talker = adapter.model.thinker, adapter.model.talker
+    groups = adapter.groups()
+    decoder = thinker_text_decoder(thinker)
+    text_layers = adapter.model.config.thinker_config.text_config.num_hidden_layers
+    assert groups["lm"].mlps == [layer.mlp for layer in decoder.layers]
+    assert len(groups["lm"].mlps) == text_layers
+    assert groups["synth"].mlps == [layer.mlp for layer in talker.model.layers]
+    assert groups["lm"].root is thinker and groups["synth"].root is talker
+    # The vision tower has gated MLPs too, and the audio encoder has MLPs: none is hooked.
+    vision = {id(m) for m in find_gated_mlps(thinker.get_submodule(_tower(thinker, "visual")))}
+    audio = {id(m) for m in thinker.get_submodule(_tower(thinker, "audio_tower")).modules()}
+    assert vision, "the tiny vision tower should have gated MLPs"
+    hooked = {id(m) for g in groups.values() for m in g.mlps}
+    assert not hooked & vision and not hooked & audio
+    assert set(groups["lm"].eos_token_ids) >= {adapter.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    assert set(groups["synth"].eos_token_ids) == {talker.codec_eos_token, talker.codec_pad_token}
+
+
+def _tower(thinker, name: str) -> str:
+    (path,) = [n for n, _ in thinker.named_modules() if n.split(".")[-1] == name]
+    return path
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+def test_batch_generates_text_and_16k_speech(adapter, sources):
+    reqs = requests(sources)
+    outputs, session = run(adapter, reqs)
+    assert [o.attempt_id for o in outputs] == [r.attempt_id for r in reqs]
+    lm, synth = session.counts("lm"), session.counts("synth")
+    for b, out in enumerate(outputs):
+        assert isinstance(out.decoded_text, str) and "<|" not in out.decoded_text
+        assert out.sample_rate == 16_000
+        assert out.waveform.dtype == np.float32 and out.waveform.size > 0
+        assert np.isfinite(out.waveform).all() and np.abs(out.waveform).max() <= 1.0
+        assert np.abs(out.waveform).max() > 0
+        # n_positions is the thinker's real positions, exactly what the lm hook counted.
+        assert out.n_positions == lm.T[b]
+    assert (lm.T > 0).all() and (synth.T > 0).all()
+    assert lm.K.shape == (3, adapter.groups()["lm"].layout.n_neurons)
+    assert lm.K.sum(axis=1).min() > 0 and synth.K.sum(axis=1).min() > 0
+    assert (lm.K <= lm.T[:, None]).all() and (synth.K <= synth.T[:, None]).all()
+
+
+def test_generation_is_deterministic_and_seeds_only_move_the_vocoder(adapter, sources):
+    reqs = requests(sources[:2])
+    first, _ = run(adapter, reqs)
+    again, _ = run(adapter, reqs)
+    reseeded, _ = run(adapter, requests(sources[:2], seed=99))
+    for a, b, c in zip(first, again, reseeded):
+        np.testing.assert_array_equal(a.waveform, b.waveform)
+        assert a.decoded_text == b.decoded_text == c.decoded_text
+        assert a.waveform.shape == c.waveform.shape and not np.array_equal(a.waveform, c.waveform)
+
+
+def test_batched_rows_equal_single_runs(adapter, sources):
+    reqs = requests(sources)
+    batched, session = run(adapter, reqs)
+    for b, request in enumerate(reqs):
+        (single,), alone = run(adapter, [request])
+        assert_rows_equal(batched[b], session, b, single, alone)
+
+
+def test_rows_that_stop_early_equal_single_runs(checkpoint, adapter, sources):
+    """A row whose answer ends while the others go on: text, counts and speech still match."""
+    reqs = requests(sources[:2])
+    inputs = adapter.prepare(reqs)
+    sequences, _ = adapter.generate(inputs, [r.seed for r in reqs])
+    answers = sequences[:, inputs["input_ids"].shape[1] :].tolist()
+    # A token that row 0 produces mid-answer (first time) and row 1 never does ends row 0.
+    stop = next(t for i, t in enumerate(answers[0][1:-1], 1) if t not in answers[1] + answers[0][:i])
+    stopping = QwenOmniAdapter(checkpoint, dtype="float64", stop_token_ids=[stop], **SETTINGS)
+    (full0, full1), full_session = run(adapter, reqs)
+    batched, session = run(stopping, reqs)
+    assert session.counts("lm").T[0] < full_session.counts("lm").T[0]
+    assert batched[1].decoded_text == full1.decoded_text
+    assert session.counts("lm").T[1] == full_session.counts("lm").T[1]
+    for b, request in enumerate(reqs):
+        (single,), alone = run(stopping, [request])
+        assert_rows_equal(batched[b], session, b, single, alone)
+
+
+def test_interventions_fire_on_both_groups_per_row(adapter, sources):
+    reqs = requests(sources[:2])
+    baseline, base_session = run(adapter, reqs)
+    groups = adapter.groups()
+    n_lm, n_synth = (groups[g].layout.n_neurons for g in ("lm", "synth"))
+    lm_mask = np.arange(0, n_lm, 2)
+    synth_mask = np.arange(0, n_synth, 2)
+    # Row 0 steered in both groups, row 1 untouched: one batch mixes conditions.
+    plan = {
+        "lm": Intervention("steer", (lm_mask, np.array([], dtype=np.int64)), (2.0, 0.0)),
+        "synth": Intervention("deactivate", (synth_mask, np.array([], dtype=np.int64)), (0.0, 0.0)),
+    }
+    steered, session = run(adapter, reqs, interventions=plan)
+    # Row 1 had empty masks: bit for bit the baseline.
+    assert_rows_equal(steered[1], session, 1, baseline[1], _RowView(base_session, 1))
+    # Row 0 changed in the thinker (later layers see steered inputs) and in the talker.
+    assert not np.array_equal(session.counts("lm").K[0], base_session.counts("lm").K[0])
+    assert not np.array_equal(steered[0].waveform, baseline[0].waveform)
+    # The same condition alone gives the same row.
+    single_plan = {g: Intervention(p.method, p.row_masks[:1], p.row_alphas[:1]) for g, p in plan.items()}
+    (single,), alone = run(adapter, reqs[:1], interventions=single_plan)
+    assert_rows_equal(steered[0], session, 0, single, alone)
+    # A synth-only intervention leaves the thinker's text and counts alone.
+    synth_only, synth_session = run(adapter, reqs, interventions={"synth": plan["synth"]})
+    assert synth_only[0].decoded_text == baseline[0].decoded_text
+    np.testing.assert_array_equal(synth_session.counts("lm").K, base_session.counts("lm").K)
+    assert not np.array_equal(synth_only[0].waveform, baseline[0].waveform)
+
+
+class _RowView:
+    """A session seen as a one-row session of its row ``b`` (for assert_rows_equal)."""
+
+    def __init__(self, session, b):
+        self.session, self.b = session, b
+
+    def counts(self, group):
+        full = self.session.counts(group)
+        return type(full)(K=full.K[self.b : self.b + 1], T=full.T[self.b : self.b + 1], layout=full.layout)
+
+
+def test_talker_gets_back_the_all_ones_mask_generate_dropped():
+    embeds = torch.zeros(2, 5, 3)
+    args, kwargs = _talker_mask(None, (), {"inputs_embeds": embeds, "attention_mask": None})
+    assert kwargs["attention_mask"].shape == (2, 5) and kwargs["attention_mask"].all()
+
+    class Cache:
+        def get_seq_length(self):
+            return 7
+
+    _, kwargs = _talker_mask(None, (), {"input_ids": torch.zeros(2, 1, dtype=torch.long), "cache": Cache()})
+    assert kwargs["attention_mask"].shape == (2, 8)
+    given = torch.tensor([[0, 1, 1]])
+    assert _talker_mask(None, (), {"input_ids": torch.zeros(1, 3), "attention_mask": given}) is None
+
+
+def test_transformers_4_refuses_batches_of_more_than_one(adapter, sources, monkeypatch):
+    import esn_core.models.qwen_omni as qwen_omni
+
+    monkeypatch.setattr(qwen_omni, "_transformers_major", lambda: 4)
+    with pytest.raises(RuntimeError, match="transformers >= 5.17"):
+        adapter.convert(requests(sources[:2]))
+    assert adapter.convert([]) == []
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_samples_with_the_adapter_batch_size_invariant(adapter, sources, tmp_path):
+    import polars as pl
+
+    from esn_core.pipeline import plan_attempts, sample_attempts
+
+    table = pl.DataFrame({
+        "utterance_id": ["0011_000001", "0011_000002"], "speaker": ["0011", "0011"],
+        "split": ["identification"] * 2, "reference_text": ["one", "two"],
+        "path": [str(p) for p in sources[:2]],
+    })
+    plan = plan_attempts(table, ("happy", "sad"), seed=3)
+    runs = {
+        size: sample_attempts(adapter, plan, tmp_path / f"b{size}", batch_size=size,
+                              capture={"lm": Capture(), "synth": Capture()}, progress=False)
+        for size in (3, 4)
+    }
+    (attempts, counts), (attempts4, counts4) = runs[3], runs[4]
+    assert attempts["n_positions"].to_list() == counts["lm"].T.tolist()
+    assert attempts["decoded_text"].to_list() == attempts4["decoded_text"].to_list()
+    for group in ("lm", "synth"):
+        np.testing.assert_array_equal(counts[group].K, counts4[group].K)
+        np.testing.assert_array_equal(counts[group].T, counts4[group].T)
+    for path in attempts["audio_path"].to_list():
+        audio, rate = sf.read(path)
+        assert rate == 16_000 and audio.size > 0
+
+
+def test_from_model_wraps_a_model_in_memory(adapter, sources):
+    bare = QwenOmniAdapter.from_model(adapter.model, speaker="Ethan", max_new_tokens=3,
+                                      talker_max_new_tokens=4, token2wav_steps=2,
+                                      stop_token_ids=adapter.thinker_eos)
+    assert bare.groups()["lm"].mlps == adapter.groups()["lm"].mlps
+    assert set(bare.thinker_eos) == set(adapter.thinker_eos)
+    with pytest.raises(RuntimeError, match="without a processor"):
+        bare.prompt("happy")
+    inputs = adapter.prepare(requests(sources[:2]))
+    sequences, waves = bare.generate(inputs, [1, 2], thinker_min_new_tokens=3)
+    assert sequences.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert len(waves) == 2 and all(w.numel() > 0 for w in waves)
+    with pytest.raises(ValueError, match="speaker 'Nobody'"):
+        QwenOmniAdapter.from_model(adapter.model, speaker="Nobody")

@@ -119,6 +119,12 @@ def build_model(tiny: bool, device: str, dtype: torch.dtype):
         finally:
             torch.set_default_dtype(previous)
     model.token2wav.float()  # what generate would do; keep it out of the timings
+    # A trained talker emits codebook entries (ids below the DiT's codec vocabulary) and its
+    # specials; random weights would also pick the unused ids above, which token2wav cannot
+    # embed. Zero rows give those ids logit 0, below the best real code at every step.
+    codes = config.token2wav_config.dit_config.num_embeds - 1
+    with torch.no_grad():
+        model.talker.codec_head.weight[codes:] = 0
     dit = config.token2wav_config.dit_config
     generator = torch.Generator().manual_seed(1)
     model.speaker_map = {"Chelsie": {

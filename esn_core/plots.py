@@ -376,7 +376,8 @@ def save_figure(spec: FigureSpec, out_dir) -> list[Path]:
     for fmt in ("png", "svg"):
         path = out_dir / f"{spec.name}.{fmt}"
         with atomic_path(path) as tmp:
-            spec.figure.savefig(tmp, format=fmt, dpi=150)
+            # "tight" keeps long suptitles inside the image instead of cropping them.
+            spec.figure.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
         paths.append(path)
     caption = out_dir / "captions" / f"{spec.name}.rst"
     with atomic_path(caption) as tmp:

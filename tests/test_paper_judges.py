@@ -7,6 +7,7 @@ Real loading and inference code runs on tiny random-weight checkpoints of the sa
 
 from __future__ import annotations
 
+import importlib.util
 import random
 
 import numpy as np
@@ -31,7 +32,7 @@ from esn_core.judges.lalm_judge import (
     same_model,
     verdict_of_answer,
 )
-from esn_core.judges.mos import DNSMOSEstimator, UTMOSEstimator, predict_paths
+from esn_core.judges.mos import DNSMOSEstimator, MOSEstimator, UTMOSEstimator, predict_paths
 from esn_core.judges.registry import judgement_rows, load_judge, load_mos_estimator
 from esn_core.styles import STYLES
 from tiny_judges import E2V_LABELS, tiny_emotion2vec_dir, tiny_qwen3_omni_dir
@@ -271,8 +272,11 @@ def test_lalm_judge_names_missing_checkpoint_files(tmp_path):
         LALMJudge("Qwen/Qwen3-Omni-30B-A3B-Instruct")
     with pytest.raises(FileNotFoundError, match="lacks config.json"):
         LALMJudge(tmp_path)
-    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
+    for name in ("config.json", "tokenizer_config.json"):
         (tmp_path / name).write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"lacks the audio processor config \(preprocessor_config"):
+        LALMJudge(tmp_path)
+    (tmp_path / "processor_config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="has no weights"):
         LALMJudge(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text(
@@ -319,6 +323,28 @@ def test_lalm_prompt_holds_one_audio_token_per_encoder_frame(lalm_judge):
     assert (inputs["attention_mask"][0, : int(per_row[1] - per_row[0])] == 0).all()  # left padding
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None, reason="Qwen3OmniMoeProcessor needs torchvision"
+)
+def test_audio_prompt_processor_matches_qwen3_omni_processor(tmp_path):
+    """Without torchvision the judge builds the processor's audio inputs itself: the same ones."""
+    from transformers import Qwen3OmniMoeProcessor
+
+    from esn_core.judges.lalm_judge import _AudioPromptProcessor
+
+    model_dir = tiny_qwen3_omni_dir(tmp_path / "m", full_processor=True)
+    real = Qwen3OmniMoeProcessor.from_pretrained(model_dir)
+    mine = _AudioPromptProcessor(model_dir, n_window=50)
+    conv = [{"role": "user", "content": [{"type": "audio", "audio": "x.wav"}, {"type": "text", "text": PROMPT}]}]
+    texts = real.apply_chat_template([conv, conv], add_generation_prompt=True, tokenize=False)
+    assert mine.apply_chat_template([conv, conv], add_generation_prompt=True, tokenize=False) == texts
+    waves = [voiced(0.7), voiced(2.3)]
+    a = real(text=texts, audio=waves, return_tensors="pt", padding=True)
+    b = mine(text=texts, audio=waves, return_tensors="pt", padding=True)
+    for key in ("input_ids", "attention_mask", "input_features", "feature_attention_mask"):
+        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+
+
 def test_lalm_judge_records_each_answer(lalm_judge, clips):
     results = lalm_judge.judge_with_answers(clips, ["0011"] * len(clips))
     assert len(results) == 3
@@ -349,7 +375,7 @@ def test_dnsmos_is_named_and_ranks_clean_over_degraded(dnsmos):
     noisy = clean + rng.normal(0.0, 0.05, clean.size)
     clipped = np.clip(8 * clean, -0.3, 0.3)
     scores = dnsmos.predict([clean, noisy, clipped, clean[:100]])
-    assert dnsmos.name == "dnsmos-p835-ovrl" and isinstance(dnsmos, type(dnsmos))
+    assert dnsmos.name == "dnsmos-p835-ovrl" and isinstance(dnsmos, MOSEstimator)
     assert np.all(np.isfinite(scores[:3])) and np.all((scores[:3] >= 1) & (scores[:3] <= 5))
     assert scores[0] > scores[1] + 0.3
     assert np.isnan(scores[3])  # too short to score: no made-up value

@@ -195,8 +195,12 @@ def tiny_qwen_tokenizer():
     return tokenizer
 
 
-def tiny_qwen3_omni_dir(root: Path, seed: int = 0) -> Path:
-    """Save a tiny Qwen3-Omni-MoE checkpoint (weights, config, tokenizer, feature extractor)."""
+def tiny_qwen3_omni_dir(root: Path, seed: int = 0, full_processor: bool = False) -> Path:
+    """Save a tiny Qwen3-Omni-MoE checkpoint (weights, config, tokenizer, feature extractor).
+
+    ``full_processor``: save a whole ``Qwen3OmniMoeProcessor`` (image and video processors
+    too, as a released checkpoint has them); transformers needs torchvision to build it.
+    """
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration, WhisperFeatureExtractor
 
     tokenizer = tiny_qwen_tokenizer()
@@ -264,6 +268,18 @@ def tiny_qwen3_omni_dir(root: Path, seed: int = 0) -> Path:
     model = Qwen3OmniMoeForConditionalGeneration(config).eval()
     root.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=16000).save_pretrained(root)
+    feature_extractor = WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=16000)
+    if full_processor:
+        from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3OmniMoeProcessor
+
+        Qwen3OmniMoeProcessor(
+            image_processor=Qwen2VLImageProcessor(),
+            video_processor=Qwen2VLVideoProcessor(),
+            feature_extractor=feature_extractor,
+            tokenizer=tokenizer,
+            chat_template=QWEN_CHAT_TEMPLATE,
+        ).save_pretrained(root)
+    else:
+        tokenizer.save_pretrained(root)
+        feature_extractor.save_pretrained(root)
     return root

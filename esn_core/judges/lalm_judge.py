@@ -51,8 +51,12 @@ PROMPT = (
 DEFAULT_MAX_NEW_TOKENS = 8
 # 0.1 s: the Whisper front end needs a few 10 ms frames to give the encoder one token.
 MIN_SAMPLES = SAMPLE_RATE // 10
-# Files a checkpoint directory needs besides its weights.
-REQUIRED_FILES: tuple[str, ...] = ("config.json", "tokenizer_config.json", "preprocessor_config.json")
+# Files a checkpoint directory needs besides its weights: model and tokenizer configs, and
+# the audio front end's config, standalone (as released) or nested in processor_config.json
+# (as transformers 5 saves a processor).
+REQUIRED_FILES: tuple[str, ...] = ("config.json", "tokenizer_config.json")
+PROCESSOR_FILES: tuple[str, ...] = ("preprocessor_config.json", "processor_config.json")
+CHAT_TEMPLATE_FILES: tuple[str, ...] = ("chat_template.jinja", "chat_template.json")
 WEIGHT_FILES: tuple[str, ...] = ("model.safetensors", "model.safetensors.index.json")
 
 # Words that name an option (matched as whole words, case-insensitive).
@@ -176,6 +180,11 @@ def check_checkpoint_dir(model_dir: str | os.PathLike) -> Path:
     for name in REQUIRED_FILES:
         if not (path / name).is_file():
             raise FileNotFoundError(f"LALM judge checkpoint {path} lacks {name}; {where_to_get(path)}")
+    if not any((path / p).is_file() for p in PROCESSOR_FILES):
+        raise FileNotFoundError(
+            f"LALM judge checkpoint {path} lacks the audio processor config "
+            f"({' or '.join(PROCESSOR_FILES)}); {where_to_get(path)}"
+        )
     if not any((path / w).is_file() for w in WEIGHT_FILES):
         raise FileNotFoundError(
             f"LALM judge checkpoint {path} has no weights ({' or '.join(WEIGHT_FILES)}); "
@@ -214,12 +223,20 @@ class _AudioPromptProcessor:
         self.feature_extractor = AutoFeatureExtractor.from_pretrained(model_dir)
         self.n_window = n_window
         self.audio_token = self.tokenizer.audio_token
-        if not self.tokenizer.chat_template:
-            raise FileNotFoundError(f"LALM judge checkpoint {model_dir} has no chat template")
+        # The processor's template (chat_template.jinja / .json) wins over the tokenizer's,
+        # as ProcessorMixin.from_pretrained has it.
+        self.chat_template = _read_chat_template(model_dir) or self.tokenizer.chat_template
+        if not self.chat_template:
+            raise FileNotFoundError(
+                f"LALM judge checkpoint {model_dir} has no chat template ({' or '.join(CHAT_TEMPLATE_FILES)})"
+            )
 
     def apply_chat_template(self, conversations, add_generation_prompt: bool, tokenize: bool):
         return self.tokenizer.apply_chat_template(
-            conversations, add_generation_prompt=add_generation_prompt, tokenize=tokenize
+            conversations,
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=tokenize,
         )
 
     def __call__(self, text: list[str], audio: list[np.ndarray], return_tensors: str, padding: bool):
@@ -240,6 +257,15 @@ class _AudioPromptProcessor:
             expanded.append(prompt.replace(self.audio_token, self.audio_token * int(count)))
         enc = self.tokenizer(expanded, padding=padding, padding_side="left", return_tensors=return_tensors)
         return {**enc, "input_features": feats["input_features"], "feature_attention_mask": feature_mask}
+
+
+def _read_chat_template(model_dir: Path) -> str | None:
+    jinja, legacy = (model_dir / name for name in CHAT_TEMPLATE_FILES)
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    if legacy.is_file():
+        return json.loads(legacy.read_text(encoding="utf-8")).get("chat_template")
+    return None
 
 
 def _load_processor(model_dir: Path, n_window: int):

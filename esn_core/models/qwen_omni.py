@@ -47,9 +47,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import soundfile as sf
 import torch
-from scipy.signal import resample_poly
 from torch import nn
 
 from esn_core.hooks import MLPGroup, find_gated_mlps
@@ -167,6 +165,9 @@ def check_checkpoint(directory: Path, repo_id: str = HUB_ID) -> Path:
 
 def load_source(path: str | os.PathLike, rate: int = SOURCE_RATE) -> np.ndarray:
     """Mono float32 audio at ``rate`` (channels averaged, polyphase resampling)."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
     audio, source_rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
     audio = audio.mean(axis=1)
     if source_rate != rate:
@@ -177,6 +178,8 @@ def load_source(path: str | os.PathLike, rate: int = SOURCE_RATE) -> np.ndarray:
 
 def to_16k(wave: np.ndarray, rate: int = OUTPUT_RATE) -> np.ndarray:
     """token2wav's waveform at 16 kHz for judging, clipped to [-1, 1]."""
+    from scipy.signal import resample_poly
+
     wave = np.asarray(wave, dtype=np.float64).reshape(-1)
     if rate != SOURCE_RATE and wave.size:
         g = math.gcd(int(rate), SOURCE_RATE)

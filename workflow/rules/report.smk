@@ -53,7 +53,12 @@ rule figures:
             caption="../report/heatmap.rst",
             category="Emotion control",
         ),
-        directory=directory(f"{RESULTS}/figures/all"),
+        directory=report(
+            directory(f"{RESULTS}/figures/all"),
+            patterns=["{name}.png"],
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
     params:
         masks=PLAN.mask_records_json(),
         anchor=PLAN.anchor_json(),

@@ -31,11 +31,14 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
 from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
 
 from esn_core.hooks import Capture, HookEngine, Intervention
 from esn_core.models.qwen_omni import QwenOmniAdapter, audio_token_count
@@ -193,7 +196,7 @@ def run_once(adapter, engine, mode, inputs, seeds, args, steer_plan, timer) -> d
     timer.sync()
     start = time.perf_counter()
     with scope:
-        sequences, waves = adapter.generate(inputs, seeds, **fixed)
+        sequences, _ = adapter.generate(inputs, seeds, **fixed)
     timer.sync()
     total = time.perf_counter() - start
     n_text = sequences.shape[1] - inputs["input_ids"].shape[1]

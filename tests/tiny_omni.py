@@ -59,10 +59,14 @@ CHAT_TEMPLATE = (
 )
 
 CORPUS = (
-    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
-    "perceiving auditory and visual inputs, as well as generating text and speech.",
-    "Repeat exactly the words spoken in this audio, in the same voice, but say them in a "
-    "happy, angry, sad, surprise or neutral tone. Reply with the words only.",
+    (
+        "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
+        "perceiving auditory and visual inputs, as well as generating text and speech."
+    ),
+    (
+        "Repeat exactly the words spoken in this audio, word for word, and say them with the "
+        "emotion: happy, angry, sad, surprise or neutral. Reply with the words only."
+    ),
     "the quick brown fox jumps over the lazy dog while we talk about the weather today",
     "she sells sea shells by the sea shore and he reads a book in the garden",
 )

@@ -34,6 +34,10 @@ Choices, each for a stated reason:
 * **transformers 4.57.** Its ``Qwen2_5OmniForConditionalGeneration.generate`` builds the
   talker inputs for one row only, so batches of more than one row need transformers >= 5;
   ``convert`` says so instead of failing inside transformers. Batch 1 and the groups work.
+* **transformers 5.24.** Its ``generate`` drops an all-ones ``attention_mask``; the talker
+  then skips its multimodal RoPE positions and codec pad/bos prefill embeddings, so an
+  unpadded batch (e.g. one row) is spoken differently from a padded one. The adapter hands
+  the talker the dropped mask back (``_talker_mask``); batched rows then equal single runs.
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ import logging
 import math
 import os
 import string
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -242,7 +246,11 @@ class AudioTextProcessor:
 
 def load_processor(directory: Path):
     """``Qwen2_5OmniProcessor`` where it can be built, else ``AudioTextProcessor``."""
-    from transformers import AutoTokenizer, Qwen2_5OmniProcessor, WhisperFeatureExtractor
+    from transformers import (
+        AutoTokenizer,
+        Qwen2_5OmniProcessor,
+        WhisperFeatureExtractor,
+    )
 
     try:
         processor = Qwen2_5OmniProcessor.from_pretrained(directory)
@@ -301,7 +309,7 @@ def thinker_text_decoder(thinker: nn.Module) -> nn.Module:
 def _talker_mask(module, args, kwargs):
     """Give the talker the all-ones attention mask that ``generate`` dropped.
 
-    transformers >= 5.2x drops an all-ones ``attention_mask`` before generating, but
+    transformers 5.24's ``generate`` (not 5.17's) drops an all-ones ``attention_mask``, but
     Qwen2.5-Omni's talker only builds its multimodal RoPE positions and adds the codec
     pad/bos embeddings to its prefill when ``attention_mask is not None``. Without this, a
     batch without padding (a single row, or rows of equal length) would be spoken by a
@@ -383,7 +391,7 @@ class QwenOmniAdapter(LALMAdapter):
                    system_prompt: str | None = None, instruction_template: str | None = None,
                    max_new_tokens: int = 64, talker_max_new_tokens: int = 1024,
                    batch_size: int = 8, token2wav_steps: int = 10,
-                   stop_token_ids: Sequence[int] = ()) -> "QwenOmniAdapter":
+                   stop_token_ids: Sequence[int] = ()) -> QwenOmniAdapter:
         """An adapter around a model already in memory (benchmarks with random weights).
 
         Without a ``processor`` there is no prompt building (``prepare``/``convert``), but

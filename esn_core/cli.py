@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
 from esn_core import __version__, io, stats
 from esn_core.constants import TARGETS
@@ -130,25 +128,16 @@ def cmd_sample(a) -> None:
 
 
 def cmd_judge(a) -> None:
-    from esn_core.pipeline import judge_attempts
+    from esn_core.judges.registry import judgement_rows, load_judge, load_mos_estimator
 
     spec = json.loads(a.judge)
-    attempts = _read([a.attempts], "attempts")
-    judge = _make_judge(spec, a.manifest)
-    judgements = judge_attempts(judge, attempts)
-    _write(judgements, a.out, "judgements", judge=spec["name"], kind=spec["kind"], attempts=a.attempts)
-
-
-def _make_judge(spec: dict, manifest_path: str):
-    if spec["kind"] == "embedded":
-        from esn_core.judges.embedded import EmbeddedJudge
-
-        judge = EmbeddedJudge.load(spec["path"])
-        judge.name = spec["name"]
-        return judge
-    from esn_core.judges.registry import load_judge
-
-    return load_judge(spec)
+    name = spec.pop("name")
+    # The LALM under test may never judge itself (SPEC §3: the judge is held out).
+    judge = load_judge(spec, model_under_test=a.model_under_test)
+    judge.name = name
+    estimator = load_mos_estimator(json.loads(a.naturalness))
+    judgements = judgement_rows(judge, _read([a.attempts], "attempts"), estimator)
+    _write(judgements, a.out, "judgements", judge=name, kind=spec["kind"], attempts=a.attempts)
 
 
 def cmd_success(a) -> None:
@@ -335,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("judge", help="judge one attempts file")
     s.add_argument("--judge", required=True, help="judge spec as JSON")
-    s.add_argument("--naturalness", default="null")
+    s.add_argument("--naturalness", default="null", help="MOS estimator spec as JSON (null: none)")
+    s.add_argument("--model-under-test", help="the LALM being studied, refused as its own judge")
     s.add_argument("--manifest", required=True)
     s.add_argument("--attempts", required=True)
     s.add_argument("--out", required=True)

@@ -9,8 +9,8 @@ Stages (SPEC §2-§7) as plain functions over polars tables:
   success filtering, SPEC §2).
 * ``evaluate_conditions``: evaluation — baseline plus every (condition, mask emotion,
   target) in batches with *per-row* masks, so one batch may mix mask emotions.
-* ``judge_attempts`` and ``evaluation_table``: the judge's verdict and WER per attempt,
-  then the long table ``esn_core.evaluate`` reads.
+* ``evaluation_table``: judged attempts as the long table ``esn_core.evaluate`` reads
+  (judging itself is ``esn_core.judges.registry.judgement_rows``).
 
 Pairing: an attempt's seed depends only on (seed, source, target), never on the
 condition, so a baseline attempt and its intervened twins share every random draw of the
@@ -27,7 +27,6 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import soundfile as sf
 from tqdm.auto import tqdm
 
@@ -35,8 +34,6 @@ from esn_core import io
 from esn_core.constants import EMOTIONS, TARGETS
 from esn_core.evaluate import BASELINE, EVAL_COLUMNS
 from esn_core.hooks import METHODS, Capture, HookEngine, Intervention
-from esn_core.judges.base import EmotionJudge
-from esn_core.judges.wer import attempt_wer, word_errors
 from esn_core.models.base import EVCRequest, LALMAdapter
 from esn_core.stats import Counts
 
@@ -287,33 +284,6 @@ def evaluate_conditions(
 
 
 # ---------------------------------------------------------------------------- judging
-
-
-def judge_attempts(judge: EmotionJudge, attempts: pl.DataFrame) -> pl.DataFrame:
-    """The ``judgements`` table: the judge's label of each attempt's audio, and its WER.
-
-    WER compares the decoded text with the source transcript (SPEC §3); MOS is left null
-    (no naturalness estimator runs here).
-    """
-    verdicts = judge.judge(attempts["audio_path"].to_list(), attempts["speaker"].to_list())
-    refs, hyps = attempts["reference_text"].to_list(), attempts["decoded_text"].to_list()
-    errors = [word_errors(r, h) for r, h in zip(refs, hyps)]
-    return pl.DataFrame({
-        "attempt_id": attempts["attempt_id"],
-        "judge": [judge.name] * attempts.height,
-        "label": [v.label for v in verdicts],
-        "raw_label": [v.raw_label for v in verdicts],
-        "score": [float(v.score) for v in verdicts],
-        "wer": [attempt_wer(r, h) for r, h in zip(refs, hyps)],
-        "ref_words": [n for _, n in errors],
-        "word_errors": [e for e, _ in errors],
-        "mos": [None] * attempts.height,
-        "mos_estimator": [None] * attempts.height,
-    }, schema={c: _polars(t) for c, t in io.SCHEMAS["judgements"].items()})
-
-
-def _polars(arrow_type) -> pl.DataType:
-    return pl.from_arrow(pa.array([], type=arrow_type)).dtype
 
 
 def evaluation_table(attempts: pl.DataFrame, judgements: pl.DataFrame) -> pl.DataFrame:

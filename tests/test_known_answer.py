@@ -31,6 +31,7 @@ from esn_core import evaluate, pipeline, select, stats, success
 from esn_core.constants import TARGETS
 from esn_core.corpus import SplitRule, read_esd
 from esn_core.demo_corpus import espeak_available, generate_demo_corpus
+from esn_core.judges.registry import judgement_rows
 from esn_core.hooks import Capture
 from esn_core.judges.embedded import EmbeddedJudge
 from esn_core.models.base import load_adapter
@@ -88,7 +89,7 @@ def world(tmp_path_factory) -> World:
         adapter, plan, tmp / "audio_ident", batch_size=16,
         capture={"lm": Capture(), "synth": Capture()}, progress=False,
     )
-    judgements = pipeline.judge_attempts(judge, attempts)
+    judgements = judgement_rows(judge, attempts)
     succ = success.success_table(attempts, judgements)
     kept = {e: succ.filter(pl.col("kept") & (pl.col("emotion") == e))["attempt_id"].to_list()
             for e in TARGETS}
@@ -113,7 +114,7 @@ def world(tmp_path_factory) -> World:
     ]
     evaluated = pipeline.evaluate_conditions(adapter, unseen, conditions, tmp / "audio_eval",
                                              batch_size=32, progress=False)
-    table = pipeline.evaluation_table(evaluated, pipeline.judge_attempts(judge, evaluated))
+    table = pipeline.evaluation_table(evaluated, judgement_rows(judge, evaluated))
 
     layout = lm_layout(model.config)
     truth = select.masks_from_table(planted_ground_truth(model), layout)

@@ -332,7 +332,7 @@ def test_audio_prompt_processor_matches_qwen3_omni_processor(tmp_path):
 
     from esn_core.judges.lalm_judge import _AudioPromptProcessor
 
-    model_dir = tiny_qwen3_omni_dir(tmp_path / "m", full_processor=True)
+    model_dir = tiny_qwen3_omni_dir(tmp_path / "m", processor="full")
     real = Qwen3OmniMoeProcessor.from_pretrained(model_dir)
     mine = _AudioPromptProcessor(model_dir, n_window=50)
     conv = [{"role": "user", "content": [{"type": "audio", "audio": "x.wav"}, {"type": "text", "text": PROMPT}]}]
@@ -343,6 +343,17 @@ def test_audio_prompt_processor_matches_qwen3_omni_processor(tmp_path):
     b = mine(text=texts, audio=waves, return_tensors="pt", padding=True)
     for key in ("input_ids", "attention_mask", "input_features", "feature_attention_mask"):
         assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+
+
+def test_lalm_judge_reads_a_processor_saved_by_transformers_5(tmp_path, clips):
+    """processor_config.json (feature extractor nested) + chat_template.jinja, no preprocessor_config."""
+    model_dir = tiny_qwen3_omni_dir(tmp_path / "m", processor="nested")
+    assert not (model_dir / "preprocessor_config.json").exists()
+    judge = LALMJudge(model_dir, max_new_tokens=2)
+    text = judge.processor.apply_chat_template([judge._conversation()], add_generation_prompt=True, tokenize=False)[0]
+    assert text.startswith("<|im_start|>user\n<|audio_start|><|audio_pad|><|audio_end|>") and PROMPT in text
+    verdicts = judge.judge(clips[:1], ["0011"])
+    assert len(verdicts) == 1 and isinstance(verdicts[0], Judgement)
 
 
 def test_lalm_judge_records_each_answer(lalm_judge, clips):

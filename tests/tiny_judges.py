@@ -195,12 +195,19 @@ def tiny_qwen_tokenizer():
     return tokenizer
 
 
-def tiny_qwen3_omni_dir(root: Path, seed: int = 0, full_processor: bool = False) -> Path:
+def tiny_qwen3_omni_dir(root: Path, seed: int = 0, processor: str = "parts") -> Path:
     """Save a tiny Qwen3-Omni-MoE checkpoint (weights, config, tokenizer, feature extractor).
 
-    ``full_processor``: save a whole ``Qwen3OmniMoeProcessor`` (image and video processors
-    too, as a released checkpoint has them); transformers needs torchvision to build it.
+    ``processor`` -- how the input side is laid out:
+    "parts": tokenizer (chat template inside) + preprocessor_config.json (Whisper features);
+    "nested": what ``Qwen3OmniMoeProcessor.save_pretrained`` writes for its audio side under
+    transformers 5 -- processor_config.json with the feature extractor nested, the template
+    in chat_template.jinja, the tokenizer without one;
+    "full": a whole ``Qwen3OmniMoeProcessor`` saved (image and video processors too, as a
+    released checkpoint has them); transformers needs torchvision to build it.
     """
+    if processor not in ("parts", "nested", "full"):
+        raise ValueError(f"processor must be parts, nested or full, got {processor!r}")
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration, WhisperFeatureExtractor
 
     tokenizer = tiny_qwen_tokenizer()
@@ -269,7 +276,7 @@ def tiny_qwen3_omni_dir(root: Path, seed: int = 0, full_processor: bool = False)
     root.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(root)
     feature_extractor = WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=16000)
-    if full_processor:
+    if processor == "full":
         from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3OmniMoeProcessor
 
         Qwen3OmniMoeProcessor(
@@ -279,6 +286,13 @@ def tiny_qwen3_omni_dir(root: Path, seed: int = 0, full_processor: bool = False)
             tokenizer=tokenizer,
             chat_template=QWEN_CHAT_TEMPLATE,
         ).save_pretrained(root)
+    elif processor == "nested":
+        tokenizer.chat_template = None
+        tokenizer.save_pretrained(root)
+        (root / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE, encoding="utf-8")
+        (root / "processor_config.json").write_text(
+            json.dumps({"feature_extractor": feature_extractor.to_dict(), "processor_class": "Qwen3OmniMoeProcessor"})
+        )
     else:
         tokenizer.save_pretrained(root)
         feature_extractor.save_pretrained(root)

@@ -71,11 +71,18 @@ def _path(config: Mapping[str, Any], allowed: set[str], what: str) -> str:
     return given.pop()
 
 
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_judge(config: Mapping[str, Any], model_under_test: str | None = None) -> EmotionJudge:
     """The judge a config entry describes (see the module docstring).
 
     ``model_under_test`` (or the entry's own key) is the LALM being studied; an LALM judge
-    that is that model is refused (SPEC: the emotion judge must be held out).
+    that is that model is refused (SPEC: the emotion judge must be held out). Neural judges
+    run on ``device`` (default: the GPU when there is one, as on the workflow's GPU rule).
     """
     kind = _check_keys(config, _JUDGE_KEYS, "judge")
     path = _path(config, _JUDGE_KEYS[kind], "judge")
@@ -88,7 +95,7 @@ def load_judge(config: Mapping[str, Any], model_under_test: str | None = None) -
 
         judge = Emotion2VecJudge(
             path,
-            device=config.get("device", "cpu"),
+            device=config.get("device") or _default_device(),
             batch_size=int(config.get("batch_size", 16)),
             hub=config.get("hub", "ms"),
         )
@@ -101,7 +108,7 @@ def load_judge(config: Mapping[str, Any], model_under_test: str | None = None) -
         under_test = model_under_test if model_under_test is not None else config.get("model_under_test")
         judge = LALMJudge(
             path,
-            device=config.get("device", "cpu"),
+            device=config.get("device") or _default_device(),
             batch_size=int(config.get("batch_size", 8)),
             model_under_test=under_test,
             max_new_tokens=int(config.get("max_new_tokens", 8)),
@@ -120,7 +127,8 @@ def load_mos_estimator(config: Mapping[str, Any] | None) -> MOSEstimator | None:
     from esn_core.judges.mos import DNSMOSEstimator, UTMOSEstimator
 
     if kind == "utmos":
-        return UTMOSEstimator(_path(config, _MOS_KEYS[kind], "MOS estimator"), device=config.get("device", "cpu"))
+        path = _path(config, _MOS_KEYS[kind], "MOS estimator")
+        return UTMOSEstimator(path, device=config.get("device") or _default_device())
     return DNSMOSEstimator(config.get("metric", "ovrl"), bool(config.get("personalized", False)))
 
 

@@ -12,6 +12,7 @@ rule judge:
     params:
         judge=lambda wc: PLAN.judge_json(wc.judge),
         naturalness=PLAN.naturalness_json(),
+        under_test=PLAN.model_path(),
     log:
         f"{RESULTS}/logs/judge/{{judge}}/{{stage}}/{{part}}.log",
     wildcard_constraints:
@@ -26,4 +27,4 @@ rule judge:
         "../../envs/judge.yaml"
     shell:
         "python -m esn_core.cli judge --judge '{params.judge}' --naturalness '{params.naturalness}'"
-        " --manifest {input.manifest} --attempts {input.attempts} --out {output} > {log} 2>&1"
+        " --model-under-test '{params.under_test}' --manifest {input.manifest} --attempts {input.attempts} --out {output} > {log} 2>&1"

@@ -649,9 +649,10 @@ def _fmt(column: str, value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     if isinstance(value, float):
-        value = round(value, 3) + 0.0  # no '-0.00'
         if column in ("rate", "alpha"):
-            return f"{value:g}"
+            return f"{value:g}"  # exact as configured: r = 0.0059 must not print as 0.006
+        value = round(value, 3) + 0.0  # no '-0.00'
+
         if column in ("jaccard", "direct_match", "jsd"):
             return f"{value:.3f}"
         if _signed(column):

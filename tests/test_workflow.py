@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "corpus": {"demo": {"speakers": 3, "utterances": 10}},
     "model": {"shard_sources": 4, "batch_size": 32},
-    "selection": {"selectors": ["cas", "random"], "groups": ["lm"]},
-    "evaluation": {"max_sources": 2, "bootstrap": 50},
+    "success": {"caps": [50]},
+    "selection": {"selectors": ["cas", "random"], "groups": ["lm"], "rates": [0.0118]},
+    "evaluation": {"max_sources": 2, "bootstrap": 50, "interventions": {"steer": [1.0]}},
 }
 
 

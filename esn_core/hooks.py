@@ -132,6 +132,14 @@ def _masked_value(method: str, alpha: float) -> float:
     return {"steer": 1.0 + alpha, "deactivate": 0.0, "add": alpha, "clamp": alpha}[method]
 
 
+def check_mask_indices(plan: Intervention, n_neurons: int, group: str = "") -> None:
+    where = f"group {group!r} " if group else ""
+    for b, mask in enumerate(plan.row_masks):
+        mask = np.asarray(mask)
+        if mask.size and (mask.min() < 0 or mask.max() >= n_neurons):
+            raise IndexError(f"{where}row {b}: mask index outside 0..{n_neurons - 1}")
+
+
 def compile_operands(
     plan: Intervention, layout: NeuronLayout, device, dtype
 ) -> list[torch.Tensor]:
@@ -143,11 +151,10 @@ def compile_operands(
     dense = torch.full(
         (plan.batch_size, layout.n_neurons), _identity_value(plan.method), dtype=dtype, device=device
     )
+    check_mask_indices(plan, layout.n_neurons)
     rows, cols, values = [], [], []
     for b, (mask, alpha) in enumerate(zip(plan.row_masks, plan.row_alphas)):
         mask = np.asarray(mask, dtype=np.int64).ravel()
-        if mask.size and (mask.min() < 0 or mask.max() >= layout.n_neurons):
-            raise IndexError(f"row {b}: mask index outside 0..{layout.n_neurons - 1}")
         rows.append(np.full(mask.size, b))
         cols.append(mask)
         values.append(np.full(mask.size, _masked_value(plan.method, alpha)))
@@ -449,11 +456,8 @@ class HookEngine:
             group = self._group(name)
             state = _GroupState(group, capture.get(name), interventions.get(name))
             if state.intervention is not None:
-                n = group.layout.n_neurons
-                for b, mask in enumerate(state.intervention.row_masks):
-                    mask = np.asarray(mask)
-                    if mask.size and (mask.min() < 0 or mask.max() >= n):
-                        raise IndexError(f"group {name!r} row {b}: mask index outside 0..{n - 1}")
+                # Fail before the model runs, not at its first hooked layer.
+                check_mask_indices(state.intervention, group.layout.n_neurons, name)
             states[name] = state
         session = Session(states)
         with contextlib.ExitStack() as stack:

@@ -11,9 +11,12 @@ a ``--audio-seconds`` source (Whisper features, ``<|AUDIO|>`` tokens as the proc
 them) inside the EVC chat layout, exactly ``--text-tokens`` thinker tokens and exactly
 ``--codec-tokens`` talker tokens (min = max new tokens), greedy, via
 ``QwenOmniAdapter.generate`` (the model's own ``generate`` with the adapter's fixes).
+Every row has exactly ``--codec-tokens`` codes, so the adapter decodes a batch's token2wav
+in one bucket (``--token2wav-batch-size`` rows per call; 1 = one row at a time, as
+transformers' own ``generate`` does).
 
 Per batch size and mode the script reports the time of the thinker's ``generate``, the
-talker's ``generate`` and token2wav (summed over its per-row calls), the total, EVC
+talker's ``generate`` and token2wav (summed over its calls), the total, EVC
 utterances per hour and peak device memory. Modes: ``off`` (no hooks), ``capture``
 (counts on the ``lm`` and ``synth`` groups, as config/paper.yaml samples), ``steer``
 (``steer`` alpha=1 on a random 0.5% ``lm`` mask in every row). Modes are interleaved
@@ -217,6 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--codec-tokens", type=int, default=None)
     parser.add_argument("--audio-seconds", type=float, default=3.0)
     parser.add_argument("--token2wav-steps", type=int, default=10)
+    parser.add_argument("--token2wav-batch-size", type=int, default=32,
+                        help="most rows per token2wav call (1 = per row, transformers' way)")
     parser.add_argument("--rate", type=float, default=0.005, help="steer mask share of lm neurons")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
@@ -235,7 +240,7 @@ def main(argv=None) -> int:
     adapter = QwenOmniAdapter.from_model(
         model, speaker="Chelsie", max_new_tokens=args.text_tokens,
         talker_max_new_tokens=args.codec_tokens, token2wav_steps=args.token2wav_steps,
-        stop_token_ids=[IM_END, 151643],
+        stop_token_ids=[IM_END, 151643], token2wav_batch_size=args.token2wav_batch_size,
     )
     engine = HookEngine(adapter.groups())
     timer = PartTimer(model, device)
@@ -246,7 +251,8 @@ def main(argv=None) -> int:
           f"{torch.__version__}, transformers {transformers.__version__}; built in {built:.1f} s")
     print(f"# {' '.join(sys.argv)}")
     print(f"# {args.audio_seconds:g} s source, {args.text_tokens} text + {args.codec_tokens} codec "
-          f"tokens per attempt, token2wav {args.token2wav_steps} steps, median of {args.repeats}")
+          f"tokens per attempt, token2wav {args.token2wav_steps} steps in calls of up to "
+          f"{args.token2wav_batch_size} rows, median of {args.repeats}")
     print("| batch | mode | thinker | talker | token2wav | total | utterances/hour | peak memory |")
     print("|---|---|---|---|---|---|---|---|")
     results = []

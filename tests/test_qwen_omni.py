@@ -24,11 +24,13 @@ from esn_core.models.qwen_omni import (
     SYSTEM_PROMPT,
     CheckpointError,
     QwenOmniAdapter,
+    _initial_noise,
     _talker_mask,
     check_checkpoint,
     load_source,
     resolve_checkpoint,
     thinker_text_decoder,
+    token2wav_batch,
 )
 
 TF_MAJOR = int(__import__("transformers").__version__.split(".")[0])
@@ -373,3 +375,95 @@ def test_from_model_wraps_a_model_in_memory(adapter, sources):
     assert len(waves) == 2 and all(w.numel() > 0 for w in waves)
     with pytest.raises(ValueError, match="speaker 'Nobody'"):
         QwenOmniAdapter.from_model(adapter.model, speaker="Nobody")
+
+
+# ---------------------------------------------------------------------------- token2wav
+
+
+class _CountCalls:
+    """An instance-level wrapper of ``module.forward`` (as the benchmark's timer installs)."""
+
+    def __init__(self, module):
+        self.module, self.rows = module, []
+        self.inner = module.forward
+        module.forward = self
+
+    def __call__(self, code, *args, **kwargs):
+        self.rows.append(code.shape[0])
+        return self.inner(code, *args, **kwargs)
+
+    def remove(self):
+        del self.module.forward
+
+
+def test_batched_token2wav_equals_the_per_row_path_bit_for_bit(adapter):
+    import copy
+
+    token2wav = copy.deepcopy(adapter.model.token2wav).double()
+    speaker = adapter.model.speaker_map["Chelsie"]
+    codes = torch.Generator().manual_seed(5)
+    n_codes = token2wav.config.dit_config.num_embeds
+    lengths, seeds = (7, 9, 7, 7, 9, 4), (3, 1, 4, 1, 5, 9)
+    calls = [{"code": torch.randint(0, n_codes, (1, n), generator=codes),
+              "conditioning": speaker["cond"].double().reshape(1, -1),
+              "reference_mel": speaker["ref_mel"].double(), "num_steps": 3} for n in lengths]
+    # The per-row path: seed, then transformers' token2wav on one row (what generate does).
+    alone = []
+    for call, seed in zip(calls, seeds):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            alone.append(token2wav(call["code"], conditioning=call["conditioning"],
+                                   reference_mel=call["reference_mel"], num_steps=3).reshape(-1))
+    counter = _CountCalls(token2wav)
+    try:
+        batched = token2wav_batch(token2wav, calls, seeds, max_rows=2)
+    finally:
+        counter.remove()
+    # Buckets by code length: 7 -> rows 0, 2, 3 (2 + 1 with max_rows=2), 9 -> 1, 4; 4 -> 5.
+    assert sorted(counter.rows) == [1, 1, 2, 2]
+    for row, (one, many) in enumerate(zip(alone, batched)):
+        assert many.shape == one.shape and many.dtype == torch.float32, row
+        assert torch.equal(many, one.float()), row
+    # The caller's RNG stream does not matter, the seeds do.
+    torch.manual_seed(1234)
+    again = token2wav_batch(token2wav, calls, seeds)
+    assert all(torch.equal(a, b) for a, b in zip(again, batched))
+    other = token2wav_batch(token2wav, calls, [s + 1 for s in seeds])
+    assert not torch.equal(other[0], batched[0])
+
+
+def test_initial_noise_is_handed_over_once_and_checked():
+    noise = torch.arange(6.0).reshape(1, 2, 3)
+    original = torch.randn
+    with _initial_noise(noise):
+        assert torch.randn(4).shape == (4,)  # other shapes draw as usual
+        assert torch.randn([1, 2, 3]) is noise
+        assert torch.randn is original  # removed at the draw
+        assert not torch.equal(torch.randn(1, 2, 3), noise)
+    assert torch.randn is original
+    with pytest.raises(RuntimeError, match="token2wav_batch_size: 1"), _initial_noise(noise):
+        pass
+    assert torch.randn is original
+
+
+@batched
+def test_generate_decodes_equal_length_rows_in_one_token2wav_call(adapter, sources):
+    inputs = adapter.prepare(requests(sources))
+    seeds = [7, 8, 9]
+    fixed = {"talker_min_new_tokens": SETTINGS["talker_max_new_tokens"]}  # equal code lengths
+    per_row = QwenOmniAdapter.from_model(adapter.model, adapter.processor, token2wav_batch_size=1,
+                                         **{k: v for k, v in SETTINGS.items() if k != "device"})
+    counter = _CountCalls(adapter.model.token2wav)
+    try:
+        sequences, waves = adapter.generate(inputs, seeds, **fixed)
+        assert counter.rows == [3]
+        counter.rows.clear()
+        sequences1, waves1 = per_row.generate(inputs, seeds, **fixed)
+        assert counter.rows == [1, 1, 1]
+    finally:
+        counter.remove()
+    assert "forward" not in vars(adapter.model.token2wav)  # the recorder is gone
+    assert next(adapter.model.token2wav.parameters()).dtype == torch.float32
+    assert torch.equal(sequences, sequences1)
+    for one, many in zip(waves1, waves):
+        assert torch.equal(many, one)

@@ -28,6 +28,7 @@ from esn_core.judges.embedded import (
 )
 from esn_core.judges.prosody import FEATURE_NAMES, extract_features, f0_track, hz_to_semitones
 from esn_core.styles import STYLES
+from esn_core.demo_corpus import SENTENCES as DEMO_SENTENCES
 
 SR = SAMPLE_RATE
 
@@ -220,16 +221,7 @@ def test_per_speaker_normalisation_removes_voice_pitch():
 
 # ---------------------------------------------------------------- end to end on espeak speech
 
-SENTENCES = (
-    "The little boat drifted across the quiet lake.",
-    "She opened the window and let the cold air in.",
-    "We walked home together after the long game.",
-    "My brother found a key under the old mat.",
-    "The train was late again this morning.",
-    "Please put the green cup back on the shelf.",
-    "He painted the fence a bright shade of blue.",
-    "They planted roses along the garden wall.",
-)
+SENTENCES = DEMO_SENTENCES[:8]  # the demo corpus's own sentences
 # (voice, espeak pitch offset): two male voices of different accents calibrate; the held-out
 # speaker is a female voice far above both, which raw (unnormalised) features misjudge.
 VOICES = {"s1": ("en-us+m3", -6), "s2": ("en-gb-x-rp+m4", 2), "s3": ("en-us+f4", 8)}

@@ -28,10 +28,15 @@ TINY = {
 }
 
 
+# Mappings whose keys are data (methods, judge names), replaced whole rather than merged.
+REPLACED = {"interventions", "available", "options"}
+
+
 def _merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
-        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict) and key not in REPLACED
+        out[key] = _merge(base[key], value) if nested else value
     return out
 
 

@@ -1,7 +1,4 @@
 # Shared by every rule: config validation, paths, and the variants the config asks for.
-import json
-import math
-
 from snakemake.utils import validate
 
 validate(config, "../schemas/config.schema.yaml")

@@ -229,8 +229,10 @@ class _Counter:
         self.valid: torch.Tensor | None = None  # [B, S] for the current call
         self.step_bufs: list[torch.Tensor] = []  # per layer [steps, B, 1, D] bool
         self.step_views: list[list[torch.Tensor]] = []
-        self.step_valid: torch.Tensor | None = None  # [steps, B] bool
+        self.step_valid: torch.Tensor | None = None  # [steps, B, 1] bool
+        self.step_valid_views: list[torch.Tensor] = []
         self.slot = -1  # step-buffer slot of the current decode call, -1 for a prefill call
+        self._zeros: torch.Tensor | None = None
         self.filled = 0
 
     def _allocate(self, batch: int, device) -> None:
@@ -243,44 +245,67 @@ class _Counter:
         self.step_bufs = [torch.empty(steps, batch, 1, d, dtype=torch.bool, device=device) for d in sizes]
         # Views made once, so a decode call costs one dispatch per layer and no slicing.
         self.step_views = [list(buf.unbind(0)) for buf in self.step_bufs]
-        self.step_valid = torch.empty(steps, batch, dtype=torch.bool, device=device)
+        self.step_valid = torch.empty(steps, batch, 1, dtype=torch.bool, device=device)
+        self.step_valid_views = list(self.step_valid.unbind(0))
         if self.capture.moments:
             self.sum_a = [torch.zeros(batch, d, dtype=torch.float32, device=device) for d in sizes]
             self.sum_a2 = [torch.zeros(batch, d, dtype=torch.float32, device=device) for d in sizes]
 
-    def begin_call(self, valid: torch.Tensor) -> None:
-        """Called once per forward pass, before its layers run, with its real positions."""
+    def _ensure(self, batch: int, device) -> None:
         if not self.K:
-            self._allocate(valid.shape[0], valid.device)
-        elif valid.shape[0] != self.T.shape[0]:
-            raise RuntimeError(
-                f"batch changed from {self.T.shape[0]} to {valid.shape[0]} rows within a session"
-            )
+            self._allocate(batch, device)
+        elif batch != self.T.shape[0]:
+            raise RuntimeError(f"batch changed from {self.T.shape[0]} to {batch} rows within a session")
+
+    def begin_positions(self, valid: torch.Tensor) -> None:
+        """A forward pass over several positions per row (prefill); ``valid`` is ``[B, S]``."""
+        self._ensure(valid.shape[0], valid.device)
+        if self.filled:
+            self.flush()
         self.valid = valid
         self.T += valid.sum(dim=1)
-        if valid.shape[1] == 1:
-            if self.filled == len(self.step_valid):
-                self.flush()
-            self.slot = self.filled
-            self.step_valid[self.slot] = valid[:, 0]
-            self.filled += 1
+        self.slot = -1
+
+    def begin_step(self, finished: torch.Tensor | None, batch: int, device) -> None:
+        """A decode step (one position per row): real unless the row has ``finished``.
+
+        Writes the step's validity straight into the step buffer: two small ops per step.
+        """
+        self._ensure(batch, device)
+        if self.filled == len(self.step_valid):
+            self.flush()
+        self.slot = self.filled
+        view = self.step_valid_views[self.slot]
+        if finished is None:
+            view.fill_(True)
         else:
-            self.slot = -1
+            torch.logical_not(finished, out=view)
+        self.valid = view
+        self.filled += 1
 
     def count(self, layer: int, g: torch.Tensor) -> None:
         if self.slot >= 0:
-            torch.gt(g, 0, out=self.step_views[layer][self.slot])
+            torch.gt(g, self._zero(g.dtype), out=self.step_views[layer][self.slot])
         else:
             self.K[layer] += ((g > 0) & self.valid[:, :, None]).sum(dim=1, dtype=torch.int32)
         if self.capture.moments:
-            a = g.float() * self.valid[:, :, None]
+            a = g.detach().float() * self.valid[:, :, None]
             self.sum_a[layer] += a.sum(dim=1)
             self.sum_a2[layer] += (a * a).sum(dim=1)
+
+    def _zero(self, dtype: torch.dtype) -> torch.Tensor:
+        # A 0-dim tensor, made once: comparing with a Python 0 wraps it into a tensor on
+        # every call (three extra dispatches per layer per step).
+        if self._zeros is None or self._zeros.dtype != dtype:
+            self._zeros = torch.zeros((), dtype=dtype)
+        return self._zeros
 
     def flush(self) -> None:
         n = self.filled
         if n:
-            valid = self.step_valid[:n, :, None, None]
+            # Decode positions are counted here, a few steps at a time, not per step.
+            self.T += self.step_valid[:n, :, 0].sum(dim=0)
+            valid = self.step_valid[:n, :, :, None]
             for K, buf in zip(self.K, self.step_bufs):
                 K += (buf[:n] & valid).sum(dim=(0, 2), dtype=torch.int32)
         self.filled = 0
@@ -310,6 +335,7 @@ class _GroupState:
     operands: list[torch.Tensor] | None = None
     finished: torch.Tensor | None = None  # [B] bool, rows that fed an end token
     eos: torch.Tensor | None = None
+    eos_ids: tuple[int, ...] = ()
     calls: int = 0
 
     def __post_init__(self) -> None:
@@ -323,22 +349,35 @@ class _GroupState:
         if ref is None:
             raise RuntimeError("the group's root was called without input_ids or inputs_embeds")
         batch, seq = ref.shape[0], ref.shape[1]
-        device = ref.device
-        if attention_mask is not None and attention_mask.dim() == 2:
-            valid = attention_mask[:, -seq:].to(torch.bool)
-        else:
-            valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
         decoding = self.calls > 0
         self.calls += 1
         if decoding and input_ids is not None and self.eos is not None:
             # A row that fed an end token would have stopped in a single run: the end
             # token and everything after it are padding for counting purposes.
-            fed_end = torch.isin(input_ids, self.eos).any(dim=1)
-            self.finished = fed_end if self.finished is None else self.finished | fed_end
-            valid = valid & ~self.finished[:, None]
+            fed_end = self._fed_end(input_ids)
+            self.finished = fed_end if self.finished is None else self.finished.logical_or_(fed_end)
+        if decoding and seq == 1:
+            # generate extends the attention mask with a 1 for every fed token, so a decode
+            # step's only padding is a finished row: no mask arithmetic per step.
+            self.counter.begin_step(self.finished, batch, ref.device)
+            return
+        if attention_mask is not None and attention_mask.dim() == 2:
+            valid = attention_mask[:, -seq:].to(torch.bool)
+        else:
+            valid = torch.ones(batch, seq, dtype=torch.bool, device=ref.device)
+        if self.finished is not None:
+            valid = valid & ~self.finished
         if self.capture.count_positions == "generated" and not decoding:
             valid = torch.zeros_like(valid)
-        self.counter.begin_call(valid)
+        self.counter.begin_positions(valid)
+
+    def _fed_end(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, 1]: did the row feed an end token in this call (one op for one end token)."""
+        if self.eos.numel() == 1:
+            hit = input_ids == int(self.eos_ids[0])
+        else:
+            hit = torch.isin(input_ids, self.eos)
+        return hit if hit.shape[1] == 1 else hit.any(dim=1, keepdim=True)
 
     # -- per layer ---------------------------------------------------------------
     def on_activation(self, layer: int, g: torch.Tensor) -> torch.Tensor:
@@ -346,9 +385,13 @@ class _GroupState:
             if self.group.root is None and layer == 0:
                 # No root announces positions: every position is real and the first
                 # layer's call marks a new forward pass.
-                self.counter.begin_call(torch.ones(g.shape[:2], dtype=torch.bool, device=g.device))
+                batch, seq = g.shape[0], g.shape[1]
+                if seq == 1:
+                    self.counter.begin_step(None, batch, g.device)
+                else:
+                    self.counter.begin_positions(torch.ones(batch, seq, dtype=torch.bool, device=g.device))
             self._check_positions(layer, g)
-            self.counter.count(layer, g.detach())
+            self.counter.count(layer, g)
         if self.intervention is not None:
             g = self._intervene(layer, g)
         return g
@@ -492,7 +535,8 @@ def _root_pre_hook(state: _GroupState):
             input_ids = None
         if state.eos is None and state.group.eos_token_ids:
             device = (input_ids if input_ids is not None else kwargs.get("inputs_embeds")).device
-            state.eos = torch.as_tensor(list(state.group.eos_token_ids), device=device)
+            state.eos_ids = tuple(int(e) for e in state.group.eos_token_ids)
+            state.eos = torch.as_tensor(list(state.eos_ids), device=device)
         if state.counter is not None:
             state.observe_inputs(input_ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"))
         return None

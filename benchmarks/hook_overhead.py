@@ -6,15 +6,22 @@
 ``qwen25omni7b`` is a Qwen2ForCausalLM with Qwen2.5-Omni-7B's thinker shapes (28 layers,
 hidden 3584, 18944 gate neurons per layer, 28/4 heads, vocab 152064) and random bf16
 weights built directly on the device. Every batch generates exactly ``--new`` tokens
-after a ``--prompt``-token prompt. Modes are interleaved round-robin and the median of
-``--repeats`` runs is reported, so drift in clocks hits every mode alike. Also reports the
-stored bytes per attempt of the counts at that shape.
+after a ``--prompt``-token prompt. Modes are interleaved round-robin, the order rotating
+every repeat, with Python's garbage collector paused inside each timed run, so drift in
+clocks hits every mode alike. A mode's ratio is the median over repeats of its time over
+the plain run of the same repeat, with the quartiles of those ratios; ``plain again`` (a
+second plain run) shows what the machine's noise alone gives. Because single runs on a
+shared host drift by several percent, the script also times every decode step (a logits
+processor stamps the clock once per step) and reports the ratio of the median step time
+of all runs of a mode to that of plain runs: a per-token figure that a few slow runs do
+not move. Also reports the stored bytes per attempt of the counts at that shape.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import statistics
 import tempfile
@@ -22,7 +29,7 @@ import time
 
 import numpy as np
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import LogitsProcessor, LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
 
 from esn_core.hooks import Capture, HookEngine, Intervention, MLPGroup
 from esn_core.stats import write_counts
@@ -51,6 +58,17 @@ def build_model(shape: str, device: str, dtype: torch.dtype) -> Qwen2ForCausalLM
         for p in model.parameters():
             p.normal_(0, 0.02)
     return model.eval().requires_grad_(False)
+
+
+class StepClock(LogitsProcessor):
+    """Stamps the clock once per generated token (generate calls it after each forward)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
 
 
 def sync(device: str) -> None:
@@ -89,9 +107,13 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; shape {args.shape}; N = {layout.n_neurons}")
     print(f"prompt {args.prompt} tokens, {args.new} new tokens, median of {args.repeats}")
 
+    clock = StepClock()
+
     def generate(ids):
+        clock.stamps.clear()
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
-                              min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+                              min_new_tokens=args.new, do_sample=False, pad_token_id=0,
+                              logits_processor=LogitsProcessorList([clock]))
 
     rows = []
     for batch in args.batches:
@@ -106,14 +128,20 @@ def main() -> None:
             "capture+steer": lambda: engine.session(capture={"lm": Capture()}, interventions={"lm": plan}),
         }
         times = {m: [] for m in modes}
+        steps = {m: [] for m in modes}  # every decode step's seconds, all runs
         outputs = {}
         collect = {m: [] for m in modes}
         with torch.inference_mode():
             for mode in modes:  # warm-up
                 with modes[mode]():
                     generate(ids)
-            for _ in range(args.repeats):
-                for mode, ctx in modes.items():
+            names = list(modes)
+            for repeat in range(args.repeats):
+                shift = repeat % len(names)
+                for mode in names[shift:] + names[:shift]:
+                    ctx = modes[mode]
+                    gc.collect()
+                    gc.disable()
                     sync(args.device)
                     t0 = time.perf_counter()
                     with ctx() as session:
@@ -121,6 +149,8 @@ def main() -> None:
                         sync(args.device)
                         t1 = time.perf_counter()
                     times[mode].append(time.perf_counter() - t0)
+                    gc.enable()
+                    steps[mode].extend(np.diff(clock.stamps).tolist())
                     collect[mode].append(time.perf_counter() - t1)
                     assert out.shape[1] == args.prompt + args.new
                     outputs[mode] = out
@@ -146,21 +176,33 @@ def main() -> None:
               f"{same_capture}; steered batch's empty-mask row vs plain {same_baseline_row}")
         row = {"batch": batch, "plain_s": base}
         for mode in ("plain again", "capture", "steer", "capture+steer"):
-            row[mode] = statistics.median(times[mode]) / base
+            paired = [t / p for t, p in zip(times[mode], times["plain"])]
+            q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else (paired[0],) * 3
+            row[mode] = statistics.median(paired)
+            row[mode + " (iqr)"] = (q1, q3)
             row[mode + " (min)"] = min(times[mode]) / best
+            row[mode + " (step)"] = statistics.median(steps[mode]) / statistics.median(steps["plain"])
+        row["step_ms"] = statistics.median(steps["plain"]) * 1e3
         row["bytes_per_attempt"] = bytes_per_attempt
         row["T"] = int(counts.T[0])
         rows.append(row)
         print(f"batch {batch:3d}: plain {base:.3f} s | plain again {row['plain again']:.3f}x | capture {row['capture']:.3f}x | "
               f"steer {row['steer']:.3f}x | capture+steer {row['capture+steer']:.3f}x | "
               f"counts {bytes_per_attempt / 1e6:.3f} MB/attempt (T={row['T']})", flush=True)
-    print("\nratios to plain generate: median of runs (min of runs)")
+    print("\nratios to plain generate: median of paired ratios [quartiles]; min of runs / min of plain")
     print("| batch | plain generate | plain again | capture | steering | capture+steering | counts per attempt |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        cells = " | ".join(f"{r[m]:.3f}x ({r[m + ' (min)']:.3f}x)"
-                           for m in ("plain again", "capture", "steer", "capture+steer"))
+        cells = " | ".join(
+            f"{r[m]:.3f}x [{r[m + ' (iqr)'][0]:.3f}, {r[m + ' (iqr)'][1]:.3f}]; {r[m + ' (min)']:.3f}x"
+            for m in ("plain again", "capture", "steer", "capture+steer"))
         print(f"| {r['batch']} | {r['plain_s']:.3f} s | {cells} | {r['bytes_per_attempt'] / 1e6:.3f} MB |")
+    print("\nper decode step: median step time of all runs of a mode / that of plain runs")
+    print("| batch | plain step | plain again | capture | steering | capture+steering |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        cells = " | ".join(f"{r[m + ' (step)']:.3f}x" for m in ("plain again", "capture", "steer", "capture+steer"))
+        print(f"| {r['batch']} | {r['step_ms']:.2f} ms | {cells} |")
 
 
 def profile_modes(modes, generate, ids) -> None:

@@ -16,18 +16,22 @@ in one bucket (``--token2wav-batch-size`` rows per call; 1 = one row at a time, 
 transformers' own ``generate`` does).
 
 Per batch size and mode the script reports the time of the thinker's ``generate``, the
-talker's ``generate`` and token2wav (summed over its calls), the total, EVC
-utterances per hour and peak device memory. Modes: ``off`` (no hooks), ``capture``
-(counts on the ``lm`` and ``synth`` groups, as config/paper.yaml samples), ``steer``
-(``steer`` alpha=1 on a random 0.5% ``lm`` mask in every row). Modes are interleaved
-round-robin and the median of ``--repeats`` runs is reported. A batch size that does not
-fit is reported as OOM, so ``--batches 1 4 16 32 64 128`` finds the largest that fits.
+talker's ``generate`` and token2wav (summed over its calls; inside it the DiT sampler and
+BigVGAN), the total, EVC utterances per hour and peak device memory. Modes: ``off`` (no
+hooks), ``capture`` (counts on the ``lm`` and ``synth`` groups, as config/paper.yaml
+samples), ``steer`` (``steer`` alpha=1 on a random 0.5% ``lm`` mask in every row), ``fp32``
+(no hooks, token2wav's matrix products in full float32 as transformers leaves them). Modes
+are interleaved round-robin, rotating the order every repeat, with Python's garbage
+collector paused inside each timed run; the median of ``--repeats`` runs is reported, and
+a mode's ratio to ``off`` is the median of the repeat-by-repeat ratios. A batch size that
+does not fit is reported as OOM, so ``--batches 1 16 32 64 128`` finds the largest that fits.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import platform
 import statistics
@@ -158,7 +162,8 @@ def evc_inputs(batch: int, seconds: float, device: str, dtype: torch.dtype, rng)
 
 
 class PartTimer:
-    """Times thinker.generate, talker.generate and token2wav.forward on the instance."""
+    """Times thinker.generate, talker.generate and token2wav.forward on the instance, and
+    inside token2wav its DiT sampler (``dit``) and its vocoder (``bigvgan``)."""
 
     def __init__(self, model, device: str):
         self.device = device
@@ -166,6 +171,15 @@ class PartTimer:
         model.thinker.generate = self._timed("thinker", model.thinker.generate)
         model.talker.generate = self._timed("talker", model.talker.generate)
         model.token2wav.forward = self._timed("token2wav", model.token2wav.forward)
+        dit, vocoder = model.token2wav.code2wav_dit_model, model.token2wav.code2wav_bigvgan_model
+        dit.sample = self._timed("dit", dit.sample)
+        vocoder.forward = self._timed("bigvgan", vocoder.forward)
+        # One stamp per forward (= per generated token): per-step times, robust to the few
+        # slow runs a shared host produces.
+        self.stamps: dict[str, list[float]] = {"thinker": [], "talker": []}
+        for name in self.stamps:
+            getattr(model, name).register_forward_pre_hook(
+                lambda module, args, name=name: self.stamps[name].append(time.perf_counter()))
 
     def sync(self) -> None:
         if self.device.startswith("cuda"):
@@ -185,27 +199,40 @@ class PartTimer:
 
     def reset(self) -> None:
         self.seconds.clear()
+        for stamps in self.stamps.values():
+            stamps.clear()
+
+    def step_seconds(self, name: str) -> list[float]:
+        """Seconds between consecutive decode forwards (the prefill's interval left out)."""
+        return np.diff(self.stamps[name][1:]).tolist()
 
 
 def run_once(adapter, engine, mode, inputs, seeds, args, steer_plan, timer) -> dict:
     timer.reset()
     fixed = dict(thinker_min_new_tokens=args.text_tokens, talker_min_new_tokens=args.codec_tokens)
-    if mode == "off":
+    adapter.token2wav_tf32 = mode != "fp32"
+    if mode in ("off", "fp32"):
         scope = contextlib.nullcontext()
     elif mode == "capture":
         scope = engine.session(capture={"lm": Capture(), "synth": Capture()})
     else:
         scope = engine.session(interventions={"lm": steer_plan})
-    timer.sync()
-    start = time.perf_counter()
-    with scope:
-        sequences, _ = adapter.generate(inputs, seeds, **fixed)
-    timer.sync()
-    total = time.perf_counter() - start
+    gc.collect()
+    gc.disable()  # a collection inside one mode's run would be charged to that mode
+    try:
+        timer.sync()
+        start = time.perf_counter()
+        with scope:
+            sequences, _ = adapter.generate(inputs, seeds, **fixed)
+        timer.sync()
+        total = time.perf_counter() - start
+    finally:
+        gc.enable()
+    steps = {f"{name}_steps": timer.step_seconds(name) for name in timer.stamps}
     n_text = sequences.shape[1] - inputs["input_ids"].shape[1]
     if n_text != args.text_tokens:
         raise RuntimeError(f"thinker made {n_text} tokens, expected {args.text_tokens}")
-    return {**timer.seconds, "total": total}
+    return {**timer.seconds, "total": total, **steps}
 
 
 def main(argv=None) -> int:
@@ -214,7 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="shrunk shapes: a CPU smoke test")
     parser.add_argument("--batches", type=int, nargs="+", default=None)
     parser.add_argument("--modes", nargs="+", default=["off", "capture", "steer"],
-                        choices=["off", "capture", "steer"])
+                        choices=["off", "capture", "steer", "fp32"],
+                        help="fp32 = no hooks, token2wav without TF32 (transformers' setting)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--text-tokens", type=int, default=None)
     parser.add_argument("--codec-tokens", type=int, default=None)
@@ -224,6 +252,9 @@ def main(argv=None) -> int:
                         help="most rows per token2wav call (1 = per row, transformers' way)")
     parser.add_argument("--rate", type=float, default=0.005, help="steer mask share of lm neurons")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size")
+    parser.add_argument("--memory-cap-gib", type=float, default=None,
+                        help="cap this process's GPU memory (e.g. 78 = an 80 GB card)")
     args = parser.parse_args(argv)
     device = args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     args.batches = args.batches or ([1, 2] if args.tiny else [1, 4, 16])
@@ -233,6 +264,9 @@ def main(argv=None) -> int:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     if device == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    elif args.memory_cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
 
     started = time.perf_counter()
     model = build_model(args.tiny, device, dtype)
@@ -253,7 +287,8 @@ def main(argv=None) -> int:
     print(f"# {args.audio_seconds:g} s source, {args.text_tokens} text + {args.codec_tokens} codec "
           f"tokens per attempt, token2wav {args.token2wav_steps} steps in calls of up to "
           f"{args.token2wav_batch_size} rows, median of {args.repeats}")
-    print("| batch | mode | thinker | talker | token2wav | total | utterances/hour | peak memory |")
+    print("| batch | mode | thinker | talker | token2wav (DiT + BigVGAN) | total | utterances/hour "
+          "| peak memory |")
     print("|---|---|---|---|---|---|---|---|")
     results = []
     for batch in args.batches:
@@ -266,9 +301,12 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats(device)
         runs = defaultdict(list)
         try:
-            run_once(adapter, engine, "off", inputs, seeds, args, steer_plan, timer)  # warm-up
-            for _ in range(args.repeats):
-                for mode in args.modes:
+            for _ in range(args.warmup):
+                run_once(adapter, engine, "off", inputs, seeds, args, steer_plan, timer)
+            for repeat in range(args.repeats):
+                # Rotate the order, so that no mode always runs first (or after another).
+                shift = repeat % len(args.modes)
+                for mode in args.modes[shift:] + args.modes[:shift]:
                     runs[mode].append(run_once(adapter, engine, mode, inputs, seeds, args,
                                                steer_plan, timer))
         except torch.OutOfMemoryError:
@@ -278,17 +316,31 @@ def main(argv=None) -> int:
             continue
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
         peak_text = f"{peak:.1f} GiB" if peak is not None else "-"
-        base = None
         for mode in args.modes:
-            med = {k: statistics.median(r[k] for r in runs[mode]) for k in runs[mode][0]}
+            med = {k: statistics.median(r[k] for r in runs[mode])
+                   for k in runs[mode][0] if not k.endswith("_steps")}
             per_hour = batch / med["total"] * 3600
-            base = med["total"] if mode == "off" else base
-            ratio = f" ({med['total'] / base:.3f}x)" if base and mode != "off" else ""
+            ratio = ""
+            if "off" in runs and mode != "off":
+                # Median of the repeat-by-repeat ratios: each pair ran back to back.
+                paired = statistics.median(
+                    r["total"] / o["total"] for r, o in zip(runs[mode], runs["off"]))
+                ratio = f" ({paired:.3f}x)"
             print(f"| {batch} | {mode} | {med.get('thinker', 0):.2f} s | {med.get('talker', 0):.2f} s | "
-                  f"{med.get('token2wav', 0):.2f} s | {med['total']:.2f} s{ratio} | {per_hour:,.0f} | "
-                  f"{peak_text} |")
+                  f"{med.get('token2wav', 0):.2f} s ({med.get('dit', 0):.2f} + "
+                  f"{med.get('bigvgan', 0):.2f}) | {med['total']:.2f} s{ratio} | {per_hour:,.0f} | "
+                  f"{peak_text} |", flush=True)
+            step_ms = {name: 1e3 * statistics.median(t for r in runs[mode] for t in r[f"{name}_steps"])
+                       for name in timer.stamps if any(r[f"{name}_steps"] for r in runs[mode])}
             results.append({"batch": batch, "mode": mode, **med, "utterances_per_hour": per_hour,
-                            "peak_gib": peak, "runs": runs[mode]})
+                            "peak_gib": peak, "step_ms": step_ms, "runs": runs[mode]})
+        if "off" in runs:
+            base = next(r["step_ms"] for r in results if r.get("batch") == batch and r.get("mode") == "off")
+            print(f"#   median decode step (ms), ratio to off: " + "; ".join(
+                f"{r['mode']} " + ", ".join(
+                    f"{name} {ms:.2f}" + (f" ({ms / base[name]:.3f}x)" if r["mode"] != "off" else "")
+                    for name, ms in r["step_ms"].items())
+                for r in results if r.get("batch") == batch and not r.get("oom")), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "argv": sys.argv, "torch": torch.__version__,

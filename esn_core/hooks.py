@@ -34,6 +34,7 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from esn_core.layout import NeuronLayout
 
@@ -170,14 +171,22 @@ def compile_operands(
     ]
 
 
-def apply_operand(method: str, g: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
-    """``g`` with the compiled operand applied; in place when autograd is not watching."""
-    inplace = not (torch.is_grad_enabled() and g.requires_grad)
-    if method in ("steer", "deactivate"):
-        return g.mul_(operand) if inplace else g * operand
-    if method == "add":
-        return g.add_(operand) if inplace else g + operand
-    return torch.maximum(g, operand, out=g) if inplace else torch.maximum(g, operand)
+def apply_operand(
+    method: str, g: torch.Tensor, operand: torch.Tensor, inplace: bool = True
+) -> torch.Tensor:
+    """``g`` with the compiled operand applied; in place if allowed and autograd is not
+    watching."""
+    inplace = inplace and not (torch.is_grad_enabled() and g.requires_grad)
+    return _OPERATIONS[method][inplace](g, operand)
+
+
+# Per method: (out-of-place, in-place) elementwise op, looked up once per layer call.
+_OPERATIONS = {
+    "steer": (torch.mul, torch.Tensor.mul_),
+    "deactivate": (torch.mul, torch.Tensor.mul_),
+    "add": (torch.add, torch.Tensor.add_),
+    "clamp": (torch.maximum, lambda g, operand: torch.maximum(g, operand, out=g)),
+}
 
 
 # --------------------------------------------------------------------------- capture
@@ -209,14 +218,15 @@ class CountResult:
 class _Counter:
     """Positive-activation counters of one group for one batch, on the model's device.
 
-    Prefill calls (many positions) are reduced at once. Decode calls (one position per
-    row) only write ``g > 0`` into a per-layer step buffer, a single kernel per layer;
-    the buffer is reduced with the step's row validity every few steps. This keeps the
-    per-token cost of capture to one elementwise op per layer, which is what makes
-    capture nearly free next to the model's own kernels.
+    Prefill calls (many positions) are reduced at once. A decode call (one position per
+    row) writes the layer's activations into that layer's columns of a step buffer: a
+    SiLU layer's own kernel writes them there (``silu(x, out=...)``), so counting costs no
+    kernel at all; any other activation costs one ``g > 0`` written there. Every few steps
+    the buffer (all layers) is reduced with the steps' row validity, in one reduction.
     """
 
     BUFFER_BYTES = 256 * 2**20
+    MAX_STEPS = 32
 
     def __init__(self, layout: NeuronLayout, capture: Capture):
         self.layout = layout
@@ -227,9 +237,11 @@ class _Counter:
         self.sum_a: list[torch.Tensor] = []
         self.sum_a2: list[torch.Tensor] = []
         self.valid: torch.Tensor | None = None  # [B, S] for the current call
-        self.step_bufs: list[torch.Tensor] = []  # per layer [steps, B, 1, D] bool
-        self.step_views: list[list[torch.Tensor]] = []
-        self.step_valid: torch.Tensor | None = None  # [steps, B, 1] bool
+        # [steps, B, 1, N] in the activations' dtype, all layers; made at the first decode call.
+        self.step_buf: torch.Tensor | None = None
+        self.step_views: list[list[torch.Tensor]] = []  # [layer][step] -> [B, 1, D_l] view
+        self.capacity = self.MAX_STEPS  # steps the buffer holds, once it is made
+        self.step_valid: torch.Tensor | None = None  # [MAX_STEPS, B, 1] bool
         self.step_valid_views: list[torch.Tensor] = []
         self.slot = -1  # step-buffer slot of the current decode call, -1 for a prefill call
         self._zeros: torch.Tensor | None = None
@@ -241,15 +253,22 @@ class _Counter:
         self.K_all = torch.zeros(batch, self.layout.n_neurons, dtype=torch.int32, device=device)
         self.K = list(torch.split(self.K_all, list(sizes), dim=1))
         self.T = torch.zeros(batch, dtype=torch.int64, device=device)
-        steps = int(max(1, min(32, self.BUFFER_BYTES // (batch * self.layout.n_neurons))))
-        self.step_bufs = [torch.empty(steps, batch, 1, d, dtype=torch.bool, device=device) for d in sizes]
-        # Views made once, so a decode call costs one dispatch per layer and no slicing.
-        self.step_views = [list(buf.unbind(0)) for buf in self.step_bufs]
-        self.step_valid = torch.empty(steps, batch, 1, dtype=torch.bool, device=device)
+        self.step_valid = torch.empty(self.MAX_STEPS, batch, 1, dtype=torch.bool, device=device)
         self.step_valid_views = list(self.step_valid.unbind(0))
         if self.capture.moments:
             self.sum_a = [torch.zeros(batch, d, dtype=torch.float32, device=device) for d in sizes]
             self.sum_a2 = [torch.zeros(batch, d, dtype=torch.float32, device=device) for d in sizes]
+
+    def _make_step_buffer(self, dtype: torch.dtype, device) -> None:
+        batch, n = self.T.shape[0], self.layout.n_neurons
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.capacity = int(max(1, min(self.MAX_STEPS, self.BUFFER_BYTES // (batch * n * itemsize))))
+        self.step_buf = torch.empty(self.capacity, batch, 1, n, dtype=dtype, device=device)
+        # Views made once, so a decode call costs no slicing.
+        self.step_views = [
+            list(part.unbind(0))
+            for part in torch.split(self.step_buf, list(self.layout.layer_sizes), dim=3)
+        ]
 
     def _ensure(self, batch: int, device) -> None:
         if not self.K:
@@ -269,10 +288,10 @@ class _Counter:
     def begin_step(self, finished: torch.Tensor | None, batch: int, device) -> None:
         """A decode step (one position per row): real unless the row has ``finished``.
 
-        Writes the step's validity straight into the step buffer: two small ops per step.
+        Writes the step's validity straight into its slot: one small op per step.
         """
         self._ensure(batch, device)
-        if self.filled == len(self.step_valid):
+        if self.filled == self.capacity:
             self.flush()
         self.slot = self.filled
         view = self.step_valid_views[self.slot]
@@ -283,15 +302,47 @@ class _Counter:
         self.valid = view
         self.filled += 1
 
+    def _step_out(self, layer: int, t: torch.Tensor) -> torch.Tensor:
+        """This decode step's slot for ``layer``; ``t`` must be ``[B, 1, D_l]``."""
+        if self.step_buf is None:
+            self._make_step_buffer(t.dtype, t.device)
+        out = self.step_views[layer][self.slot]
+        # A mismatch would silently resize or broadcast into ``out``: refuse it.
+        if t.shape[0] != out.shape[0] or t.shape[1] != 1 or t.shape[-1] != out.shape[-1]:
+            self._positions_mismatch(layer, t)
+        return out
+
+    def silu_into_step(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """``silu(x)`` written by its own kernel into the step buffer (None: not possible)."""
+        out = self._step_out(layer, x)
+        if out.dtype != x.dtype:
+            return None
+        g = torch._C._nn.silu(x, out=out)
+        if self.capture.moments:
+            self._add_moments(layer, g)
+        return g
+
     def count(self, layer: int, g: torch.Tensor) -> None:
         if self.slot >= 0:
-            torch.gt(g, self._zero(g.dtype), out=self.step_views[layer][self.slot])
+            torch.gt(g, self._zero(g.dtype), out=self._step_out(layer, g))  # 1/0, summed at flush
         else:
+            if self.valid is None or self.valid.shape != g.shape[:2]:
+                self._positions_mismatch(layer, g)
             self.K[layer] += ((g > 0) & self.valid[:, :, None]).sum(dim=1, dtype=torch.int32)
         if self.capture.moments:
-            a = g.detach().float() * self.valid[:, :, None]
-            self.sum_a[layer] += a.sum(dim=1)
-            self.sum_a2[layer] += (a * a).sum(dim=1)
+            self._add_moments(layer, g)
+
+    def _add_moments(self, layer: int, g: torch.Tensor) -> None:
+        a = g.detach().float() * self.valid[:, :, None]
+        self.sum_a[layer] += a.sum(dim=1)
+        self.sum_a2[layer] += (a * a).sum(dim=1)
+
+    def _positions_mismatch(self, layer: int, g: torch.Tensor):
+        got = None if self.valid is None else tuple(self.valid.shape)
+        raise RuntimeError(
+            f"layer {layer} saw {tuple(g.shape[:2])} positions but the group's root "
+            f"announced {got}: is the root the module that runs these MLPs?"
+        )
 
     def _zero(self, dtype: torch.dtype) -> torch.Tensor:
         # A 0-dim tensor, made once: comparing with a Python 0 wraps it into a tensor on
@@ -302,12 +353,12 @@ class _Counter:
 
     def flush(self) -> None:
         n = self.filled
-        if n:
+        if n and self.step_buf is not None:
             # Decode positions are counted here, a few steps at a time, not per step.
-            self.T += self.step_valid[:n, :, 0].sum(dim=0)
-            valid = self.step_valid[:n, :, :, None]
-            for K, buf in zip(self.K, self.step_bufs):
-                K += (buf[:n] & valid).sum(dim=(0, 2), dtype=torch.int32)
+            valid = self.step_valid[:n]
+            self.T += valid[:, :, 0].sum(dim=0)
+            positive = torch.gt(self.step_buf[:n], 0).logical_and_(valid[..., None])
+            self.K_all += positive.sum(dim=(0, 2), dtype=torch.int32)
         self.filled = 0
 
     def result(self) -> CountResult:
@@ -380,32 +431,36 @@ class _GroupState:
         return hit if hit.shape[1] == 1 else hit.any(dim=1, keepdim=True)
 
     # -- per layer ---------------------------------------------------------------
-    def on_activation(self, layer: int, g: torch.Tensor) -> torch.Tensor:
-        if self.counter is not None:
-            if self.group.root is None and layer == 0:
+    def on_activation(self, layer: int, function, x: torch.Tensor) -> torch.Tensor:
+        """``function(x)`` (the layer's activation), counted and/or intervened on."""
+        counter = self.counter
+        if counter is None:
+            g = function(x)
+        else:
+            if layer == 0 and self.group.root is None:
                 # No root announces positions: every position is real and the first
                 # layer's call marks a new forward pass.
-                batch, seq = g.shape[0], g.shape[1]
+                batch, seq = x.shape[0], x.shape[1]
                 if seq == 1:
-                    self.counter.begin_step(None, batch, g.device)
+                    counter.begin_step(None, batch, x.device)
                 else:
-                    self.counter.begin_positions(torch.ones(batch, seq, dtype=torch.bool, device=g.device))
-            self._check_positions(layer, g)
-            self.counter.count(layer, g)
+                    counter.begin_positions(torch.ones(batch, seq, dtype=torch.bool, device=x.device))
+            g = None
+            if counter.slot >= 0 and function is F.silu and not (
+                torch.is_grad_enabled() and x.requires_grad
+            ):
+                g = counter.silu_into_step(layer, x)
+            if g is None:
+                g = function(x)
+                counter.count(layer, g)
+            elif self.intervention is not None:
+                # g lives in the step buffer, which must keep the values as computed.
+                return self._intervene(layer, g, inplace=False)
         if self.intervention is not None:
             g = self._intervene(layer, g)
         return g
 
-    def _check_positions(self, layer: int, g: torch.Tensor) -> None:
-        valid = self.counter.valid
-        if valid is None or valid.shape != g.shape[:2]:
-            got = None if valid is None else tuple(valid.shape)
-            raise RuntimeError(
-                f"layer {layer} saw {tuple(g.shape[:2])} positions but the group's root "
-                f"announced {got}: is the root the module that runs these MLPs?"
-            )
-
-    def _intervene(self, layer: int, g: torch.Tensor) -> torch.Tensor:
+    def _intervene(self, layer: int, g: torch.Tensor, inplace: bool = True) -> torch.Tensor:
         if self.operands is None:
             self.operands = compile_operands(
                 self.intervention, self.group.layout, g.device, g.dtype
@@ -415,23 +470,41 @@ class _GroupState:
             raise ValueError(
                 f"intervention has {operand.shape[0]} rows but the batch has {g.shape[0]}"
             )
-        return apply_operand(self.intervention.method, g, operand)
-
-
-_PINNED: dict[tuple, torch.Tensor] = {}
+        return apply_operand(self.intervention.method, g, operand, inplace)
 
 
 def _to_host(tensor: torch.Tensor) -> np.ndarray:
-    """Copy to a host array through a reused pinned buffer (page-locking is slow to set up)."""
+    """A host array of ``tensor``, through page-locked memory on CUDA.
+
+    Pageable device-to-host copies are several times slower. The page-locked tensor comes
+    from torch's caching host allocator and the array keeps it alive, so no extra copy is
+    made and the block is reused for a later batch once the array is dropped.
+    """
     if tensor.device.type != "cuda":
         return tensor.numpy().copy()
-    key = (tuple(tensor.shape), tensor.dtype)
-    if key not in _PINNED:
-        _PINNED.clear()  # keep one buffer: batches of one run share a shape
-        _PINNED[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host = _PINNED[key]
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor)
-    return host.numpy().copy()
+    return host.numpy()
+
+
+def plain_function(activation: nn.Module):
+    """The function ``activation`` computes, when it is known to be exactly that function.
+
+    ``act_fn`` runs once per layer and token; calling ``F.silu`` directly instead of the
+    module saves one module dispatch per call (the same kernel runs). Anything else, e.g.
+    a hub kernel swapped in for ``forward`` or a module with hooks, is called as it is.
+    """
+    kind = type(activation)
+    if vars(activation).get("forward") is not None or activation._forward_hooks \
+            or activation._forward_pre_hooks:
+        return activation
+    if kind is nn.SiLU and not activation.inplace:
+        return F.silu
+    forward = kind.forward
+    if kind.__name__ == "SiLUActivation" and forward.__module__ == "transformers.activations" \
+            and forward.__qualname__ == "SiLUActivation.forward":
+        return F.silu
+    return activation
 
 
 class _HookedActivation(nn.Module):
@@ -440,11 +513,12 @@ class _HookedActivation(nn.Module):
     def __init__(self, original: nn.Module, state: _GroupState, layer: int):
         super().__init__()
         self.original = original
+        self.function = plain_function(original)
         self.state = state
         self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.state.on_activation(self.layer, self.original(x))
+        return self.state.on_activation(self.layer, self.function, x)
 
 
 # --------------------------------------------------------------------------- sessions

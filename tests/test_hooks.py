@@ -370,3 +370,90 @@ def test_mask_rows_must_match_batch_and_indices_must_exist():
             pass
     # a failed session still restores the model
     assert all(type(l.mlp.act_fn).__name__ != "_HookedActivation" for l in model.model.layers)
+
+
+def test_plain_silu_is_called_directly_and_anything_else_as_it_is():
+    from torch.nn import functional as F
+    from transformers.activations import ACT2FN
+
+    from esn_core.hooks import plain_function
+
+    assert plain_function(nn.SiLU()) is F.silu
+    assert plain_function(ACT2FN["silu"]) is F.silu  # transformers' own SiLU module
+    for module in (nn.SiLU(inplace=True), nn.GELU(), ACT2FN["gelu_pytorch_tanh"]):
+        assert plain_function(module) is module
+    replaced = nn.SiLU()
+    replaced.forward = lambda x: x * 2  # e.g. a hub kernel swapped in on the instance
+    assert plain_function(replaced) is replaced
+    hooked = nn.SiLU()
+    hooked.register_forward_hook(lambda m, i, o: o * 2)
+    assert plain_function(hooked) is hooked
+
+
+def test_a_gelu_model_is_hooked_through_its_own_activation():
+    """A non-SiLU act_fn still runs as the model defines it: same logits, counts of its g."""
+    model = tiny_qwen2(hidden_act="gelu_pytorch_tanh")
+    ids = torch.tensor([[3, 9, 4, 7, 5]])
+    seen = []
+    handles = [l.mlp.act_fn.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+               for l in model.model.layers]
+    with torch.no_grad():
+        plain = model(ids).logits
+    for h in handles:
+        h.remove()
+    engine = HookEngine({"lm": lm_group(model)})
+    with torch.no_grad(), engine.session(capture={"lm": Capture()}) as session:
+        hooked = model(ids).logits
+    assert torch.equal(hooked, plain)
+    expected = torch.cat([(g[0] > 0).sum(0) for g in seen]).numpy()
+    np.testing.assert_array_equal(session.counts("lm").K[0], expected)
+
+
+@pytest.mark.parametrize("steered", [False, True])
+def test_generate_counts_equal_a_recording_of_every_activation(monkeypatch, steered):
+    """Decode steps count through SiLU writing into the step buffer; the counts equal
+    ``g > 0`` recorded by plain forward hooks (before any intervention), and an intervention
+    on top of that path leaves the generated tokens as the in-place path makes them."""
+    from esn_core.hooks import _Counter
+
+    model = tiny_qwen2()
+    layers = len(model.model.layers)
+    ids = torch.randint(3, 64, (3, 5), generator=torch.Generator().manual_seed(4))
+    engine = HookEngine({"lm": lm_group(model, eos_token_ids=())})
+    plan = Intervention("steer", (np.array([], dtype=np.int64), np.arange(0, 144, 3),
+                                  np.arange(1, 144, 5)), (0.0, 1.5, 2.0))
+    steer = {"lm": plan} if steered else None
+
+    def generate():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                              min_new_tokens=6, do_sample=False, pad_token_id=0)
+
+    # Reference: a forward hook sees g as act_fn computes it; with a hook on it the engine
+    # calls the module itself (the generic path), so this run takes no shortcut.
+    want = [torch.zeros(3, 48, dtype=torch.int64) for _ in range(layers)]
+
+    def recorder(layer):
+        def record(module, inputs, g):
+            want[layer] += (g > 0).sum(dim=1)
+
+        return record
+
+    handles = [layer.mlp.act_fn.register_forward_hook(recorder(l))
+               for l, layer in enumerate(model.model.layers)]
+    with engine.session(interventions=steer):
+        want_tokens = generate()
+    for h in handles:
+        h.remove()
+
+    buffered = []
+    original = _Counter.silu_into_step
+    monkeypatch.setattr(_Counter, "silu_into_step",
+                        lambda self, l, x: buffered.append(l) or original(self, l, x))
+    with engine.session(capture={"lm": Capture()}, interventions=steer) as s:
+        tokens = generate()
+    assert len(buffered) == 5 * layers  # every decode step of every layer took the path
+    assert torch.equal(tokens, want_tokens)
+    got = s.counts("lm")
+    np.testing.assert_array_equal(got.T, [10, 10, 10])  # 5 prompt + 5 fed tokens
+    np.testing.assert_array_equal(got.K, torch.cat(want, dim=1).numpy())
+    assert 0 < got.K.sum() < 10 * 3 * 144

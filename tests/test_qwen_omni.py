@@ -467,3 +467,22 @@ def test_generate_decodes_equal_length_rows_in_one_token2wav_call(adapter, sourc
     assert torch.equal(sequences, sequences1)
     for one, many in zip(waves1, waves):
         assert torch.equal(many, one)
+
+
+@batched
+@pytest.mark.parametrize("tf32, during", [(True, "high"), (False, "highest")])
+def test_token2wav_matrix_products_use_tf32_only_while_it_runs(adapter, sources, tf32, during):
+    inputs = adapter.prepare(requests(sources)[:1])
+    chosen = QwenOmniAdapter.from_model(adapter.model, adapter.processor, token2wav_tf32=tf32,
+                                        **{k: v for k, v in SETTINGS.items() if k != "device"})
+    seen = []
+    token2wav = adapter.model.token2wav
+    inner = token2wav.forward
+    token2wav.forward = lambda *a, **k: (seen.append(torch.get_float32_matmul_precision()),
+                                         inner(*a, **k))[1]
+    try:
+        chosen.generate(inputs, [3])
+    finally:
+        del token2wav.forward
+    assert seen == [during]
+    assert torch.get_float32_matmul_precision() == "highest"  # restored

@@ -8,7 +8,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from esn_core.hooks import MLPGroup
 
 
-def tiny_qwen2(seed: int = 0, layers: int = 3, dtype=torch.float64) -> Qwen2ForCausalLM:
+def tiny_qwen2(seed: int = 0, layers: int = 3, dtype=torch.float64,
+               hidden_act: str = "silu") -> Qwen2ForCausalLM:
     """A 3-layer Qwen2ForCausalLM (vocab 64, width 32, 48 gate neurons per layer).
 
     float64 so that padded and unpadded runs agree to the last bit that a sign test or a
@@ -27,6 +28,7 @@ def tiny_qwen2(seed: int = 0, layers: int = 3, dtype=torch.float64) -> Qwen2ForC
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        hidden_act=hidden_act,
     )
     config._attn_implementation = "sdpa"
     model = Qwen2ForCausalLM(config).to(dtype).eval()

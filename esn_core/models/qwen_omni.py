@@ -25,6 +25,12 @@ Choices, each for a stated reason:
   handed to transformers' own ``sample`` in place of its one ``torch.randn`` call. A row's
   waveform is then the single-row result up to the batch-shape rounding of the kernels
   (bit for bit on CPU in the tests); ``token2wav_batch_size=1`` is the per-row path.
+* **TF32 token2wav.** transformers holds token2wav in float32. Its DiT runs 4 RK4
+  evaluations per ODE step with classifier-free guidance (2 rows per row), ~16 TFLOP of
+  float32 matrix products per 200-code row, which without TF32 run at a fraction of the
+  tensor cores' rate. torch already runs its convolutions (BigVGAN) in TF32 by default, so
+  ``token2wav_tf32`` (default on) sets ``float32_matmul_precision("high")`` for token2wav
+  alone and restores the caller's setting afterwards.
 * **Groups by structure.** ``lm`` = the gated MLPs of the thinker's text decoder, found as
   the module that owns the thinker's input embedding and a ``layers`` list
   (``thinker.model`` in transformers 4.57 and 5.17, ``thinker.model.language_model`` in
@@ -423,6 +429,18 @@ def _initial_noise(noise: torch.Tensor):
         )
 
 
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str | None):
+    """``torch.set_float32_matmul_precision(precision)`` for the block (None: unchanged)."""
+    previous = torch.get_float32_matmul_precision()
+    if precision is not None:
+        torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 @torch.no_grad()
 def token2wav_batch(token2wav: nn.Module, calls: Sequence[dict], seeds: Sequence[int],
                     max_rows: int = 32, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
@@ -485,7 +503,9 @@ class QwenOmniAdapter(LALMAdapter):
     and codec token budgets. ``batch_size``: rows per ``convert`` call the workflow should
     send (1 on transformers < 5). ``token2wav_steps``: ODE steps of the DiT (model default 10).
     ``token2wav_batch_size``: most rows per token2wav call (rows of equal code length are
-    decoded together; 1 = one row at a time, as transformers does).
+    decoded together; 1 = one row at a time, as transformers does). ``token2wav_tf32``:
+    token2wav's float32 matrix products on TF32 tensor cores (its convolutions already
+    are, by torch's default); off = the global ``torch`` setting.
     ``stop_token_ids``: extra ids that end the text answer (hooks stop counting there too).
     """
 
@@ -506,12 +526,13 @@ class QwenOmniAdapter(LALMAdapter):
         attn_implementation: str = "sdpa",
         stop_token_ids: Sequence[int] = (),
         token2wav_batch_size: int = 32,
+        token2wav_tf32: bool = True,
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self._configure(system_prompt, instruction_template, max_new_tokens,
                         talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids,
-                        token2wav_batch_size)
+                        token2wav_batch_size, token2wav_tf32)
         from transformers import Qwen2_5OmniForConditionalGeneration
 
         self.path = resolve_checkpoint(path)
@@ -528,7 +549,8 @@ class QwenOmniAdapter(LALMAdapter):
                    max_new_tokens: int = 64, talker_max_new_tokens: int = 1024,
                    batch_size: int = 8, token2wav_steps: int = 10,
                    stop_token_ids: Sequence[int] = (),
-                   token2wav_batch_size: int = 32) -> QwenOmniAdapter:
+                   token2wav_batch_size: int = 32,
+                   token2wav_tf32: bool = True) -> QwenOmniAdapter:
         """An adapter around a model already in memory (benchmarks with random weights).
 
         Without a ``processor`` there is no prompt building (``prepare``/``convert``), but
@@ -537,14 +559,14 @@ class QwenOmniAdapter(LALMAdapter):
         self = cls.__new__(cls)
         self._configure(system_prompt, instruction_template, max_new_tokens,
                         talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids,
-                        token2wav_batch_size)
+                        token2wav_batch_size, token2wav_tf32)
         self.path = None
         self._attach(model, processor, speaker)
         return self
 
     def _configure(self, system_prompt, instruction_template, max_new_tokens,
                    talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids,
-                   token2wav_batch_size=32) -> None:
+                   token2wav_batch_size=32, token2wav_tf32=True) -> None:
         if min(max_new_tokens, talker_max_new_tokens, batch_size, token2wav_batch_size) < 1 \
                 or token2wav_steps < 2:
             raise ValueError("max_new_tokens, talker_max_new_tokens, batch_size and "
@@ -557,6 +579,7 @@ class QwenOmniAdapter(LALMAdapter):
         self.talker_max_new_tokens = int(talker_max_new_tokens)
         self.token2wav_steps = int(token2wav_steps)
         self.token2wav_batch_size = int(token2wav_batch_size)
+        self.token2wav_tf32 = bool(token2wav_tf32)
         self.batch_size = int(batch_size) if _transformers_major() >= 5 else 1
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
 
@@ -685,8 +708,10 @@ class QwenOmniAdapter(LALMAdapter):
                 if exact:
                     token2wav.to(torch.float64)
                 try:
-                    waves = token2wav_batch(token2wav, calls, row_seeds, self.token2wav_batch_size,
-                                            dtype=torch.float64 if exact else None)
+                    with float32_matmul_precision("high" if self.token2wav_tf32 else None):
+                        waves = token2wav_batch(token2wav, calls, row_seeds,
+                                                self.token2wav_batch_size,
+                                                dtype=torch.float64 if exact else None)
                 finally:
                     if exact:
                         token2wav.float()  # what transformers' generate expects to find

@@ -265,8 +265,10 @@ def main(argv=None) -> int:
     if device == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     elif args.memory_cap_gib:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), index)
 
     started = time.perf_counter()
     model = build_model(args.tiny, device, dtype)

@@ -28,6 +28,7 @@ Design choices, each for a measured or specified reason:
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
 
@@ -237,8 +238,9 @@ class _Counter:
         self.sum_a: list[torch.Tensor] = []
         self.sum_a2: list[torch.Tensor] = []
         self.valid: torch.Tensor | None = None  # [B, S] for the current call
-        # [steps, B, 1, N] in the activations' dtype, all layers; made at the first decode call.
-        self.step_buf: torch.Tensor | None = None
+        # Per run of equal-width layers: ([L_r, steps, B, 1, D_r] buffer in the activations'
+        # dtype, [B, L_r, D_r] view of K_all); made at the first decode call.
+        self.step_runs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.step_views: list[list[torch.Tensor]] = []  # [layer][step] -> [B, 1, D_l] view
         self.capacity = self.MAX_STEPS  # steps the buffer holds, once it is made
         self.step_valid: torch.Tensor | None = None  # [MAX_STEPS, B, 1] bool
@@ -260,15 +262,22 @@ class _Counter:
             self.sum_a2 = [torch.zeros(batch, d, dtype=torch.float32, device=device) for d in sizes]
 
     def _make_step_buffer(self, dtype: torch.dtype, device) -> None:
+        """One buffer per run of equal-width layers (one for a decoder stack), laid out so
+        that a layer's slot is contiguous (vectorised kernels write and read it) and a flush
+        is one reduction per run."""
         batch, n = self.T.shape[0], self.layout.n_neurons
         itemsize = torch.empty((), dtype=dtype).element_size()
         self.capacity = int(max(1, min(self.MAX_STEPS, self.BUFFER_BYTES // (batch * n * itemsize))))
-        self.step_buf = torch.empty(self.capacity, batch, 1, n, dtype=dtype, device=device)
-        # Views made once, so a decode call costs no slicing.
-        self.step_views = [
-            list(part.unbind(0))
-            for part in torch.split(self.step_buf, list(self.layout.layer_sizes), dim=3)
-        ]
+        self.step_runs, self.step_views = [], []
+        start = 0
+        for width, run in itertools.groupby(self.layout.layer_sizes):
+            layers = len(list(run))
+            buffer = torch.empty(layers, self.capacity, batch, 1, width, dtype=dtype, device=device)
+            K = self.K_all[:, start : start + layers * width].view(batch, layers, width)
+            self.step_runs.append((buffer, K))
+            # Views made once, so a decode call costs no slicing.
+            self.step_views += [list(layer.unbind(0)) for layer in buffer.unbind(0)]
+            start += layers * width
 
     def _ensure(self, batch: int, device) -> None:
         if not self.K:
@@ -304,7 +313,7 @@ class _Counter:
 
     def _step_out(self, layer: int, t: torch.Tensor) -> torch.Tensor:
         """This decode step's slot for ``layer``; ``t`` must be ``[B, 1, D_l]``."""
-        if self.step_buf is None:
+        if not self.step_runs:
             self._make_step_buffer(t.dtype, t.device)
         out = self.step_views[layer][self.slot]
         # A mismatch would silently resize or broadcast into ``out``: refuse it.
@@ -353,12 +362,13 @@ class _Counter:
 
     def flush(self) -> None:
         n = self.filled
-        if n and self.step_buf is not None:
+        if n and self.step_runs:
             # Decode positions are counted here, a few steps at a time, not per step.
-            valid = self.step_valid[:n]
+            valid = self.step_valid[:n]  # [n, B, 1]
             self.T += valid[:, :, 0].sum(dim=0)
-            positive = torch.gt(self.step_buf[:n], 0).logical_and_(valid[..., None])
-            self.K_all += positive.sum(dim=(0, 2), dtype=torch.int32)
+            for buffer, K in self.step_runs:
+                positive = torch.gt(buffer[:, :n], 0).logical_and_(valid[..., None])
+                K += positive.sum(dim=(1, 3), dtype=torch.int32).transpose(0, 1)
         self.filled = 0
 
     def result(self) -> CountResult:

@@ -457,3 +457,45 @@ def test_generate_counts_equal_a_recording_of_every_activation(monkeypatch, stee
     np.testing.assert_array_equal(got.T, [10, 10, 10])  # 5 prompt + 5 fed tokens
     np.testing.assert_array_equal(got.K, torch.cat(want, dim=1).numpy())
     assert 0 < got.K.sum() < 10 * 3 * 144
+
+
+@pytest.mark.parametrize("buffer_bytes", [1, 2**20])
+def test_decode_steps_count_across_layers_of_different_widths(monkeypatch, buffer_bytes):
+    """Layers of unequal width get one step buffer per run of equal widths; one-position
+    calls (decode steps) count exactly what a recording of ``g`` sees."""
+    monkeypatch.setattr("esn_core.hooks._Counter.BUFFER_BYTES", buffer_bytes)
+    from transformers import Qwen2Config
+
+    torch.manual_seed(3)
+    mlps = nn.ModuleList([Qwen2MLP(Qwen2Config(hidden_size=6, intermediate_size=d))
+                          for d in (5, 5, 7, 4)]).double()
+    for p in mlps.parameters():
+        nn.init.normal_(p, 0, 1.0)
+
+    def forward(x):
+        for mlp in mlps:
+            x = mlp(x)
+        return x
+
+    steps = [torch.randn(3, 1, 6, dtype=torch.float64) for _ in range(5)]
+    want = [torch.zeros(3, m.gate_proj.out_features, dtype=torch.int64) for m in mlps]
+
+    def recorder(layer):
+        def record(module, inputs, g):
+            want[layer] += (g > 0).sum(dim=1)
+
+        return record
+
+    handles = [m.act_fn.register_forward_hook(recorder(l)) for l, m in enumerate(mlps)]
+    with torch.no_grad():
+        plain = [forward(x) for x in steps]
+    for h in handles:
+        h.remove()
+    engine = HookEngine({"lm": MLPGroup(list(mlps))})
+    with torch.no_grad(), engine.session(capture={"lm": Capture()}) as s:
+        hooked = [forward(x) for x in steps]
+    assert all(torch.equal(a, b) for a, b in zip(plain, hooked))
+    got = s.counts("lm")
+    np.testing.assert_array_equal(got.T, [5, 5, 5])
+    np.testing.assert_array_equal(got.K, torch.cat(want, dim=1).numpy())
+    assert 0 < got.K.sum() < 5 * 3 * 21

@@ -29,7 +29,12 @@ import time
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from esn_core.hooks import Capture, HookEngine, Intervention, MLPGroup
 from esn_core.stats import write_counts

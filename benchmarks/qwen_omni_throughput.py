@@ -338,7 +338,7 @@ def main(argv=None) -> int:
                             "peak_gib": peak, "step_ms": step_ms, "runs": runs[mode]})
         if "off" in runs:
             base = next(r["step_ms"] for r in results if r.get("batch") == batch and r.get("mode") == "off")
-            print(f"#   median decode step (ms), ratio to off: " + "; ".join(
+            print("#   median decode step (ms), ratio to off: " + "; ".join(
                 f"{r['mode']} " + ", ".join(
                     f"{name} {ms:.2f}" + (f" ({ms / base[name]:.3f}x)" if r["mode"] != "off" else "")
                     for name, ms in r["step_ms"].items())

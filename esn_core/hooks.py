@@ -12,6 +12,9 @@ Design choices, each for a measured or specified reason:
   hard-coded attribute paths: the same code serves Qwen2, Qwen3, Llama and the Omni models.
 * Counters live on the model's device as one int32 ``[B, D_l]`` tensor per layer and are
   moved to the host once, when the session ends: no per-call synchronisation.
+* A decode step (one position per row) is where per-token cost matters: a SiLU layer's
+  activation kernel writes ``g`` straight into that layer's slot of a step buffer, so
+  counting adds no kernel; the buffer is reduced every few steps.
 * Padding never counts. A forward pre-hook on the group's *root* (the module ``generate``
   calls) reads ``attention_mask`` and, at decode steps, the fed token ids; a row stops
   counting once it has fed an end-of-sequence token, because a single unpadded run would

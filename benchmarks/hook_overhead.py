@@ -92,6 +92,42 @@ def steering_plan(layout, batch: int, r: float, seed: int) -> Intervention:
     return Intervention("steer", tuple(masks), tuple([1.0] * batch))
 
 
+def per_call_cost(model, engine, layout, batch: int, device: str, calls: int = 2000) -> dict:
+    """Microseconds per ``act_fn`` call of one decode step, plain and hooked.
+
+    The decode loop of ``generate`` is launch-bound (the host issues kernels slower than
+    the GPU runs them), so a hook's cost per token is what it adds on the host per layer
+    call. Timed here in isolation, as the best of 5 rounds of ``calls`` calls: a figure
+    that the host's run-to-run noise hardly moves.
+    """
+    mlp = engine.groups["lm"].mlps[0]
+    x = torch.randn(batch, 1, mlp.gate_proj.out_features, device=device, dtype=model.dtype)
+    ids = torch.ones(batch, 2, dtype=torch.long, device=device)
+    plan = steering_plan(layout, batch, 0.005, seed=batch)
+    modes = {
+        "plain": contextlib.nullcontext,
+        "capture": lambda: engine.session(capture={"lm": Capture()}),
+        "steer": lambda: engine.session(interventions={"lm": plan}),
+        "capture+steer": lambda: engine.session(capture={"lm": Capture()}, interventions={"lm": plan}),
+    }
+    out = {}
+    with torch.inference_mode():
+        for mode, ctx in modes.items():
+            with ctx():
+                model(ids)  # a prefill, then one decode step: act_fn calls are decode calls
+                model(ids[:, :1])
+                best = float("inf")
+                for _ in range(5):
+                    sync(device)
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        mlp.act_fn(x)
+                    sync(device)
+                    best = min(best, (time.perf_counter() - start) / calls)
+            out[mode] = best * 1e6
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -197,6 +233,7 @@ def main() -> None:
         row["step_ms"] = statistics.median(steps["plain"]) * 1e3
         row["bytes_per_attempt"] = bytes_per_attempt
         row["T"] = int(counts.T[0])
+        row["per_call_us"] = per_call_cost(model, engine, layout, batch, args.device)
         rows.append(row)
         print(f"batch {batch:3d}: plain {base:.3f} s | plain again {row['plain again']:.3f}x | capture {row['capture']:.3f}x | "
               f"steer {row['steer']:.3f}x | capture+steer {row['capture+steer']:.3f}x | "
@@ -217,6 +254,17 @@ def main() -> None:
         cells = " | ".join(f"{r[m + ' (step)']:.3f}x; {r[m + ' (cpu step)']:.3f}x"
                            for m in ("plain again", "capture", "steer", "capture+steer"))
         print(f"| {r['batch']} | {r['step_ms']:.2f} ms | {cells} |")
+    layers = len(group.mlps)
+    print(f"\nper act_fn call of a decode step (host microseconds, best of 5 x 2000 calls); "
+          f"the hook's extra cost x {layers} layers, as a share of the plain decode step")
+    print("| batch | plain | capture | steering | capture+steering |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        us = r["per_call_us"]
+        cells = " | ".join(
+            f"{us[m]:.1f} us (+{layers * (us[m] - us['plain']) / (r['step_ms'] * 1e3):.1%})"
+            for m in ("capture", "steer", "capture+steer"))
+        print(f"| {r['batch']} | {us['plain']:.1f} us | {cells} |")
 
 
 def profile_modes(modes, generate, ids) -> None:

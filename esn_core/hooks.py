@@ -486,18 +486,25 @@ class _GroupState:
         return apply_operand(self.intervention.method, g, operand, inplace)
 
 
-def _to_host(tensor: torch.Tensor) -> np.ndarray:
-    """A host array of ``tensor``, through page-locked memory on CUDA.
+_PINNED: dict[tuple, torch.Tensor] = {}
 
-    Pageable device-to-host copies are several times slower. The page-locked tensor comes
-    from torch's caching host allocator and the array keeps it alive, so no extra copy is
-    made and the block is reused for a later batch once the array is dropped.
+
+def _to_host(tensor: torch.Tensor) -> np.ndarray:
+    """Copy to a host array through a reused pinned buffer.
+
+    Pageable device-to-host copies are several times slower, and page-locking is slow to
+    set up; the result is an ordinary array, because callers keep a shard's counts and
+    gigabytes of page-locked memory would starve the host.
     """
     if tensor.device.type != "cuda":
         return tensor.numpy().copy()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    key = (tuple(tensor.shape), tensor.dtype)
+    if key not in _PINNED:
+        _PINNED.clear()  # keep one buffer: batches of one run share a shape
+        _PINNED[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host = _PINNED[key]
     host.copy_(tensor)
-    return host.numpy()
+    return host.numpy().copy()
 
 
 def plain_function(activation: nn.Module):

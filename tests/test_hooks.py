@@ -411,9 +411,10 @@ def test_a_gelu_model_is_hooked_through_its_own_activation():
 
 @pytest.mark.parametrize("steered", [False, True])
 def test_generate_counts_equal_a_recording_of_every_activation(monkeypatch, steered):
-    """Decode steps count through SiLU writing into the step buffer; the counts equal
-    ``g > 0`` recorded by plain forward hooks (before any intervention), and an intervention
-    on top of that path leaves the generated tokens as the in-place path makes them."""
+    """Decode steps count through SiLU writing into the step buffer; the counts (and the
+    moments) equal ``g`` recorded by plain forward hooks (before any intervention), and an
+    intervention on top of that path leaves the generated tokens as the in-place path
+    makes them."""
     from esn_core.hooks import _Counter
 
     model = tiny_qwen2()
@@ -431,10 +432,14 @@ def test_generate_counts_equal_a_recording_of_every_activation(monkeypatch, stee
     # Reference: a forward hook sees g as act_fn computes it; with a hook on it the engine
     # calls the module itself (the generic path), so this run takes no shortcut.
     want = [torch.zeros(3, 48, dtype=torch.int64) for _ in range(layers)]
+    want_a = [torch.zeros(3, 48, dtype=torch.float64) for _ in range(layers)]
+    want_a2 = [torch.zeros(3, 48, dtype=torch.float64) for _ in range(layers)]
 
     def recorder(layer):
         def record(module, inputs, g):
             want[layer] += (g > 0).sum(dim=1)
+            want_a[layer] += g.sum(dim=1)
+            want_a2[layer] += (g * g).sum(dim=1)
 
         return record
 
@@ -449,13 +454,15 @@ def test_generate_counts_equal_a_recording_of_every_activation(monkeypatch, stee
     original = _Counter.silu_into_step
     monkeypatch.setattr(_Counter, "silu_into_step",
                         lambda self, l, x: buffered.append(l) or original(self, l, x))
-    with engine.session(capture={"lm": Capture()}, interventions=steer) as s:
+    with engine.session(capture={"lm": Capture(moments=True)}, interventions=steer) as s:
         tokens = generate()
     assert len(buffered) == 5 * layers  # every decode step of every layer took the path
     assert torch.equal(tokens, want_tokens)
     got = s.counts("lm")
     np.testing.assert_array_equal(got.T, [10, 10, 10])  # 5 prompt + 5 fed tokens
     np.testing.assert_array_equal(got.K, torch.cat(want, dim=1).numpy())
+    np.testing.assert_allclose(got.sum_a, torch.cat(want_a, dim=1).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.sum_a2, torch.cat(want_a2, dim=1).numpy(), rtol=1e-5, atol=1e-6)
     assert 0 < got.K.sum() < 10 * 3 * 144
 
 

@@ -516,7 +516,7 @@ def plain_function(activation: nn.Module):
     """
     kind = type(activation)
     if vars(activation).get("forward") is not None or activation._forward_hooks \
-            or activation._forward_pre_hooks:
+            or activation._forward_pre_hooks or _global_module_hooks():
         return activation
     if kind is nn.SiLU and not activation.inplace:
         return F.silu
@@ -525,6 +525,14 @@ def plain_function(activation: nn.Module):
             and forward.__qualname__ == "SiLUActivation.forward":
         return F.silu
     return activation
+
+
+def _global_module_hooks() -> bool:
+    """Are hooks registered for every module (``register_module_forward_hook``)?"""
+    from torch.nn.modules import module
+
+    return bool(getattr(module, "_global_forward_hooks", None)
+                or getattr(module, "_global_forward_pre_hooks", None))
 
 
 class _HookedActivation(nn.Module):

@@ -388,6 +388,13 @@ def test_plain_silu_is_called_directly_and_anything_else_as_it_is():
     hooked = nn.SiLU()
     hooked.register_forward_hook(lambda m, i, o: o * 2)
     assert plain_function(hooked) is hooked
+    everywhere = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        plain = nn.SiLU()
+        assert plain_function(plain) is plain  # a hook on every module must still see it
+    finally:
+        everywhere.remove()
+    assert plain_function(nn.SiLU()) is F.silu
 
 
 def test_a_gelu_model_is_hooked_through_its_own_activation():

@@ -1,0 +1,46 @@
+"""The benchmark scripts run end to end on CPU (tiny shapes), so they do not rot between
+GPU sessions; their figures are only meaningful on a GPU (BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_hook_overhead_reports_every_mode_and_the_per_call_cost():
+    out = _run("benchmarks/hook_overhead.py", "--shape", "tiny", "--batches", "2", "--prompt", "8",
+               "--new", "4", "--repeats", "2")
+    rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 3  # whole runs, per decode step, per act_fn call
+    assert "tokens identical: plain vs plain True; capture vs plain True" in out
+    per_call = [float(v) for v in re.findall(r"([\d.]+) us", rows[2])]
+    assert len(per_call) == 4 and all(v > 0 for v in per_call)
+
+
+def test_qwen_omni_throughput_reports_parts_modes_and_json(tmp_path):
+    target = tmp_path / "omni.json"
+    out = _run("benchmarks/qwen_omni_throughput.py", "--tiny", "--batches", "2", "--repeats", "1",
+               "--warmup", "0", "--modes", "off", "capture", "steer", "fp32",
+               "--out", str(target))
+    rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["off", "capture", "steer", "fp32"]
+    results = json.loads(target.read_text())["results"]
+    for result in results:
+        # token2wav = DiT + BigVGAN (+ the little glue between them)
+        assert result["dit"] + result["bigvgan"] <= result["token2wav"] + 1e-9
+        assert result["step_ms"]["talker"] > 0 and result["step_ms"]["thinker"] > 0
+        assert result["utterances_per_hour"] == 2 / result["total"] * 3600

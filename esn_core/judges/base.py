@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -49,3 +50,24 @@ def load_audio_16k(path: str | os.PathLike) -> np.ndarray:
     except RuntimeError as exc:  # soundfile's LibsndfileError derives from it
         raise ValueError(f"{path}: not a readable audio file: {exc}") from exc
     return as_mono_16k(data, sr)
+
+
+def local_checkpoint_dir(model_dir: str | os.PathLike, what: str, required: Sequence[str],
+                         where_to_get: str) -> Path:
+    """``model_dir`` as a path, or an error naming what is missing and ``where_to_get`` it.
+
+    Judges load from local directories only (no hub downloads at run time), so a missing
+    directory or file is reported with the command that fetches it.
+    """
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{what} checkpoint directory {str(model_dir)!r} does not exist (judges load from "
+            f"local directories only; a hub id is not fetched); {where_to_get}"
+        )
+    for name in required:
+        if not (path / name).is_file():
+            raise FileNotFoundError(
+                f"{what} checkpoint {path} lacks {name} (needs {', '.join(required)}); {where_to_get}"
+            )
+    return path

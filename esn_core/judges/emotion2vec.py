@@ -37,7 +37,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from esn_core.judges.base import EmotionJudge, Judgement, load_audio_16k
+from esn_core.judges.base import EmotionJudge, Judgement, load_audio_16k, local_checkpoint_dir
 from esn_core.judges.labels import map_judge_label
 
 # The files a funasr emotion2vec checkpoint directory must hold.
@@ -62,19 +62,7 @@ def where_to_get(model_dir: str | os.PathLike) -> str:
 
 def check_checkpoint_dir(model_dir: str | os.PathLike) -> Path:
     """The checkpoint directory, or an error naming what is missing and where to get it."""
-    path = Path(model_dir).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"emotion2vec checkpoint directory {str(model_dir)!r} does not exist (judges load "
-            f"from local directories only; a hub id is not fetched); {where_to_get(model_dir)}"
-        )
-    for name in REQUIRED_FILES:
-        if not (path / name).is_file():
-            raise FileNotFoundError(
-                f"emotion2vec checkpoint {path} lacks {name} (needs {', '.join(REQUIRED_FILES)}); "
-                f"{where_to_get(path)}"
-            )
-    return path
+    return local_checkpoint_dir(model_dir, "emotion2vec", REQUIRED_FILES, where_to_get(model_dir))
 
 
 def unjudgeable(n_samples: int, min_samples: int) -> Judgement:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from esn_core.constants import EMOTIONS, SAMPLE_RATE
-from esn_core.judges.base import EmotionJudge, Judgement, load_audio_16k
+from esn_core.judges.base import EmotionJudge, Judgement, load_audio_16k, local_checkpoint_dir
 from esn_core.judges.emotion2vec import unjudgeable
 
 HF_ID = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
@@ -171,15 +171,7 @@ def where_to_get(model_dir: str | os.PathLike) -> str:
 
 def check_checkpoint_dir(model_dir: str | os.PathLike) -> Path:
     """The directory, or an error naming the first missing file and where to get it."""
-    path = Path(model_dir).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"LALM judge checkpoint directory {str(model_dir)!r} does not exist (judges load from "
-            f"local directories only; a hub id is not fetched); {where_to_get(model_dir)}"
-        )
-    for name in REQUIRED_FILES:
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"LALM judge checkpoint {path} lacks {name}; {where_to_get(path)}")
+    path = local_checkpoint_dir(model_dir, "LALM judge", REQUIRED_FILES, where_to_get(model_dir))
     if not any((path / p).is_file() for p in PROCESSOR_FILES):
         raise FileNotFoundError(
             f"LALM judge checkpoint {path} lacks the audio processor config "

@@ -12,9 +12,10 @@ clocks hits every mode alike. A mode's ratio is the median over repeats of its t
 the plain run of the same repeat, with the quartiles of those ratios; ``plain again`` (a
 second plain run) shows what the machine's noise alone gives. Because single runs on a
 shared host drift by several percent, the script also times every decode step (a logits
-processor stamps the clock once per step) and reports the ratio of the median step time
-of all runs of a mode to that of plain runs: a per-token figure that a few slow runs do
-not move. Also reports the stored bytes per attempt of the counts at that shape.
+processor stamps the clock once per step) and reports, per token, the median over repeats
+of a run's median step over the same repeat's plain run's (slow drift cancels in a pair),
+and the ratio of the median step of all runs of a mode to that of plain runs: figures
+that a few slow runs do not move. Also reports the stored bytes per attempt of the counts at that shape.
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ def main() -> None:
         }
         times = {m: [] for m in modes}
         steps = {m: [] for m in modes}  # every decode step's seconds, all runs
+        run_steps = {m: [] for m in modes}  # each run's median decode step
         cpu_steps = {m: [] for m in modes}  # the same in CPU seconds of the main thread
         outputs = {}
         collect = {m: [] for m in modes}
@@ -196,6 +198,7 @@ def main() -> None:
                     times[mode].append(time.perf_counter() - t0)
                     gc.enable()
                     steps[mode].extend(np.diff(clock.stamps).tolist())
+                    run_steps[mode].append(float(np.median(np.diff(clock.stamps))))
                     cpu_steps[mode].extend(np.diff(clock.cpu_stamps).tolist())
                     collect[mode].append(time.perf_counter() - t1)
                     assert out.shape[1] == args.prompt + args.new
@@ -228,6 +231,8 @@ def main() -> None:
             row[mode + " (iqr)"] = (q1, q3)
             row[mode + " (min)"] = min(times[mode]) / best
             row[mode + " (step)"] = statistics.median(steps[mode]) / statistics.median(steps["plain"])
+            row[mode + " (paired step)"] = statistics.median(
+                s / p for s, p in zip(run_steps[mode], run_steps["plain"]))
             row[mode + " (cpu step)"] = (statistics.median(cpu_steps[mode])
                                          / statistics.median(cpu_steps["plain"]))
         row["step_ms"] = statistics.median(steps["plain"]) * 1e3
@@ -246,12 +251,14 @@ def main() -> None:
             f"{r[m]:.3f}x [{r[m + ' (iqr)'][0]:.3f}, {r[m + ' (iqr)'][1]:.3f}]; {r[m + ' (min)']:.3f}x"
             for m in ("plain again", "capture", "steer", "capture+steer"))
         print(f"| {r['batch']} | {r['plain_s']:.3f} s | {cells} | {r['bytes_per_attempt'] / 1e6:.3f} MB |")
-    print("\nper decode step: median step time of all runs of a mode / that of plain runs "
-          "(wall clock; main thread's CPU time)")
+    print("\nper decode step: median over repeats of (a run's median step / the same repeat's "
+          "plain run's); median step of all runs of a mode / that of plain runs (wall clock; "
+          "main thread's CPU time)")
     print("| batch | plain step | plain again | capture | steering | capture+steering |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        cells = " | ".join(f"{r[m + ' (step)']:.3f}x; {r[m + ' (cpu step)']:.3f}x"
+        cells = " | ".join(f"{r[m + ' (paired step)']:.3f}x; {r[m + ' (step)']:.3f}x; "
+                           f"{r[m + ' (cpu step)']:.3f}x"
                            for m in ("plain again", "capture", "steer", "capture+steer"))
         print(f"| {r['batch']} | {r['step_ms']:.2f} ms | {cells} |")
     layers = len(group.mlps)
@@ -262,7 +269,7 @@ def main() -> None:
     for r in rows:
         us = r["per_call_us"]
         cells = " | ".join(
-            f"{us[m]:.1f} us (+{layers * (us[m] - us['plain']) / (r['step_ms'] * 1e3):.1%})"
+            f"{us[m]:.1f} us ({layers * (us[m] - us['plain']) / (r['step_ms'] * 1e3):+.1%})"
             for m in ("capture", "steer", "capture+steer"))
         print(f"| {r['batch']} | {us['plain']:.1f} us | {cells} |")
 

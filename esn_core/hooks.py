@@ -1,9 +1,10 @@
 """Capture and intervention engine on the gate activation ``g = act_fn(gate_proj(x))``.
 
-One hook site per gated MLP (SPEC §1): ``mlp.act_fn`` is swapped, for the duration of a
-session, for a thin wrapper that counts positive activations and/or rewrites ``g`` on mask
-dimensions. Leaving the session puts the original ``act_fn`` objects back, so the model is
-restored exactly (no stale hooks, no changed parameters).
+One hook site per gated MLP (SPEC §1): for the duration of a session, ``mlp.act_fn`` resolves
+to a thin function that counts positive activations and/or rewrites ``g`` on mask
+dimensions (an instance attribute shadowing the registered submodule, which stays where it
+is). Leaving the session deletes those attributes, so the model is restored exactly (no
+stale hooks, no changed parameters or module tree).
 
 Design choices, each for a measured or specified reason:
 
@@ -11,7 +12,8 @@ Design choices, each for a measured or specified reason:
   under a root module that the model adapter names per group (``lm``, ``synth``), never by
   hard-coded attribute paths: the same code serves Qwen2, Qwen3, Llama and the Omni models.
 * Counters live on the model's device as one int32 ``[B, D_l]`` tensor per layer and are
-  moved to the host once, when the session ends: no per-call synchronisation.
+  moved to the host once, when the session ends: no per-call synchronisation (one per
+  prefill, to learn whether it has padding at all).
 * A decode step (one position per row) is where per-token cost matters: a SiLU layer's
   activation kernel writes ``g`` straight into that layer's slot of a step buffer, so
   counting adds no kernel; the buffer is reduced every few steps.
@@ -21,8 +23,9 @@ Design choices, each for a measured or specified reason:
   have stopped there. Batched counts therefore equal separate single runs.
 * Interventions are data: a method plus per-row flat neuron indices and per-row α. They are
   compiled once per session into one ``[B, 1, D_l]`` operand per layer, so every method is a
-  single elementwise op per layer call; a row with an empty mask gets the identity operand
-  (×1, +0, max with −inf) and is an untouched baseline, bit for bit.
+  single elementwise op per decode step; a row with an empty mask gets the identity operand
+  (×1, +0, max with −inf) and is an untouched baseline, bit for bit. A prefill touches only
+  the masked (row, neuron) pairs while they are few; a layer no row masks is not touched.
 * ``steer`` and ``deactivate`` are linear in ``g``, so ``folded_down_proj`` offers them as a
   change of ``down_proj`` columns with an exact restore, for zero per-token cost.
 * Counts are taken on ``g`` as the model computes it, before the intervention rewrites it.
@@ -38,11 +41,13 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from esn_core.layout import NeuronLayout
 
 METHODS = ("steer", "add", "clamp", "deactivate")
+# SiLU's own kernel binding, what ``F.silu`` calls after its Python-level checks (the
+# binding handles ``__torch_function__`` itself).
+SILU = torch._C._nn.silu
 CountPositions = Literal["all", "generated"]
 
 
@@ -51,11 +56,13 @@ CountPositions = Literal["all", "generated"]
 
 def is_gated_mlp(module: nn.Module) -> bool:
     """True for a module shaped like transformers' gated MLPs (Qwen2/Qwen3/Llama...)."""
+    children = module._modules
     return (
-        isinstance(getattr(module, "gate_proj", None), nn.Linear)
-        and isinstance(getattr(module, "up_proj", None), nn.Linear)
-        and isinstance(getattr(module, "down_proj", None), nn.Linear)
-        and isinstance(getattr(module, "act_fn", None), nn.Module)
+        isinstance(children.get("gate_proj"), nn.Linear)
+        and isinstance(children.get("up_proj"), nn.Linear)
+        and isinstance(children.get("down_proj"), nn.Linear)
+        # the registered module: during a session an instance attribute shadows it
+        and isinstance(children.get("act_fn"), nn.Module)
     )
 
 
@@ -145,46 +152,89 @@ def check_mask_indices(plan: Intervention, n_neurons: int, group: str = "") -> N
             raise IndexError(f"{where}row {b}: mask index outside 0..{n_neurons - 1}")
 
 
+# A prefill call touches the masked (row, neuron) pairs only, by gather and scatter, while
+# they are at most this share of the layer's [B, D_l] grid: a broadcast ``g * [B, 1, D_l]``
+# runs in PyTorch's non-vectorised kernel (0.63 ms per layer at batch 64 x 160 positions on
+# an H200) and reads and writes every activation; the pairs of a 0.5% mask are ~1% of that.
+SPARSE_SHARE = 1 / 8
+
+
+@dataclass(frozen=True)
+class LayerOperand:
+    """One layer's share of an intervention, compiled for the two kinds of call.
+
+    ``dense`` (``[B, 1, D_l]``, identity where a row leaves a neuron alone) serves calls of
+    one position per row (decode steps): one elementwise kernel. ``rows``/``neurons``/
+    ``values`` list the masked pairs for calls over many positions when they are few
+    (``None`` otherwise). ``dense`` is ``None`` when no row masks a neuron of this layer:
+    the layer runs untouched.
+    """
+
+    method: str
+    batch_size: int
+    dense: torch.Tensor | None
+    rows: torch.Tensor | None = None
+    neurons: torch.Tensor | None = None
+    values: torch.Tensor | None = None  # [P, 1], the masked value per pair
+
+    def apply(self, g: torch.Tensor, inplace: bool = True) -> torch.Tensor:
+        """``g`` with the intervention applied; in place if allowed and autograd is not
+        watching."""
+        if g.shape[0] != self.batch_size:
+            raise ValueError(
+                f"intervention has {self.batch_size} rows but the batch has {g.shape[0]}"
+            )
+        if self.dense is None:
+            return g
+        inplace = inplace and not (torch.is_grad_enabled() and g.requires_grad)
+        if self.rows is not None and inplace and g.dim() == 3 and g.shape[1] > 1:
+            # [B, D, S] view: one advanced index picks a pair's S positions at once.
+            by_neuron = g.transpose(1, 2)
+            picked = by_neuron[self.rows, self.neurons]  # [P, S]
+            by_neuron.index_put_((self.rows, self.neurons), _OPERATIONS[self.method][0](picked, self.values))
+            return g
+        return _OPERATIONS[self.method][inplace](g, self.dense)
+
+
 def compile_operands(
     plan: Intervention, layout: NeuronLayout, device, dtype
-) -> list[torch.Tensor]:
-    """One ``[B, 1, D_l]`` operand per layer so the hook is a single elementwise op.
+) -> list[LayerOperand]:
+    """One ``LayerOperand`` per layer, so a hooked call is one elementwise op (or a
+    gather and a scatter of the masked pairs).
 
     Built on the model's device with one scatter, so per-row masks for a large batch cost
     no host work proportional to ``B x N``.
     """
-    dense = torch.full(
-        (plan.batch_size, layout.n_neurons), _identity_value(plan.method), dtype=dtype, device=device
-    )
     check_mask_indices(plan, layout.n_neurons)
-    rows, cols, values = [], [], []
-    for b, (mask, alpha) in enumerate(zip(plan.row_masks, plan.row_alphas)):
-        mask = np.asarray(mask, dtype=np.int64).ravel()
-        rows.append(np.full(mask.size, b))
-        cols.append(mask)
-        values.append(np.full(mask.size, _masked_value(plan.method, alpha)))
-    if rows:
-        index = (
-            torch.as_tensor(np.concatenate(rows), device=device),
-            torch.as_tensor(np.concatenate(cols), device=device),
-        )
-        dense[index] = torch.as_tensor(np.concatenate(values), dtype=dtype, device=device)
-    return [
-        part.unsqueeze(1).contiguous()
-        for part in torch.split(dense, list(layout.layer_sizes), dim=1)
-    ]
+    batch = plan.batch_size
+    masks = [np.unique(np.asarray(mask, dtype=np.int64).ravel()) for mask in plan.row_masks]
+    rows = np.concatenate([np.full(m.size, b) for b, m in enumerate(masks)] or [np.zeros(0, np.int64)])
+    cols = np.concatenate(masks or [np.zeros(0, np.int64)])
+    values = np.concatenate([np.full(m.size, _masked_value(plan.method, a))
+                             for m, a in zip(masks, plan.row_alphas)] or [np.zeros(0)])
+    dense = torch.full((batch, layout.n_neurons), _identity_value(plan.method), dtype=dtype, device=device)
+    if rows.size:
+        dense[torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)] = (
+            torch.as_tensor(values, dtype=dtype, device=device))
+    layer_of, neuron_of = layout.unflatten(cols)
+    operands = []
+    for layer, part in enumerate(torch.split(dense, list(layout.layer_sizes), dim=1)):
+        here = layer_of == layer
+        pairs = int(here.sum())
+        if pairs == 0:
+            operands.append(LayerOperand(plan.method, batch, None))
+            continue
+        sparse = pairs <= SPARSE_SHARE * batch * part.shape[1]
+        operands.append(LayerOperand(
+            plan.method, batch, part.unsqueeze(1).contiguous(),
+            *((torch.as_tensor(rows[here], device=device),
+               torch.as_tensor(neuron_of[here], device=device),
+               torch.as_tensor(values[here], dtype=dtype, device=device)[:, None])
+              if sparse else (None, None, None))))
+    return operands
 
 
-def apply_operand(
-    method: str, g: torch.Tensor, operand: torch.Tensor, inplace: bool = True
-) -> torch.Tensor:
-    """``g`` with the compiled operand applied; in place if allowed and autograd is not
-    watching."""
-    inplace = inplace and not (torch.is_grad_enabled() and g.requires_grad)
-    return _OPERATIONS[method][inplace](g, operand)
-
-
-# Per method: (out-of-place, in-place) elementwise op, looked up once per layer call.
+# Per method: (out-of-place, in-place) elementwise op.
 _OPERATIONS = {
     "steer": (torch.mul, torch.Tensor.mul_),
     "deactivate": (torch.mul, torch.Tensor.mul_),
@@ -249,6 +299,7 @@ class _Counter:
         self.step_valid: torch.Tensor | None = None  # [MAX_STEPS, B, 1] bool
         self.step_valid_views: list[torch.Tensor] = []
         self.slot = -1  # step-buffer slot of the current decode call, -1 for a prefill call
+        self.positions = "some"  # of a prefill call: are "all", "some" or "none" real
         self._zeros: torch.Tensor | None = None
         self.filled = 0
 
@@ -288,13 +339,24 @@ class _Counter:
         elif batch != self.T.shape[0]:
             raise RuntimeError(f"batch changed from {self.T.shape[0]} to {batch} rows within a session")
 
-    def begin_positions(self, valid: torch.Tensor) -> None:
-        """A forward pass over several positions per row (prefill); ``valid`` is ``[B, S]``."""
+    def begin_positions(self, valid: torch.Tensor, positions: str | None = None) -> None:
+        """A forward pass over several positions per row (prefill); ``valid`` is ``[B, S]``.
+
+        ``positions`` says whether "all", "some" or "none" of them are real, if the caller
+        knows; otherwise it is read from ``valid`` (one synchronisation per prefill). The
+        layers then skip the masking (a third of a prefill count's memory traffic, and a
+        non-vectorised kernel) or the whole count.
+        """
         self._ensure(valid.shape[0], valid.device)
         if self.filled:
             self.flush()
         self.valid = valid
-        self.T += valid.sum(dim=1)
+        per_row = valid.sum(dim=1)
+        self.T += per_row
+        if positions is None:
+            real = int(per_row.sum())
+            positions = "all" if real == valid.numel() else "none" if real == 0 else "some"
+        self.positions = positions
         self.slot = -1
 
     def begin_step(self, finished: torch.Tensor | None, batch: int, device) -> None:
@@ -340,7 +402,10 @@ class _Counter:
         else:
             if self.valid is None or self.valid.shape != g.shape[:2]:
                 self._positions_mismatch(layer, g)
-            self.K[layer] += ((g > 0) & self.valid[:, :, None]).sum(dim=1, dtype=torch.int32)
+            if self.positions == "all":
+                self.K[layer] += torch.gt(g, 0).sum(dim=1, dtype=torch.int32)
+            elif self.positions == "some":
+                self.K[layer] += ((g > 0) & self.valid[:, :, None]).sum(dim=1, dtype=torch.int32)
         if self.capture.moments:
             self._add_moments(layer, g)
 
@@ -425,15 +490,18 @@ class _GroupState:
             # step's only padding is a finished row: no mask arithmetic per step.
             self.counter.begin_step(self.finished, batch, ref.device)
             return
+        known = None  # which positions are real, if the host knows without asking the device
         if attention_mask is not None and attention_mask.dim() == 2:
             valid = attention_mask[:, -seq:].to(torch.bool)
         else:
             valid = torch.ones(batch, seq, dtype=torch.bool, device=ref.device)
+            known = "all" if self.finished is None else None
         if self.finished is not None:
             valid = valid & ~self.finished
         if self.capture.count_positions == "generated" and not decoding:
             valid = torch.zeros_like(valid)
-        self.counter.begin_positions(valid)
+            known = "none"
+        self.counter.begin_positions(valid, known)
 
     def _fed_end(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, 1]: did the row feed an end token in this call (one op for one end token)."""
@@ -444,33 +512,38 @@ class _GroupState:
         return hit if hit.shape[1] == 1 else hit.any(dim=1, keepdim=True)
 
     # -- per layer ---------------------------------------------------------------
+    def activation(self, layer: int, function) -> "callable":
+        """What stands in for ``layer``'s ``act_fn`` while the session is open.
+
+        A plain function, not a module: it runs once per layer and token, and a module
+        call costs about as much host time as the intervention itself.
+        """
+        if self.counter is not None:
+            return lambda x: self.on_activation(layer, function, x)
+        return lambda x: self._intervene(layer, function(x))
+
     def on_activation(self, layer: int, function, x: torch.Tensor) -> torch.Tensor:
-        """``function(x)`` (the layer's activation), counted and/or intervened on."""
+        """``function(x)`` (the layer's activation), counted and maybe intervened on."""
         counter = self.counter
-        if counter is None:
+        if layer == 0 and self.group.root is None:
+            # No root announces positions: every position is real and the first
+            # layer's call marks a new forward pass.
+            batch, seq = x.shape[0], x.shape[1]
+            if seq == 1:
+                counter.begin_step(None, batch, x.device)
+            else:
+                counter.begin_positions(torch.ones(batch, seq, dtype=torch.bool, device=x.device), "all")
+        g = None
+        if counter.slot >= 0 and function is SILU and not (torch.is_grad_enabled() and x.requires_grad):
+            g = counter.silu_into_step(layer, x)
+        if g is None:
             g = function(x)
+            counter.count(layer, g)
+            inplace = True
         else:
-            if layer == 0 and self.group.root is None:
-                # No root announces positions: every position is real and the first
-                # layer's call marks a new forward pass.
-                batch, seq = x.shape[0], x.shape[1]
-                if seq == 1:
-                    counter.begin_step(None, batch, x.device)
-                else:
-                    counter.begin_positions(torch.ones(batch, seq, dtype=torch.bool, device=x.device))
-            g = None
-            if counter.slot >= 0 and function is F.silu and not (
-                torch.is_grad_enabled() and x.requires_grad
-            ):
-                g = counter.silu_into_step(layer, x)
-            if g is None:
-                g = function(x)
-                counter.count(layer, g)
-            elif self.intervention is not None:
-                # g lives in the step buffer, which must keep the values as computed.
-                return self._intervene(layer, g, inplace=False)
+            inplace = False  # g lives in the step buffer, which must keep it as computed
         if self.intervention is not None:
-            g = self._intervene(layer, g)
+            g = self._intervene(layer, g, inplace)
         return g
 
     def _intervene(self, layer: int, g: torch.Tensor, inplace: bool = True) -> torch.Tensor:
@@ -478,12 +551,7 @@ class _GroupState:
             self.operands = compile_operands(
                 self.intervention, self.group.layout, g.device, g.dtype
             )
-        operand = self.operands[layer]
-        if operand.shape[0] != g.shape[0]:
-            raise ValueError(
-                f"intervention has {operand.shape[0]} rows but the batch has {g.shape[0]}"
-            )
-        return apply_operand(self.intervention.method, g, operand, inplace)
+        return self.operands[layer].apply(g, inplace)
 
 
 _PINNED: dict[tuple, torch.Tensor] = {}
@@ -510,8 +578,8 @@ def _to_host(tensor: torch.Tensor) -> np.ndarray:
 def plain_function(activation: nn.Module):
     """The function ``activation`` computes, when it is known to be exactly that function.
 
-    ``act_fn`` runs once per layer and token; calling ``F.silu`` directly instead of the
-    module saves one module dispatch per call (the same kernel runs). Anything else, e.g.
+    ``act_fn`` runs once per layer and token; calling SiLU's kernel binding directly instead
+    of the module saves a module dispatch per call (the same kernel runs). Anything else, e.g.
     a hub kernel swapped in for ``forward`` or a module with hooks, is called as it is.
     """
     kind = type(activation)
@@ -519,11 +587,11 @@ def plain_function(activation: nn.Module):
             or activation._forward_pre_hooks or _global_module_hooks():
         return activation
     if kind is nn.SiLU and not activation.inplace:
-        return F.silu
+        return SILU
     forward = kind.forward
     if kind.__name__ == "SiLUActivation" and forward.__module__ == "transformers.activations" \
             and forward.__qualname__ == "SiLUActivation.forward":
-        return F.silu
+        return SILU
     return activation
 
 
@@ -533,20 +601,6 @@ def _global_module_hooks() -> bool:
 
     return bool(getattr(module, "_global_forward_hooks", None)
                 or getattr(module, "_global_forward_pre_hooks", None))
-
-
-class _HookedActivation(nn.Module):
-    """Stands in for one layer's ``act_fn`` while a session is open."""
-
-    def __init__(self, original: nn.Module, state: _GroupState, layer: int):
-        super().__init__()
-        self.original = original
-        self.function = plain_function(original)
-        self.state = state
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.state.on_activation(self.layer, self.function, x)
 
 
 # --------------------------------------------------------------------------- sessions
@@ -614,20 +668,31 @@ class HookEngine:
 
 @contextlib.contextmanager
 def _installed(state: _GroupState) -> Iterator[None]:
+    """Hooks of one group on for the ``with`` block.
+
+    Each MLP gets the hooked function as an *instance attribute* named ``act_fn``, which
+    attribute lookup finds before the registered ``act_fn`` submodule: the module tree
+    (``named_modules``, ``state_dict``) is never edited, and deleting the attribute restores
+    the model. An enclosing session's hook is kept and called, so sessions nest.
+    """
     group = state.group
-    originals = [mlp.act_fn for mlp in group.mlps]
+    enclosing = [vars(mlp).get("act_fn") for mlp in group.mlps]
     handle = None
     try:
-        for layer, mlp in enumerate(group.mlps):
-            mlp.act_fn = _HookedActivation(originals[layer], state, layer)
+        for layer, (mlp, outer) in enumerate(zip(group.mlps, enclosing)):
+            function = outer if outer is not None else plain_function(mlp._modules["act_fn"])
+            vars(mlp)["act_fn"] = state.activation(layer, function)
         if group.root is not None:
             handle = group.root.register_forward_pre_hook(_root_pre_hook(state), with_kwargs=True)
         yield
     finally:
         if handle is not None:
             handle.remove()
-        for mlp, original in zip(group.mlps, originals):
-            mlp.act_fn = original
+        for mlp, outer in zip(group.mlps, enclosing):
+            if outer is None:
+                vars(mlp).pop("act_fn", None)
+            else:
+                vars(mlp)["act_fn"] = outer
 
 
 def _root_pre_hook(state: _GroupState):

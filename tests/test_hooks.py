@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -147,6 +149,7 @@ def test_session_restores_the_model_exactly():
     ids = torch.tensor([[3, 4, 5, 6]])
     plain = model(ids).logits
     acts = [layer.mlp.act_fn for layer in model.model.layers]
+    tree = list(model.named_modules())
     hooks_before = [len(model._forward_pre_hooks)]
     engine = HookEngine({"lm": lm_group(model)})
     with engine.session(
@@ -154,8 +157,13 @@ def test_session_restores_the_model_exactly():
         interventions={"lm": Intervention.uniform("add", np.arange(20), 3.0, 1)},
     ):
         changed = model(ids).logits
+        # the hook shadows act_fn by attribute; the module tree is never edited
+        assert list(model.named_modules()) == tree
+        assert find_gated_mlps(model) == [layer.mlp for layer in model.model.layers]
+        assert all(not isinstance(layer.mlp.act_fn, nn.Module) for layer in model.model.layers)
     assert not torch.allclose(changed, plain)
     assert [layer.mlp.act_fn for layer in model.model.layers] == acts
+    assert all("act_fn" not in vars(layer.mlp) for layer in model.model.layers)
     assert [len(model._forward_pre_hooks)] == hooks_before
     assert torch.equal(model(ids).logits, plain)
 
@@ -369,17 +377,20 @@ def test_mask_rows_must_match_batch_and_indices_must_exist():
         with engine.session(capture={"synth": Capture()}):
             pass
     # a failed session still restores the model
-    assert all(type(l.mlp.act_fn).__name__ != "_HookedActivation" for l in model.model.layers)
+    assert all("act_fn" not in vars(l.mlp) for l in model.model.layers)
+    assert all(isinstance(l.mlp.act_fn, nn.Module) for l in model.model.layers)
 
 
 def test_plain_silu_is_called_directly_and_anything_else_as_it_is():
     from torch.nn import functional as F
     from transformers.activations import ACT2FN
 
-    from esn_core.hooks import plain_function
+    from esn_core.hooks import SILU, plain_function
 
-    assert plain_function(nn.SiLU()) is F.silu
-    assert plain_function(ACT2FN["silu"]) is F.silu  # transformers' own SiLU module
+    x = torch.randn(4, 7)
+    assert torch.equal(SILU(x), F.silu(x))  # the binding F.silu calls
+    assert plain_function(nn.SiLU()) is SILU
+    assert plain_function(ACT2FN["silu"]) is SILU  # transformers' own SiLU module
     for module in (nn.SiLU(inplace=True), nn.GELU(), ACT2FN["gelu_pytorch_tanh"]):
         assert plain_function(module) is module
     replaced = nn.SiLU()
@@ -394,7 +405,7 @@ def test_plain_silu_is_called_directly_and_anything_else_as_it_is():
         assert plain_function(plain) is plain  # a hook on every module must still see it
     finally:
         everywhere.remove()
-    assert plain_function(nn.SiLU()) is F.silu
+    assert plain_function(nn.SiLU()) is SILU
 
 
 def test_a_gelu_model_is_hooked_through_its_own_activation():
@@ -513,3 +524,83 @@ def test_decode_steps_count_across_layers_of_different_widths(monkeypatch, buffe
     np.testing.assert_array_equal(got.T, [5, 5, 5])
     np.testing.assert_array_equal(got.K, torch.cat(want, dim=1).numpy())
     assert 0 < got.K.sum() < 5 * 3 * 21
+
+
+@pytest.mark.parametrize("method,alpha", [("steer", 0.75), ("add", 0.5), ("clamp", 0.3), ("deactivate", 0.0)])
+def test_prefill_touching_only_masked_pairs_equals_the_dense_operand(monkeypatch, method, alpha):
+    """Calls over many positions apply the mask by gather/scatter of the masked (row,
+    neuron) pairs; the result is bit-identical to the dense ``[B, 1, D]`` operand and to
+    the formula, per row, with a duplicated index applied once and an untouched row."""
+    from esn_core.hooks import compile_operands
+
+    torch.manual_seed(5)
+    from transformers import Qwen2Config
+
+    mlps = nn.ModuleList([Qwen2MLP(Qwen2Config(hidden_size=6, intermediate_size=d)) for d in (5, 7, 4)])
+    for p in mlps.parameters():
+        nn.init.normal_(p, 0, 1.0)
+    engine = HookEngine({"lm": MLPGroup(list(mlps))})
+    # flat indices: layer 0 = 0..4, layer 1 = 5..11, layer 2 = 12..15 (no row masks layer 2)
+    masks = (np.array([1, 6, 6, 11]), np.array([], dtype=np.int64), np.array([0, 4, 5, 7, 8]))
+    plan = Intervention(method, masks, (alpha, alpha, 2 * alpha))
+    x = torch.randn(3, 9, 6)
+
+    def forward(share, dtype):
+        monkeypatch.setattr("esn_core.hooks.SPARSE_SHARE", share)
+        hooked, plain = [], []
+        h = x.to(dtype)
+        with torch.inference_mode(), engine.session(interventions={"lm": plan}):
+            for mlp in mlps.to(dtype):
+                plain.append(torch.nn.functional.silu(mlp.gate_proj(h)))
+                hooked.append(mlp.act_fn(mlp.gate_proj(h)).clone())
+                h = mlp(h)
+        return h, hooked, plain
+
+    layout = engine.layout("lm")
+    for share, paired in ((1.0, True), (0.0, False)):
+        monkeypatch.setattr("esn_core.hooks.SPARSE_SHARE", share)
+        operands = compile_operands(plan, layout, "cpu", torch.float64)
+        assert [op.rows is not None for op in operands] == [paired, paired, False]
+        assert operands[2].dense is None  # layer 2: nothing to do
+        if paired:  # pairs of layer 1: row 0 neurons 1 (once) and 6; row 2 neurons 0, 2, 3
+            assert operands[1].rows.tolist() == [0, 0, 2, 2, 2]
+            assert operands[1].neurons.tolist() == [1, 6, 0, 2, 3]
+    for dtype in (torch.bfloat16, torch.float64):
+        sparse, g_sparse, g_plain = forward(1.0, dtype)
+        dense, g_dense, _ = forward(0.0, dtype)
+        assert torch.equal(sparse, dense)
+        assert all(torch.equal(a, b) for a, b in zip(g_sparse, g_dense))
+    # against the formula, layer by layer (float64)
+    ops = {"steer": lambda g, a: (1 + a) * g, "add": lambda g, a: g + a,
+           "clamp": lambda g, a: torch.clamp(g, min=a), "deactivate": lambda g, a: 0 * g}
+    starts = (0, 5, 12)
+    for layer, (got, g) in enumerate(zip(g_sparse, g_plain)):
+        want = g.clone()
+        for b, mask in enumerate(masks):
+            for flat in set(mask.tolist()):
+                if starts[layer] <= flat < starts[layer] + g.shape[-1]:
+                    n = flat - starts[layer]
+                    want[b, :, n] = ops[method](g[b, :, n], plan.row_alphas[b])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert not torch.equal(g_sparse[0], g_plain[0])  # the mask did something
+    assert torch.equal(g_sparse[2], g_plain[2])  # no row masks layer 2: untouched
+
+
+def test_sessions_nest_and_unwind_in_order():
+    model = tiny_qwen2()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    engine = HookEngine({"lm": lm_group(model)})
+    with torch.no_grad():
+        plain = model(ids).logits
+        with engine.session(interventions={"lm": Intervention.uniform("add", np.arange(30), 2.0, 1)}):
+            outer = model(ids).logits
+            with engine.session(capture={"lm": Capture()}) as inner:
+                both = model(ids).logits
+            after_inner = model(ids).logits
+        restored = model(ids).logits
+    assert not torch.allclose(outer, plain)
+    assert torch.equal(both, outer)  # the inner session observes; the outer still steers
+    assert torch.equal(after_inner, outer)
+    assert torch.equal(restored, plain)
+    assert inner.counts("lm").T.tolist() == [4]
+    assert all("act_fn" not in vars(layer.mlp) for layer in model.model.layers)

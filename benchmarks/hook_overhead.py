@@ -89,7 +89,8 @@ def steering_plan(layout, batch: int, r: float, seed: int) -> Intervention:
     rng = np.random.default_rng(seed)
     n_sel = int(r * layout.n_neurons)
     masks = [rng.choice(layout.n_neurons, n_sel, replace=False) for _ in range(batch)]
-    masks[0] = np.array([], dtype=np.int64)
+    if batch > 1:  # at batch 1 the only row must steer, or nothing is measured
+        masks[0] = np.array([], dtype=np.int64)
     return Intervention("steer", tuple(masks), tuple([1.0] * batch))
 
 
@@ -220,7 +221,7 @@ def main() -> None:
         # Capture only observes; a steered batch's empty-mask row is an untouched baseline.
         same_plain = torch.equal(outputs["plain again"], outputs["plain"])
         same_capture = torch.equal(outputs["capture"], outputs["plain"])
-        same_baseline_row = torch.equal(outputs["steer"][0], outputs["plain"][0])
+        same_baseline_row = batch > 1 and torch.equal(outputs["steer"][0], outputs["plain"][0])
         print(f"batch {batch}: tokens identical: plain vs plain {same_plain}; capture vs plain "
               f"{same_capture}; steered batch's empty-mask row vs plain {same_baseline_row}")
         row = {"batch": batch, "plain_s": base}

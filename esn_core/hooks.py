@@ -202,35 +202,41 @@ def compile_operands(
     """One ``LayerOperand`` per layer, so a hooked call is one elementwise op (or a
     gather and a scatter of the masked pairs).
 
-    Built on the model's device with one scatter, so per-row masks for a large batch cost
-    no host work proportional to ``B x N``.
+    All layers' operands share one allocation, filled on the device by one scatter from
+    two host-to-device copies: no host work proportional to ``B x N``, no temporary the
+    size of the operands, and no copy per layer (each would synchronise with the device).
     """
     check_mask_indices(plan, layout.n_neurons)
     batch = plan.batch_size
     masks = [np.unique(np.asarray(mask, dtype=np.int64).ravel()) for mask in plan.row_masks]
-    rows = np.concatenate([np.full(m.size, b) for b, m in enumerate(masks)] or [np.zeros(0, np.int64)])
-    cols = np.concatenate(masks or [np.zeros(0, np.int64)])
+    rows = np.concatenate([np.full(m.size, b) for b, m in enumerate(masks)] + [np.zeros(0, np.int64)])
+    cols = np.concatenate(masks + [np.zeros(0, np.int64)])
     values = np.concatenate([np.full(m.size, _masked_value(plan.method, a))
-                             for m, a in zip(masks, plan.row_alphas)] or [np.zeros(0)])
-    dense = torch.full((batch, layout.n_neurons), _identity_value(plan.method), dtype=dtype, device=device)
-    if rows.size:
-        dense[torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)] = (
-            torch.as_tensor(values, dtype=dtype, device=device))
+                             for m, a in zip(masks, plan.row_alphas)] + [np.zeros(0)])
     layer_of, neuron_of = layout.unflatten(cols)
+    order = np.argsort(layer_of, kind="stable")  # pairs grouped by layer, rows ascending
+    rows, layer_of, neuron_of, values = rows[order], layer_of[order], neuron_of[order], values[order]
+    sizes = np.asarray(layout.layer_sizes, dtype=np.int64)
+    # Layer l's operand is the [B, D_l] block starting at B * offset_l of one flat tensor.
+    starts = batch * layout.offsets[:-1]
+    flat = starts[layer_of] + rows * sizes[layer_of] + neuron_of
+    indices = torch.as_tensor(np.stack([flat, rows, neuron_of]), device=device)
+    masked = torch.as_tensor(values, dtype=dtype, device=device)
+    block = torch.full((batch * layout.n_neurons,), _identity_value(plan.method), dtype=dtype, device=device)
+    block[indices[0]] = masked
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(layer_of, minlength=layout.n_layers))])
     operands = []
-    for layer, part in enumerate(torch.split(dense, list(layout.layer_sizes), dim=1)):
-        here = layer_of == layer
-        pairs = int(here.sum())
-        if pairs == 0:
+    for layer, width in enumerate(sizes.tolist()):
+        lo, hi = int(bounds[layer]), int(bounds[layer + 1])
+        if lo == hi:
             operands.append(LayerOperand(plan.method, batch, None))
             continue
-        sparse = pairs <= SPARSE_SHARE * batch * part.shape[1]
+        start = int(starts[layer])
+        dense = block[start : start + batch * width].view(batch, 1, width)
+        sparse = hi - lo <= SPARSE_SHARE * batch * width
         operands.append(LayerOperand(
-            plan.method, batch, part.unsqueeze(1).contiguous(),
-            *((torch.as_tensor(rows[here], device=device),
-               torch.as_tensor(neuron_of[here], device=device),
-               torch.as_tensor(values[here], dtype=dtype, device=device)[:, None])
-              if sparse else (None, None, None))))
+            plan.method, batch, dense,
+            *((indices[1, lo:hi], indices[2, lo:hi], masked[lo:hi, None]) if sparse else (None, None, None))))
     return operands
 
 
@@ -461,7 +467,8 @@ class _GroupState:
     capture: Capture | None
     intervention: Intervention | None
     counter: _Counter | None = None
-    operands: list[torch.Tensor] | None = None
+    operands: list[LayerOperand] | None = None
+    operands_for: tuple | None = None  # (device, dtype) the operands were compiled for
     finished: torch.Tensor | None = None  # [B] bool, rows that fed an end token
     eos: torch.Tensor | None = None
     eos_ids: tuple[int, ...] = ()
@@ -547,11 +554,13 @@ class _GroupState:
         return g
 
     def _intervene(self, layer: int, g: torch.Tensor, inplace: bool = True) -> torch.Tensor:
-        if self.operands is None:
-            self.operands = compile_operands(
-                self.intervention, self.group.layout, g.device, g.dtype
-            )
+        if self.operands is None or self.operands_for != (g.device, g.dtype):
+            self.compile(g.device, g.dtype)
         return self.operands[layer].apply(g, inplace)
+
+    def compile(self, device, dtype) -> None:
+        self.operands = compile_operands(self.intervention, self.group.layout, device, dtype)
+        self.operands_for = (torch.device(device), dtype)
 
 
 _PINNED: dict[tuple, torch.Tensor] = {}
@@ -657,6 +666,11 @@ class HookEngine:
             if state.intervention is not None:
                 # Fail before the model runs, not at its first hooked layer.
                 check_mask_indices(state.intervention, group.layout.n_neurons, name)
+                weight = group.mlps[0].gate_proj.weight
+                if weight.is_floating_point():
+                    # Before the forward, not at its first layer: allocated mid-prefill the
+                    # operands would sit between the prefill's large temporaries.
+                    state.compile(weight.device, weight.dtype)
             states[name] = state
         session = Session(states)
         with contextlib.ExitStack() as stack:

@@ -44,3 +44,11 @@ def test_qwen_omni_throughput_reports_parts_modes_and_json(tmp_path):
         assert result["dit"] + result["bigvgan"] <= result["token2wav"] + 1e-9
         assert result["step_ms"]["talker"] > 0 and result["step_ms"]["thinker"] > 0
         assert result["utterances_per_hour"] == 2 / result["total"] * 3600
+
+
+def test_decode_kernel_cost_reports_every_part():
+    out = _run("benchmarks/decode_kernel_cost.py", "--shape", "tiny", "--batch", "2",
+               "--prompt", "8", "--new", "4", "--repeats", "2")
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["plain", "plain again", "engine: steer", "engine: steer, empty masks",
+                        "bare: silu", "bare: silu, mul_ by ones", "bare: silu, mul into new"]

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -519,7 +519,7 @@ class _GroupState:
         return hit if hit.shape[1] == 1 else hit.any(dim=1, keepdim=True)
 
     # -- per layer ---------------------------------------------------------------
-    def activation(self, layer: int, function) -> "callable":
+    def activation(self, layer: int, function) -> Callable[[torch.Tensor], torch.Tensor]:
         """What stands in for ``layer``'s ``act_fn`` while the session is open.
 
         A plain function, not a module: it runs once per layer and token, and a module

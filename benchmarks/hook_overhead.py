@@ -27,6 +27,7 @@ import os
 import statistics
 import tempfile
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -67,16 +68,54 @@ def build_model(shape: str, device: str, dtype: torch.dtype) -> Qwen2ForCausalLM
 
 
 class StepClock(LogitsProcessor):
-    """Stamps the clock once per generated token (generate calls it after each forward)."""
+    """Stamps the clock once per generated token (generate calls it after each forward),
+    then calls ``after`` if set (``Alternator``: its cost lands in the next step)."""
 
     def __init__(self):
+        self.start = 0.0  # when generate was called: stamps[0] - start is the prefill
         self.stamps: list[float] = []
         self.cpu_stamps: list[float] = []  # this thread's CPU time: blind to being preempted
+        self.after: Callable[[], None] | None = None
 
     def __call__(self, input_ids, scores):
         self.stamps.append(time.perf_counter())
         self.cpu_stamps.append(time.thread_time())
+        if self.after is not None:
+            self.after()
         return scores
+
+
+class Alternator:
+    """Takes a session's hooks off after one forward and puts them back after the next:
+    in one ``generate``, forwards 0 (the prefill), 2, 4, ... run hooked and 1, 3, 5, ...
+    plain. Adjacent steps share the machine's state of the moment, so their ratio is
+    blind to the drift between runs that dominates run-against-run comparisons here.
+    Without a session (the control) it toggles nothing, at the same Python cost."""
+
+    def __init__(self, session=None):
+        self.session = session
+        self.pause = None
+
+    def __call__(self) -> None:
+        if self.pause is None:
+            self.pause = self.session.paused() if self.session is not None else contextlib.nullcontext()
+            self.pause.__enter__()
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self.pause is not None:
+            pause, self.pause = self.pause, None
+            pause.__exit__(None, None, None)
+
+
+def alternating_ratios(stamps: list[float]) -> tuple[list[float], float]:
+    """Per hooked step, its time over the mean of its two plain neighbours; and all hooked
+    steps' mean over all plain steps' (which keeps the periodic costs, e.g. a flush of the
+    capture's step buffer every few steps, that the per-step median skips)."""
+    d = np.diff(stamps)  # d[k]: forward k + 1, hooked when k is odd
+    ratios = [float(d[k] / ((d[k - 1] + d[k + 1]) / 2)) for k in range(1, len(d) - 1, 2)]
+    return ratios, float(d[1::2].mean() / d[0::2].mean())
 
 
 def sync(device: str) -> None:
@@ -138,10 +177,14 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=160)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--alternate-repeats", type=int, default=None,
+                    help="runs per mode with hooks toggled every step (default: --repeats)")
     ap.add_argument("--r", type=float, default=0.005)
     ap.add_argument("--profile", action="store_true",
                     help="also print torch.profiler kernel tables per mode at the last batch size")
     args = ap.parse_args()
+    if args.alternate_repeats is None:
+        args.alternate_repeats = args.repeats
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = build_model(args.shape, args.device, dtype)
@@ -157,6 +200,7 @@ def main() -> None:
     def generate(ids):
         clock.stamps.clear()
         clock.cpu_stamps.clear()
+        clock.start = time.perf_counter()
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
                               min_new_tokens=args.new, do_sample=False, pad_token_id=0,
                               logits_processor=LogitsProcessorList([clock]))
@@ -177,6 +221,7 @@ def main() -> None:
         steps = {m: [] for m in modes}  # every decode step's seconds, all runs
         run_steps = {m: [] for m in modes}  # each run's median decode step
         cpu_steps = {m: [] for m in modes}  # the same in CPU seconds of the main thread
+        prefills = {m: [] for m in modes}  # seconds to the first token
         outputs = {}
         collect = {m: [] for m in modes}
         with torch.inference_mode():
@@ -201,6 +246,7 @@ def main() -> None:
                     steps[mode].extend(np.diff(clock.stamps).tolist())
                     run_steps[mode].append(float(np.median(np.diff(clock.stamps))))
                     cpu_steps[mode].extend(np.diff(clock.cpu_stamps).tolist())
+                    prefills[mode].append(clock.stamps[0] - clock.start)
                     collect[mode].append(time.perf_counter() - t1)
                     assert out.shape[1] == args.prompt + args.new
                     outputs[mode] = out
@@ -216,6 +262,8 @@ def main() -> None:
             f"{m} " + " ".join(f"{t:.3f}" for t in ts) for m, ts in times.items()))
         print(f"batch {batch}: median seconds spent leaving the session (counts to host): " + "; ".join(
             f"{m} {statistics.median(ts):.4f}" for m, ts in collect.items()))
+        alternating = alternate_steps(engine, plan, generate, ids, clock, args.alternate_repeats,
+                                      args.device)
         if args.profile and batch == args.batches[-1]:
             profile_modes(modes, generate, ids)
         # Capture only observes; a steered batch's empty-mask row is an untouched baseline.
@@ -236,6 +284,10 @@ def main() -> None:
                 s / p for s, p in zip(run_steps[mode], run_steps["plain"]))
             row[mode + " (cpu step)"] = (statistics.median(cpu_steps[mode])
                                          / statistics.median(cpu_steps["plain"]))
+            row[mode + " (prefill)"] = statistics.median(
+                t / p for t, p in zip(prefills[mode], prefills["plain"]))
+        row["prefill_ms"] = statistics.median(prefills["plain"]) * 1e3
+        row["alternating"] = alternating
         row["step_ms"] = statistics.median(steps["plain"]) * 1e3
         row["bytes_per_attempt"] = bytes_per_attempt
         row["T"] = int(counts.T[0])
@@ -262,6 +314,21 @@ def main() -> None:
                            f"{r[m + ' (cpu step)']:.3f}x"
                            for m in ("plain again", "capture", "steer", "capture+steer"))
         print(f"| {r['batch']} | {r['step_ms']:.2f} ms | {cells} |")
+    print("\nhooked decode steps alternating with plain ones in the same generate (hooks taken "
+          "off and put back after every step): per step, its time over the mean of its two "
+          "plain neighbours, median of all steps [quartiles of the runs' medians]; per run, "
+          "mean hooked step / mean plain step, median of runs [quartiles]")
+    print("| batch | plain/plain (control) | capture | steering | capture+steering |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        cells = " | ".join(_alternating_cell(r["alternating"][m]) for m in ALTERNATING)
+        print(f"| {r['batch']} | {cells} |")
+    print("\nprefill (generate's call to its first token), median of paired ratios")
+    print("| batch | plain prefill | plain again | capture | steering | capture+steering |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        cells = " | ".join(f"{r[m + ' (prefill)']:.3f}x" for m in ("plain again", "capture", "steer", "capture+steer"))
+        print(f"| {r['batch']} | {r['prefill_ms']:.1f} ms | {cells} |")
     layers = len(group.mlps)
     print(f"\nper act_fn call of a decode step (host microseconds, best of 5 x 2000 calls); "
           f"the hook's extra cost x {layers} layers, as a share of the plain decode step")
@@ -273,6 +340,59 @@ def main() -> None:
             f"{us[m]:.1f} us ({layers * (us[m] - us['plain']) / (r['step_ms'] * 1e3):+.1%})"
             for m in ("capture", "steer", "capture+steer"))
         print(f"| {r['batch']} | {us['plain']:.1f} us | {cells} |")
+
+
+ALTERNATING = ("plain/plain", "capture", "steer", "capture+steer")
+
+
+def alternate_steps(engine, plan, generate, ids, clock, repeats: int, device: str) -> dict:
+    """Runs each hooked mode with its hooks toggled every step (``Alternator``), in rotating
+    order; returns per mode the pooled step ratios and each run's (median step ratio, mean
+    ratio)."""
+    sessions = {
+        "plain/plain": lambda: contextlib.nullcontext(None),
+        "capture": lambda: engine.session(capture={"lm": Capture()}),
+        "steer": lambda: engine.session(interventions={"lm": plan}),
+        "capture+steer": lambda: engine.session(capture={"lm": Capture()}, interventions={"lm": plan}),
+    }
+    out = {m: {"steps": [], "runs": [], "means": []} for m in ALTERNATING}
+    try:
+        with torch.inference_mode():
+            for repeat in range(repeats):
+                shift = repeat % len(ALTERNATING)
+                for mode in ALTERNATING[shift:] + ALTERNATING[:shift]:
+                    gc.collect()
+                    gc.disable()
+                    sync(device)
+                    with sessions[mode]() as session:
+                        clock.after = alternator = Alternator(session)
+                        generate(ids)
+                        sync(device)
+                        alternator.close()
+                    gc.enable()
+                    if "capture" in mode:  # the hooks were on for the prefill and every other step
+                        hooked_steps = (len(clock.stamps) - 1) // 2
+                        assert session.counts("lm").T[0] == ids.shape[1] + hooked_steps
+                    ratios, mean_ratio = alternating_ratios(clock.stamps)
+                    out[mode]["steps"] += ratios
+                    out[mode]["runs"].append(statistics.median(ratios))
+                    out[mode]["means"].append(mean_ratio)
+    finally:
+        clock.after = None
+    return out
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return q1, q3
+
+
+def _alternating_cell(result: dict) -> str:
+    (a, b), (c, d) = _quartiles(result["runs"]), _quartiles(result["means"])
+    return (f"{statistics.median(result['steps']):.3f}x [{a:.3f}, {b:.3f}]; "
+            f"{statistics.median(result['means']):.3f}x [{c:.3f}, {d:.3f}]")
 
 
 def profile_modes(modes, generate, ids) -> None:

@@ -621,11 +621,40 @@ class Session:
     def __init__(self, states: dict[str, _GroupState]):
         self._states = states
         self._results: dict[str, CountResult] = {}
+        self._installs = [_Installation(state) for state in states.values()]
+        self._open = True
+        self._paused = False
 
     def counts(self, group: str) -> CountResult:
         if group not in self._results:
             raise KeyError(f"no capture for group {group!r}; captured: {sorted(self._results)}")
         return self._results[group]
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The model runs plain inside the block: nothing is counted or changed.
+
+        Counts, operands and row states are kept, and the hooks come back when the block
+        ends. A forward run while paused is not seen at all, positions included (an end
+        token fed then does not end its row's counting). Pausing and resuming cost the
+        same host work (one attribute and one hook per MLP group), which is what lets
+        ``benchmarks/hook_overhead.py`` alternate hooked and plain decode steps of one
+        ``generate``.
+        """
+        if not self._open:
+            raise RuntimeError("this session has ended")
+        if self._paused:
+            raise RuntimeError("this session is already paused")
+        for install in reversed(self._installs):
+            install.remove(check_nesting=True)
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+            if self._open:
+                for install in self._installs:
+                    install.apply()
 
     def _collect(self) -> None:
         for name, state in self._states.items():
@@ -673,36 +702,56 @@ class HookEngine:
                     state.compile(weight.device, weight.dtype)
             states[name] = state
         session = Session(states)
-        with contextlib.ExitStack() as stack:
-            for state in states.values():
-                stack.enter_context(_installed(state))
+        applied: list[_Installation] = []
+        try:
+            for install in session._installs:
+                install.apply()
+                applied.append(install)
             yield session
+        finally:
+            session._open = False
+            if not session._paused:  # a pause left open has taken them off already
+                for install in reversed(applied):
+                    install.remove()
         session._collect()
 
 
-@contextlib.contextmanager
-def _installed(state: _GroupState) -> Iterator[None]:
-    """Hooks of one group on for the ``with`` block.
+class _Installation:
+    """One group's hooks, made once per session and put on or taken off the model.
 
     Each MLP gets the hooked function as an *instance attribute* named ``act_fn``, which
     attribute lookup finds before the registered ``act_fn`` submodule: the module tree
     (``named_modules``, ``state_dict``) is never edited, and deleting the attribute restores
     the model. An enclosing session's hook is kept and called, so sessions nest.
     """
-    group = state.group
-    enclosing = [vars(mlp).get("act_fn") for mlp in group.mlps]
-    handle = None
-    try:
-        for layer, (mlp, outer) in enumerate(zip(group.mlps, enclosing)):
-            function = outer if outer is not None else plain_function(mlp._modules["act_fn"])
-            vars(mlp)["act_fn"] = state.activation(layer, function)
-        if group.root is not None:
-            handle = group.root.register_forward_pre_hook(_root_pre_hook(state), with_kwargs=True)
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
-        for mlp, outer in zip(group.mlps, enclosing):
+
+    def __init__(self, state: _GroupState):
+        self.state = state
+        mlps = state.group.mlps
+        self.enclosing = [vars(mlp).get("act_fn") for mlp in mlps]
+        self.functions = [
+            state.activation(layer, outer if outer is not None else plain_function(mlp._modules["act_fn"]))
+            for layer, (mlp, outer) in enumerate(zip(mlps, self.enclosing))
+        ]
+        self.root_hook = _root_pre_hook(state) if state.group.root is not None else None
+        self.handle = None
+
+    def apply(self) -> None:
+        for mlp, function in zip(self.state.group.mlps, self.functions):
+            vars(mlp)["act_fn"] = function
+        if self.root_hook is not None:
+            self.handle = self.state.group.root.register_forward_pre_hook(self.root_hook, with_kwargs=True)
+
+    def remove(self, check_nesting: bool = False) -> None:
+        mlps = self.state.group.mlps
+        if check_nesting and any(vars(mlp).get("act_fn") is not f for mlp, f in zip(mlps, self.functions)):
+            # A session opened inside this one is on: taking these off would cut its hooks
+            # out too, and its exit would put these back.
+            raise RuntimeError("a session opened inside this one is still open: pause that one")
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        for mlp, outer in zip(mlps, self.enclosing):
             if outer is None:
                 vars(mlp).pop("act_fn", None)
             else:

@@ -25,9 +25,12 @@ def test_hook_overhead_reports_every_mode_and_the_per_call_cost():
     out = _run("benchmarks/hook_overhead.py", "--shape", "tiny", "--batches", "2", "--prompt", "8",
                "--new", "4", "--repeats", "2")
     rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
-    assert len(rows) == 3  # whole runs, per decode step, per act_fn call
+    assert len(rows) == 5  # whole runs, decode steps, alternating steps, prefill, act_fn call
     assert "tokens identical: plain vs plain True; capture vs plain True" in out
-    per_call = [float(v) for v in re.findall(r"([\d.]+) us", rows[2])]
+    alternating = rows[2].split("|")[2:-1]
+    assert len(alternating) == 4 and all(re.fullmatch(r" [\d.]+x \[.*\]; [\d.]+x \[.*\] ", c)
+                                         for c in alternating)
+    per_call = [float(v) for v in re.findall(r"([\d.]+) us", rows[4])]
     assert len(per_call) == 4 and all(v > 0 for v in per_call)
 
 
@@ -52,3 +55,13 @@ def test_decode_kernel_cost_reports_every_part():
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
     assert rows[1:] == ["plain", "plain again", "engine: steer", "engine: steer, empty masks",
                         "bare: silu", "bare: silu, mul_ by ones", "bare: silu, mul into new"]
+
+
+def test_alternating_ratios_pair_each_hooked_step_with_its_plain_neighbours(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from hook_overhead import alternating_ratios
+
+    # forwards 1..5 take 1, 2, 1, 4, 3 s: 2 and 4 ran hooked
+    steps, mean = alternating_ratios([0.0, 1.0, 3.0, 4.0, 8.0, 11.0])
+    assert steps == [2 / 1, 4 / 2]
+    assert mean == (2 + 4) / 2 / ((1 + 1 + 3) / 3)

@@ -604,3 +604,62 @@ def test_sessions_nest_and_unwind_in_order():
     assert torch.equal(restored, plain)
     assert inner.counts("lm").T.tolist() == [4]
     assert all("act_fn" not in vars(layer.mlp) for layer in model.model.layers)
+
+
+def test_a_paused_session_runs_plain_and_resumes_with_its_state():
+    model = tiny_qwen2()
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    other = torch.tensor([[11, 12, 13], [14, 15, 16]])
+    engine = HookEngine({"lm": lm_group(model)})
+    plan = Intervention("add", (np.arange(40), np.array([], dtype=np.int64)), (2.0, 0.0))
+    with torch.no_grad():
+        plain = model(ids).logits
+        with engine.session(capture={"lm": Capture()}, interventions={"lm": plan}) as s:
+            steered = model(ids).logits
+            with s.paused():
+                paused = model(other)  # neither counted nor steered
+                paused_again = model(ids).logits
+                assert all("act_fn" not in vars(layer.mlp) for layer in model.model.layers)
+            model(ids[:, :1])
+            resumed = model(ids).logits
+    assert torch.equal(paused_again, plain)
+    assert not torch.equal(steered, plain) and torch.equal(resumed[1], plain[1])
+    assert torch.equal(resumed, steered)
+    del paused
+    # counts: as if the paused forwards had never run
+    got = s.counts("lm")
+    assert got.T.tolist() == [4 + 1 + 4, 4 + 1 + 4]
+    with torch.no_grad(), engine.session(capture={"lm": Capture()}, interventions={"lm": plan}) as again:
+        model(ids)
+        model(ids[:, :1])
+        model(ids)
+    np.testing.assert_array_equal(got.K, again.counts("lm").K)
+
+
+def test_pausing_is_refused_around_an_open_inner_session_and_never_rehooks_an_ended_one():
+    model = tiny_qwen2()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    engine = HookEngine({"lm": lm_group(model)})
+    steer = {"lm": Intervention.uniform("add", np.arange(30), 2.0, 1)}
+    with torch.no_grad():
+        plain = model(ids).logits
+        with engine.session(interventions=steer) as outer:
+            steered = model(ids).logits
+            with engine.session(capture={"lm": Capture()}) as inner:
+                with pytest.raises(RuntimeError, match="opened inside this one"):
+                    with outer.paused():
+                        pass
+                with inner.paused():  # the outer session still steers
+                    assert torch.equal(model(ids).logits, steered)
+                assert torch.equal(model(ids).logits, steered)
+            assert inner.counts("lm").T.tolist() == [4]
+        # a pause still open when its session ends: the model is restored and stays so
+        with engine.session(interventions=steer) as s:
+            pause = s.paused()
+            pause.__enter__()
+        pause.__exit__(None, None, None)
+        assert torch.equal(model(ids).logits, plain)
+        assert all("act_fn" not in vars(layer.mlp) for layer in model.model.layers)
+        with pytest.raises(RuntimeError, match="ended"):
+            with s.paused():
+                pass

@@ -72,7 +72,7 @@ def main() -> None:
         "bare: silu, mul into new": lambda: replaced_act_fn(
             mlps, lambda l: (lambda x, o=ones[l]: torch.mul(SILU(x), o))),
     }
-    clock = StepClock()
+    clock = StepClock(args.device)
 
     def generate():
         clock.stamps.clear()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import os
 import statistics
 import tempfile
@@ -69,15 +70,22 @@ def build_model(shape: str, device: str, dtype: torch.dtype) -> Qwen2ForCausalLM
 
 class StepClock(LogitsProcessor):
     """Stamps the clock once per generated token (generate calls it after each forward),
-    then calls ``after`` if set (``Alternator``: its cost lands in the next step)."""
+    then calls ``after`` if set (``Alternator``: its cost lands in the next step).
 
-    def __init__(self):
+    On a GPU it first waits for the device: ``generate`` waits for it a few small kernels
+    later anyway (to learn whether every row has finished), so this moves no work, but it
+    charges a step's GPU tail to that step, not the next (the prefill's, above all).
+    """
+
+    def __init__(self, device: str = "cpu"):
         self.start = 0.0  # when generate was called: stamps[0] - start is the prefill
         self.stamps: list[float] = []
         self.cpu_stamps: list[float] = []  # this thread's CPU time: blind to being preempted
         self.after: Callable[[], None] | None = None
+        self.device = device
 
     def __call__(self, input_ids, scores):
+        sync(self.device)
         self.stamps.append(time.perf_counter())
         self.cpu_stamps.append(time.thread_time())
         if self.after is not None:
@@ -180,6 +188,7 @@ def main() -> None:
     ap.add_argument("--alternate-repeats", type=int, default=None,
                     help="runs per mode with hooks toggled every step (default: --repeats)")
     ap.add_argument("--r", type=float, default=0.005)
+    ap.add_argument("--raw", help="write every timed run's clock stamps to this JSON file")
     ap.add_argument("--profile", action="store_true",
                     help="also print torch.profiler kernel tables per mode at the last batch size")
     args = ap.parse_args()
@@ -195,7 +204,7 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; shape {args.shape}; N = {layout.n_neurons}")
     print(f"prompt {args.prompt} tokens, {args.new} new tokens, median of {args.repeats}")
 
-    clock = StepClock()
+    clock = StepClock(args.device)
 
     def generate(ids):
         clock.stamps.clear()
@@ -206,6 +215,7 @@ def main() -> None:
                               logits_processor=LogitsProcessorList([clock]))
 
     rows = []
+    raw: list[dict] = []  # every timed run's clock stamps, for --raw
     for batch in args.batches:
         ids = torch.randint(3, SHAPES[args.shape]["vocab_size"], (batch, args.prompt),
                             generator=torch.Generator().manual_seed(batch)).to(args.device)
@@ -247,6 +257,8 @@ def main() -> None:
                     run_steps[mode].append(float(np.median(np.diff(clock.stamps))))
                     cpu_steps[mode].extend(np.diff(clock.cpu_stamps).tolist())
                     prefills[mode].append(clock.stamps[0] - clock.start)
+                    raw.append({"batch": batch, "mode": mode, "repeat": repeat, "start": clock.start,
+                                "stamps": list(clock.stamps), "cpu_stamps": list(clock.cpu_stamps)})
                     collect[mode].append(time.perf_counter() - t1)
                     assert out.shape[1] == args.prompt + args.new
                     outputs[mode] = out
@@ -263,7 +275,7 @@ def main() -> None:
         print(f"batch {batch}: median seconds spent leaving the session (counts to host): " + "; ".join(
             f"{m} {statistics.median(ts):.4f}" for m, ts in collect.items()))
         alternating = alternate_steps(engine, plan, generate, ids, clock, args.alternate_repeats,
-                                      args.device)
+                                      args.device, raw, batch)
         if args.profile and batch == args.batches[-1]:
             profile_modes(modes, generate, ids)
         # Capture only observes; a steered batch's empty-mask row is an untouched baseline.
@@ -329,6 +341,9 @@ def main() -> None:
     for r in rows:
         cells = " | ".join(f"{r[m + ' (prefill)']:.3f}x" for m in ("plain again", "capture", "steer", "capture+steer"))
         print(f"| {r['batch']} | {r['prefill_ms']:.1f} ms | {cells} |")
+    if args.raw:
+        with open(args.raw, "w") as f:
+            json.dump({"device": name, "args": vars(args), "runs": raw}, f)
     layers = len(group.mlps)
     print(f"\nper act_fn call of a decode step (host microseconds, best of 5 x 2000 calls); "
           f"the hook's extra cost x {layers} layers, as a share of the plain decode step")
@@ -345,7 +360,8 @@ def main() -> None:
 ALTERNATING = ("plain/plain", "capture", "steer", "capture+steer")
 
 
-def alternate_steps(engine, plan, generate, ids, clock, repeats: int, device: str) -> dict:
+def alternate_steps(engine, plan, generate, ids, clock, repeats: int, device: str,
+                    raw: list[dict], batch: int) -> dict:
     """Runs each hooked mode with its hooks toggled every step (``Alternator``), in rotating
     order; returns per mode the pooled step ratios and each run's (median step ratio, mean
     ratio)."""
@@ -374,6 +390,9 @@ def alternate_steps(engine, plan, generate, ids, clock, repeats: int, device: st
                         hooked_steps = (len(clock.stamps) - 1) // 2
                         assert session.counts("lm").T[0] == ids.shape[1] + hooked_steps
                     ratios, mean_ratio = alternating_ratios(clock.stamps)
+                    raw.append({"batch": batch, "mode": "alternating " + mode, "repeat": repeat,
+                                "start": clock.start, "stamps": list(clock.stamps),
+                                "cpu_stamps": list(clock.cpu_stamps)})
                     out[mode]["steps"] += ratios
                     out[mode]["runs"].append(statistics.median(ratios))
                     out[mode]["means"].append(mean_ratio)
@@ -396,17 +415,32 @@ def _alternating_cell(result: dict) -> str:
 
 
 def profile_modes(modes, generate, ids) -> None:
+    """Kernel tables per mode (torch.profiler, one run each), then what each mode adds:
+    the ops whose call count or device time differs from the plain run's."""
     from torch.profiler import ProfilerActivity, profile
 
+    tables = {}
     for mode, ctx in modes.items():
         with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             with ctx():
                 generate(ids)
             torch.cuda.synchronize()
         events = prof.key_averages()
+        tables[mode] = {e.key: (e.count, e.self_device_time_total / 1e3, e.self_cpu_time_total / 1e3)
+                        for e in events}
         cuda_total = sum(e.self_device_time_total for e in events) / 1e3
         print(f"--- profile {mode}: total device time {cuda_total:.1f} ms")
         print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+    plain = tables["plain"]
+    for mode, table in tables.items():
+        if mode == "plain":
+            continue
+        print(f"--- {mode} against plain: ops with other call counts or > 0.5 ms other device time "
+              "(calls, device ms, host ms: plain -> mode)")
+        for key in sorted(set(table) | set(plain)):
+            (n0, d0, c0), (n1, d1, c1) = plain.get(key, (0, 0.0, 0.0)), table.get(key, (0, 0.0, 0.0))
+            if n0 != n1 or abs(d1 - d0) > 0.5:
+                print(f"  {key[:70]:70s} {n0:6d} -> {n1:6d} | {d0:8.2f} -> {d1:8.2f} | {c0:8.2f} -> {c1:8.2f}")
 
 
 if __name__ == "__main__":

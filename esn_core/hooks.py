@@ -249,6 +249,47 @@ _OPERATIONS = {
 }
 
 
+# SiLU and then a method's elementwise op in one CUDA kernel (PyTorch's jiterator, compiled
+# at first use): PyTorch's own float arithmetic for SiLU, rounded to the activation's type,
+# then its multiply or add, rounded again, so the result is bit-identical to the two
+# kernels it replaces (tests/test_hooks.py checks this on a GPU).
+_FUSED_OPERATION = {"steer": "mul", "deactivate": "mul", "add": "add"}
+_FUSED_SOURCE = """
+template <typename T> T silu_then_{name}(T x, T operand) {{
+    float v = static_cast<float>(x);
+    T g = static_cast<T>(v / (1.0f + expf(-v)));
+    return static_cast<T>(static_cast<float>(g) {symbol} static_cast<float>(operand));
+}}
+"""
+_FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_FUSED_KERNELS: dict[str, Callable | None] = {}
+_FUSED_PROVEN: set[str] = set()  # kernels that have run once
+
+
+def _fused_silu(method: str, x: torch.Tensor, operand: torch.Tensor) -> torch.Tensor | None:
+    """``op(silu(x), operand)`` by the fused kernel, or None where this build cannot
+    compile it (then the caller runs the two PyTorch kernels)."""
+    name = _FUSED_OPERATION[method]
+    if name not in _FUSED_KERNELS:
+        try:
+            source = _FUSED_SOURCE.format(name=name, symbol={"mul": "*", "add": "+"}[name])
+            _FUSED_KERNELS[name] = torch.cuda.jiterator._create_jit_fn(source)
+        except (AttributeError, RuntimeError):  # a build without the jiterator
+            _FUSED_KERNELS[name] = None
+    kernel = _FUSED_KERNELS[name]
+    if kernel is None:
+        return None
+    if name in _FUSED_PROVEN:
+        return kernel(x, operand)
+    try:  # the first call compiles it, which needs the runtime compiler (NVRTC)
+        out = kernel(x, operand)
+    except RuntimeError:
+        _FUSED_KERNELS[name] = None
+        return None
+    _FUSED_PROVEN.add(name)
+    return out
+
+
 # --------------------------------------------------------------------------- capture
 
 
@@ -286,7 +327,7 @@ class _Counter:
     """
 
     BUFFER_BYTES = 256 * 2**20
-    MAX_STEPS = 32
+    MAX_STEPS = 32  # at most 255: a flush sums each neuron's steps in one byte
 
     def __init__(self, layout: NeuronLayout, capture: Capture):
         self.layout = layout
@@ -308,6 +349,9 @@ class _Counter:
         self.positions = "some"  # of a prefill call: are "all", "some" or "none" real
         self._zeros: torch.Tensor | None = None
         self.filled = 0
+        # Whether a row of the buffered steps may have finished; until one may, every row
+        # is real and the step-validity slots are neither written nor read.
+        self.some_finished = False
 
     def _allocate(self, batch: int, device) -> None:
         sizes = self.layout.layer_sizes
@@ -375,11 +419,15 @@ class _Counter:
             self.flush()
         self.slot = self.filled
         view = self.step_valid_views[self.slot]
-        if finished is None:
-            view.fill_(True)
-        else:
+        if finished is not None:
+            if not self.some_finished:
+                # The earlier slots of this buffer were left unwritten (every row real).
+                self.step_valid[: self.slot].fill_(True)
+                self.some_finished = True
             torch.logical_not(finished, out=view)
-        self.valid = view
+        elif self.some_finished:
+            view.fill_(True)
+        self.valid = view if self.some_finished else None  # None: every row is real
         self.filled += 1
 
     def _step_out(self, layer: int, t: torch.Tensor) -> torch.Tensor:
@@ -409,14 +457,17 @@ class _Counter:
             if self.valid is None or self.valid.shape != g.shape[:2]:
                 self._positions_mismatch(layer, g)
             if self.positions == "all":
-                self.K[layer] += torch.gt(g, 0).sum(dim=1, dtype=torch.int32)
+                _add_positive_counts(self.K[layer], torch.gt(g, self._zero(g.dtype)), dim=1)
             elif self.positions == "some":
-                self.K[layer] += ((g > 0) & self.valid[:, :, None]).sum(dim=1, dtype=torch.int32)
+                positive = torch.gt(g, self._zero(g.dtype)).logical_and_(self.valid[:, :, None])
+                _add_positive_counts(self.K[layer], positive, dim=1)
         if self.capture.moments:
             self._add_moments(layer, g)
 
     def _add_moments(self, layer: int, g: torch.Tensor) -> None:
-        a = g.detach().float() * self.valid[:, :, None]
+        a = g.detach().float()
+        if self.valid is not None:
+            a = a * self.valid[:, :, None]
         self.sum_a[layer] += a.sum(dim=1)
         self.sum_a2[layer] += (a * a).sum(dim=1)
 
@@ -439,11 +490,17 @@ class _Counter:
         if n and self.step_runs:
             # Decode positions are counted here, a few steps at a time, not per step.
             valid = self.step_valid[:n]  # [n, B, 1]
-            self.T += valid[:, :, 0].sum(dim=0)
+            if self.some_finished:
+                self.T += valid[:, :, 0].sum(dim=0)
+            else:
+                self.T += n
             for buffer, K in self.step_runs:
-                positive = torch.gt(buffer[:, :n], 0).logical_and_(valid[..., None])
-                K += positive.sum(dim=(1, 3), dtype=torch.int32).transpose(0, 1)
+                positive = torch.gt(buffer[:, :n], self._zero(buffer.dtype))
+                if self.some_finished:
+                    positive.logical_and_(valid[..., None])
+                _add_positive_counts(K, positive.transpose(0, 2), dim=(1, 3))  # -> [B, L_r, D_r]
         self.filled = 0
+        self.some_finished = False
 
     def result(self) -> CountResult:
         if not self.K:
@@ -459,6 +516,33 @@ class _Counter:
             out.sum_a = torch.cat(self.sum_a, dim=1).cpu().numpy()
             out.sum_a2 = torch.cat(self.sum_a2, dim=1).cpu().numpy()
         return out
+
+
+# A byte counts up to 255.
+_BYTE_SUM_LIMIT = 255
+
+
+def _add_positive_counts(K: torch.Tensor, positive: torch.Tensor, dim) -> None:
+    """``K += positive.sum(dim)`` for a bool ``positive``, summed in one byte per count.
+
+    PyTorch reduces a bool tensor by first copying it into the result's type (4 bytes per
+    element for int32): on a GPU that copy cost more than the comparison and the sum
+    together. Read as bytes and summed into bytes, nothing is copied; the leading reduced
+    dimension is cut into chunks of at most 255 so that a byte cannot overflow.
+    """
+    as_bytes = positive.view(torch.uint8)
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    lead = dims[0]
+    others = 1
+    for d in dims[1:]:
+        others *= as_bytes.shape[d]
+    size = as_bytes.shape[lead]
+    step = max(1, _BYTE_SUM_LIMIT // max(1, others))
+    if others > _BYTE_SUM_LIMIT:
+        raise ValueError(f"cannot sum {others} positions per chunk in one byte")
+    for start in range(0, size, step):
+        part = as_bytes if step >= size else as_bytes.narrow(lead, start, min(step, size - start))
+        K += part.sum(dim=dims, dtype=torch.uint8)
 
 
 @dataclass
@@ -527,7 +611,23 @@ class _GroupState:
         """
         if self.counter is not None:
             return lambda x: self.on_activation(layer, function, x)
+        if function is SILU and self.intervention.method in _FUSED_OPERATION:
+            return lambda x: self._silu_then_intervene(layer, x)
         return lambda x: self._intervene(layer, function(x))
+
+    def _silu_then_intervene(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """SiLU, then the intervention: one fused kernel at a decode step on a GPU (the
+        launch of a second kernel per layer was most of steering's cost per token)."""
+        if self.operands is None or self.operands_for != (x.device, x.dtype):
+            self.compile(x.device, x.dtype)
+        operand = self.operands[layer]
+        dense = operand.dense
+        if (dense is not None and x.is_cuda and x.shape[1] == 1 and x.shape[0] == operand.batch_size
+                and x.dtype in _FUSED_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)):
+            fused = _fused_silu(self.intervention.method, x, dense)
+            if fused is not None:
+                return fused
+        return operand.apply(SILU(x))
 
     def on_activation(self, layer: int, function, x: torch.Tensor) -> torch.Tensor:
         """``function(x)`` (the layer's activation), counted and maybe intervened on."""

@@ -663,3 +663,67 @@ def test_pausing_is_refused_around_an_open_inner_session_and_never_rehooks_an_en
         with pytest.raises(RuntimeError, match="ended"):
             with s.paused():
                 pass
+
+
+def test_byte_sums_count_past_255_positions_and_over_several_dims():
+    from esn_core.hooks import _add_positive_counts
+
+    g = torch.Generator().manual_seed(0)
+    positive = torch.rand(2, 700, 3, generator=g) > 0.3  # 700 positions: three byte chunks
+    K = torch.full((2, 3), 5, dtype=torch.int32)
+    _add_positive_counts(K, positive, dim=1)
+    assert torch.equal(K, 5 + positive.sum(dim=1, dtype=torch.int32))
+    assert K.max() > 255
+    steps = torch.rand(4, 9, 2, 1, 6, generator=g) > 0.5  # [layers, steps, B, 1, D]
+    K = torch.zeros(2, 4, 6, dtype=torch.int32)
+    _add_positive_counts(K, steps.transpose(0, 2), dim=(1, 3))
+    assert torch.equal(K, steps.sum(dim=(1, 3)).transpose(0, 1).int())
+
+
+def test_a_prompt_longer_than_255_positions_counts_exactly():
+    model = tiny_qwen2()
+    ids = torch.randint(3, 64, (2, 300), generator=torch.Generator().manual_seed(1))
+    want = []
+    handles = [layer.mlp.act_fn.register_forward_hook(
+        lambda m, i, g: want.append((g > 0).sum(dim=1))) for layer in model.model.layers]
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    engine = HookEngine({"lm": lm_group(model)})
+    with torch.no_grad(), engine.session(capture={"lm": Capture()}) as s:
+        model(ids)
+    counts = s.counts("lm")
+    assert counts.T.tolist() == [300, 300] and counts.K.dtype == np.int32
+    np.testing.assert_array_equal(counts.K, torch.cat(want, dim=1).numpy())  # two byte chunks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused decode kernel runs on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("method", ["steer", "add", "clamp", "deactivate"])
+def test_a_gpu_decode_step_equals_silu_then_the_operation_bit_for_bit(method, dtype):
+    from transformers import Qwen2Config
+
+    from esn_core.hooks import _FUSED_KERNELS, SILU, compile_operands
+
+    width, batch = 4096, 8
+    mlp = Qwen2MLP(Qwen2Config(hidden_size=16, intermediate_size=width, hidden_act="silu"))
+    mlp = mlp.to("cuda", dtype)
+    group = MLPGroup([mlp])
+    rng = np.random.default_rng(0)
+    masks = [np.array([], dtype=np.int64)] + [rng.choice(width, 300, replace=False) for _ in range(batch - 1)]
+    plan = Intervention(method, tuple(masks), tuple(rng.uniform(0, 3, batch).round(2)))
+    x = torch.randn(batch, 1, width, device="cuda", dtype=torch.float32) * 6
+    x[:, :, :8] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 60.0, -60.0, 1e4, -1e4])
+    x = x.to(dtype)
+    with torch.inference_mode(), HookEngine({"lm": group}).session(interventions={"lm": plan}):
+        got = mlp.act_fn(x)
+    dense = compile_operands(plan, group.layout, "cuda", dtype)[0].dense
+    g = SILU(x)
+    want = {"steer": g * dense, "deactivate": g * dense, "add": g + dense,
+            "clamp": torch.maximum(g, dense)}[method]
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
+    assert torch.equal(got.view(bits), want.view(bits))
+    assert torch.equal(got[0].view(bits), g[0].view(bits))  # the empty-mask row: plain SiLU
+    if method != "clamp":  # clamp keeps the two PyTorch kernels
+        assert _FUSED_KERNELS[{"add": "add"}.get(method, "mul")] is not None

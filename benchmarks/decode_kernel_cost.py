@@ -1,13 +1,15 @@
-"""What one elementwise kernel per layer costs a decode step, with and without the engine.
+"""What steering costs a decode step, part by part, hooked steps alternating with plain ones.
 
-    python benchmarks/decode_kernel_cost.py --device cuda --batch 64 --repeats 16
+    python benchmarks/decode_kernel_cost.py --device cuda --batch 64 --repeats 8
 
-Splits the steering overhead of ``hook_overhead.py`` into its parts, side by side in one
-run (modes interleaved, order rotated, GC paused): the engine's steering session, the same
-session with every mask empty (the engine's Python, no kernel), and bare ``act_fn``
-replacements that bypass the engine: SiLU alone, SiLU then an in-place multiply by ones,
-SiLU then an out-of-place multiply. Per decode step: the median over repeats of a run's
-median step over the same repeat's plain run's, with quartiles; and whole runs.
+Each mode runs ``generate`` with its ``act_fn`` replacement put on and taken off after every
+step (``hook_overhead.Alternator``), so a hooked step is compared with its two plain
+neighbours under the same machine state. Modes: the engine's steering session, the same
+session with every mask empty (the engine's Python, no kernel), its capture session; and bare
+replacements that bypass the engine: SiLU alone, the engine's fused SiLU-and-multiply kernel
+with the steering operand and with an all-ones operand (the same work, unchanged values),
+and SiLU then an in-place multiply by either. Reports per mode the median ratio of a hooked
+step to its neighbours [quartiles of the runs' medians] and mean hooked / mean plain step.
 """
 
 from __future__ import annotations
@@ -16,27 +18,56 @@ import argparse
 import contextlib
 import gc
 import statistics
-import time
 
 import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
-from esn_core.hooks import SILU, HookEngine, Intervention, MLPGroup
+from esn_core.hooks import SILU, Capture, HookEngine, Intervention, MLPGroup, compile_operands
+from esn_core.hooks import _fused_silu
 
-from hook_overhead import SHAPES, StepClock, build_model, steering_plan, sync
+from hook_overhead import (SHAPES, Alternator, StepClock, alternating_ratios, build_model,
+                           steering_plan, sync)
 
 
-@contextlib.contextmanager
-def replaced_act_fn(mlps, make):
-    """``act_fn`` shadowed per layer by ``make(layer)`` (as the engine does), then restored."""
-    for layer, mlp in enumerate(mlps):
-        vars(mlp)["act_fn"] = make(layer)
-    try:
-        yield
-    finally:
-        for mlp in mlps:
-            vars(mlp).pop("act_fn")
+class Replacement:
+    """``act_fn`` shadowed per layer by ``functions[layer]`` (as the engine does) while open,
+    with ``paused`` taking them off for a block, like a session's."""
+
+    def __init__(self, mlps, functions):
+        self.mlps, self.functions = mlps, functions
+
+    def _apply(self):
+        for mlp, function in zip(self.mlps, self.functions):
+            vars(mlp)["act_fn"] = function
+
+    def _remove(self):
+        for mlp in self.mlps:
+            vars(mlp).pop("act_fn", None)
+
+    def __enter__(self):
+        self._apply()
+        return self
+
+    def __exit__(self, *exc):
+        self._remove()
+
+    @contextlib.contextmanager
+    def paused(self):
+        self._remove()
+        try:
+            yield
+        finally:
+            self._apply()
+
+
+def fused(operand):
+    """The engine's fused kernel where the engine uses it (GPU decode steps), else the two
+    kernels it replaces."""
+    def call(x):
+        out = _fused_silu("steer", x, operand) if x.is_cuda and x.shape[1] == 1 else None
+        return out if out is not None else SILU(x).mul_(operand)
+    return call
 
 
 def main() -> None:
@@ -46,7 +77,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=160)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=8)
     args = ap.parse_args()
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -60,17 +91,21 @@ def main() -> None:
     empty = Intervention("steer", tuple(np.zeros(0, np.int64) for _ in range(batch)), (1.0,) * batch)
     ones = [torch.ones(batch, 1, m.gate_proj.out_features, device=args.device, dtype=dtype)
             for m in group.mlps]
+    operands = [op.dense if op.dense is not None else one  # a layer no row masks: x1
+                for op, one in zip(compile_operands(plan, group.layout, args.device, dtype), ones)]
     mlps = group.mlps
     modes = {
-        "plain": contextlib.nullcontext,
-        "plain again": contextlib.nullcontext,
+        "plain/plain (control)": lambda: contextlib.nullcontext(None),
         "engine: steer": lambda: engine.session(interventions={"lm": plan}),
         "engine: steer, empty masks": lambda: engine.session(interventions={"lm": empty}),
-        "bare: silu": lambda: replaced_act_fn(mlps, lambda l: SILU),
-        "bare: silu, mul_ by ones": lambda: replaced_act_fn(
-            mlps, lambda l: (lambda x, o=ones[l]: SILU(x).mul_(o))),
-        "bare: silu, mul into new": lambda: replaced_act_fn(
-            mlps, lambda l: (lambda x, o=ones[l]: torch.mul(SILU(x), o))),
+        "engine: capture": lambda: engine.session(capture={"lm": Capture()}),
+        "bare: silu": lambda: Replacement(mlps, [SILU] * len(mlps)),
+        "bare: fused, steering operand": lambda: Replacement(mlps, [fused(o) for o in operands]),
+        "bare: fused, ones": lambda: Replacement(mlps, [fused(o) for o in ones]),
+        "bare: silu, mul_ by steering operand": lambda: Replacement(
+            mlps, [lambda x, o=o: SILU(x).mul_(o) for o in operands]),
+        "bare: silu, mul_ by ones": lambda: Replacement(
+            mlps, [lambda x, o=o: SILU(x).mul_(o) for o in ones]),
     }
     clock = StepClock(args.device)
 
@@ -84,33 +119,38 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; shape {args.shape}; batch {batch}; "
           f"{args.repeats} repeats")
     steps = {m: [] for m in modes}
-    times = {m: [] for m in modes}
+    runs = {m: [] for m in modes}
+    means = {m: [] for m in modes}
     names = list(modes)
-    with torch.inference_mode():
-        for mode in names:  # warm-up
-            with modes[mode]():
-                generate()
-        for repeat in range(args.repeats):
-            shift = repeat % len(names)
-            for mode in names[shift:] + names[:shift]:
-                gc.collect()
-                gc.disable()
-                sync(args.device)
-                start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for mode in names:  # warm-up (and the fused kernel's compilation)
                 with modes[mode]():
                     generate()
-                sync(args.device)
-                times[mode].append(time.perf_counter() - start)
-                gc.enable()
-                steps[mode].append(float(np.median(np.diff(clock.stamps))))
-    print("| mode | median step | per step, paired [quartiles] | whole run, paired |")
-    print("|---|---|---|---|")
+            for repeat in range(args.repeats):
+                shift = repeat % len(names)
+                for mode in names[shift:] + names[:shift]:
+                    gc.collect()
+                    gc.disable()
+                    sync(args.device)
+                    with modes[mode]() as hooks:
+                        clock.after = alternator = Alternator(hooks)
+                        generate()
+                        sync(args.device)
+                        alternator.close()
+                    gc.enable()
+                    ratios, mean = alternating_ratios(clock.stamps)
+                    steps[mode] += ratios
+                    runs[mode].append(statistics.median(ratios))
+                    means[mode].append(mean)
+    finally:
+        clock.after = None
+    print("| mode | hooked step / plain neighbours, median [run quartiles] | mean hooked / mean plain step |")
+    print("|---|---|---|")
     for mode in names:
-        paired = [s / p for s, p in zip(steps[mode], steps["plain"])]
-        q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else (paired[0],) * 3
-        whole = statistics.median(t / p for t, p in zip(times[mode], times["plain"]))
-        print(f"| {mode} | {statistics.median(steps[mode]) * 1e3:.2f} ms | "
-              f"{statistics.median(paired):.3f}x [{q1:.3f}, {q3:.3f}] | {whole:.3f}x |")
+        q = statistics.quantiles(runs[mode], n=4) if len(runs[mode]) > 1 else runs[mode] * 3
+        print(f"| {mode} | {statistics.median(steps[mode]):.3f}x [{q[0]:.3f}, {q[2]:.3f}] | "
+              f"{statistics.median(means[mode]):.3f}x |")
 
 
 if __name__ == "__main__":

@@ -51,10 +51,13 @@ def test_qwen_omni_throughput_reports_parts_modes_and_json(tmp_path):
 
 def test_decode_kernel_cost_reports_every_part():
     out = _run("benchmarks/decode_kernel_cost.py", "--shape", "tiny", "--batch", "2",
-               "--prompt", "8", "--new", "4", "--repeats", "2")
-    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
-    assert rows[1:] == ["plain", "plain again", "engine: steer", "engine: steer, empty masks",
-                        "bare: silu", "bare: silu, mul_ by ones", "bare: silu, mul into new"]
+               "--prompt", "8", "--new", "6", "--repeats", "2")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    assert [r[0].strip() for r in rows[1:]] == [
+        "plain/plain (control)", "engine: steer", "engine: steer, empty masks", "engine: capture",
+        "bare: silu", "bare: fused, steering operand", "bare: fused, ones",
+        "bare: silu, mul_ by steering operand", "bare: silu, mul_ by ones"]
+    assert all(re.fullmatch(r" [\d.]+x \[[\d.]+, [\d.]+\] ", r[1]) for r in rows[1:])
 
 
 def test_alternating_ratios_pair_each_hooked_step_with_its_plain_neighbours(monkeypatch):

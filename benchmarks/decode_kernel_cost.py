@@ -6,9 +6,8 @@ Each mode runs ``generate`` with its ``act_fn`` replacement put on and taken off
 step (``hook_overhead.Alternator``), so a hooked step is compared with its two plain
 neighbours under the same machine state. Modes: the engine's steering session, the same
 session with every mask empty (the engine's Python, no kernel), its capture session; and bare
-replacements that bypass the engine: SiLU alone, the engine's fused SiLU-and-multiply kernel
-with the steering operand and with an all-ones operand (the same work, unchanged values),
-and SiLU then an in-place multiply by either. Reports per mode the median ratio of a hooked
+replacements that bypass the engine: SiLU alone, and SiLU then an in-place multiply by the
+steering operand or by ones (the same work, unchanged values). Reports per mode the median ratio of a hooked
 step to its neighbours [quartiles of the runs' medians] and mean hooked / mean plain step.
 """
 
@@ -24,7 +23,6 @@ import torch
 from transformers import LogitsProcessorList
 
 from esn_core.hooks import SILU, Capture, HookEngine, Intervention, MLPGroup, compile_operands
-from esn_core.hooks import _fused_silu
 
 from hook_overhead import (SHAPES, Alternator, StepClock, alternating_ratios, build_model,
                            steering_plan, sync)
@@ -61,15 +59,6 @@ class Replacement:
             self._apply()
 
 
-def fused(operand):
-    """The engine's fused kernel where the engine uses it (GPU decode steps), else the two
-    kernels it replaces."""
-    def call(x):
-        out = _fused_silu("steer", x, operand) if x.is_cuda and x.shape[1] == 1 else None
-        return out if out is not None else SILU(x).mul_(operand)
-    return call
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen25omni7b")
@@ -100,8 +89,6 @@ def main() -> None:
         "engine: steer, empty masks": lambda: engine.session(interventions={"lm": empty}),
         "engine: capture": lambda: engine.session(capture={"lm": Capture()}),
         "bare: silu": lambda: Replacement(mlps, [SILU] * len(mlps)),
-        "bare: fused, steering operand": lambda: Replacement(mlps, [fused(o) for o in operands]),
-        "bare: fused, ones": lambda: Replacement(mlps, [fused(o) for o in ones]),
         "bare: silu, mul_ by steering operand": lambda: Replacement(
             mlps, [lambda x, o=o: SILU(x).mul_(o) for o in operands]),
         "bare: silu, mul_ by ones": lambda: Replacement(
@@ -124,7 +111,7 @@ def main() -> None:
     names = list(modes)
     try:
         with torch.inference_mode():
-            for mode in names:  # warm-up (and the fused kernel's compilation)
+            for mode in names:  # warm-up
                 with modes[mode]():
                     generate()
             for repeat in range(args.repeats):

@@ -249,47 +249,6 @@ _OPERATIONS = {
 }
 
 
-# SiLU and then a method's elementwise op in one CUDA kernel (PyTorch's jiterator, compiled
-# at first use): PyTorch's own float arithmetic for SiLU, rounded to the activation's type,
-# then its multiply or add, rounded again, so the result is bit-identical to the two
-# kernels it replaces (tests/test_hooks.py checks this on a GPU).
-_FUSED_OPERATION = {"steer": "mul", "deactivate": "mul", "add": "add"}
-_FUSED_SOURCE = """
-template <typename T> T silu_then_{name}(T x, T operand) {{
-    float v = static_cast<float>(x);
-    T g = static_cast<T>(v / (1.0f + expf(-v)));
-    return static_cast<T>(static_cast<float>(g) {symbol} static_cast<float>(operand));
-}}
-"""
-_FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_FUSED_KERNELS: dict[str, Callable | None] = {}
-_FUSED_PROVEN: set[str] = set()  # kernels that have run once
-
-
-def _fused_silu(method: str, x: torch.Tensor, operand: torch.Tensor) -> torch.Tensor | None:
-    """``op(silu(x), operand)`` by the fused kernel, or None where this build cannot
-    compile it (then the caller runs the two PyTorch kernels)."""
-    name = _FUSED_OPERATION[method]
-    if name not in _FUSED_KERNELS:
-        try:
-            source = _FUSED_SOURCE.format(name=name, symbol={"mul": "*", "add": "+"}[name])
-            _FUSED_KERNELS[name] = torch.cuda.jiterator._create_jit_fn(source)
-        except (AttributeError, RuntimeError):  # a build without the jiterator
-            _FUSED_KERNELS[name] = None
-    kernel = _FUSED_KERNELS[name]
-    if kernel is None:
-        return None
-    if name in _FUSED_PROVEN:
-        return kernel(x, operand)
-    try:  # the first call compiles it, which needs the runtime compiler (NVRTC)
-        out = kernel(x, operand)
-    except (RuntimeError, AssertionError):
-        _FUSED_KERNELS[name] = None
-        return None
-    _FUSED_PROVEN.add(name)
-    return out
-
-
 # --------------------------------------------------------------------------- capture
 
 
@@ -553,6 +512,7 @@ class _GroupState:
     counter: _Counter | None = None
     operands: list[LayerOperand] | None = None
     operands_for: tuple | None = None  # (device, dtype) the operands were compiled for
+    decode_operands: list[tuple] | None = None  # per layer (dense, batch, dtype, device index)
     finished: torch.Tensor | None = None  # [B] bool, rows that fed an end token
     eos: torch.Tensor | None = None
     eos_ids: tuple[int, ...] = ()
@@ -611,23 +571,30 @@ class _GroupState:
         """
         if self.counter is not None:
             return lambda x: self.on_activation(layer, function, x)
-        if function is SILU and self.intervention.method in _FUSED_OPERATION:
-            return lambda x: self._silu_then_intervene(layer, x)
-        return lambda x: self._intervene(layer, function(x))
+        return self._intervening(layer, function)
 
-    def _silu_then_intervene(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """SiLU, then the intervention: one fused kernel at a decode step on a GPU (the
-        launch of a second kernel per layer was most of steering's cost per token)."""
-        if self.operands is None or self.operands_for != (x.device, x.dtype):
-            self.compile(x.device, x.dtype)
-        operand = self.operands[layer]
-        dense = operand.dense
-        if (dense is not None and x.is_cuda and x.shape[1] == 1 and x.shape[0] == operand.batch_size
-                and x.dtype in _FUSED_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)):
-            fused = _fused_silu(self.intervention.method, x, dense)
-            if fused is not None:
-                return fused
-        return operand.apply(SILU(x))
+    def _intervening(self, layer: int, function) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``function`` then the intervention. A decode step (one position per row) takes
+        the shortest path there is: one in-place op with the layer's compiled operand,
+        after checks that cost no dispatch. Everything else goes through ``_intervene``.
+
+        In ``generate`` every Python call and kernel launch here costs about twice what it
+        costs in a tight loop (BENCHMARKS.md), so this path is kept to one launch.
+        """
+        operation = _OPERATIONS[self.intervention.method][1]
+
+        def intervened(x: torch.Tensor) -> torch.Tensor:
+            g = function(x)
+            fast = self.decode_operands[layer] if self.decode_operands is not None else None
+            if fast is not None:
+                dense, batch, dtype, device = fast
+                shape = g.shape
+                if (shape[0] == batch and shape[1] == 1 and g.dtype is dtype
+                        and g.get_device() == device and not g.requires_grad):
+                    return g if dense is None else operation(g, dense)
+            return self._intervene(layer, g)
+
+        return intervened
 
     def on_activation(self, layer: int, function, x: torch.Tensor) -> torch.Tensor:
         """``function(x)`` (the layer's activation), counted and maybe intervened on."""
@@ -661,6 +628,11 @@ class _GroupState:
     def compile(self, device, dtype) -> None:
         self.operands = compile_operands(self.intervention, self.group.layout, device, dtype)
         self.operands_for = (torch.device(device), dtype)
+        index = self.operands_for[0].index if self.operands_for[0].type != "cpu" else -1
+        index = torch.empty(0, device=device).get_device() if index is None else index
+        # Per layer, what a decode step checks before its one in-place op (dense None: the
+        # layer is untouched).
+        self.decode_operands = [(op.dense, op.batch_size, dtype, index) for op in self.operands]
 
 
 _PINNED: dict[tuple, torch.Tensor] = {}

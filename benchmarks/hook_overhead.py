@@ -16,6 +16,12 @@ processor stamps the clock once per step) and reports, per token, the median ove
 of a run's median step over the same repeat's plain run's (slow drift cancels in a pair),
 and the ratio of the median step of all runs of a mode to that of plain runs: figures
 that a few slow runs do not move. Also reports the stored bytes per attempt of the counts at that shape.
+
+On the lent GPU hosts whole runs switch at random between a fast and a slow state (median
+step ~17 ms or ~30 ms, between and within runs: ``--raw`` keeps every stamp), which no
+run-against-run ratio survives. The figure that does: each hooked mode also runs with its
+hooks taken off and put back after every step (``Alternator``), and a hooked step is
+compared with its two plain neighbours, which share the machine's state of the moment.
 """
 
 from __future__ import annotations
@@ -281,7 +287,8 @@ def main() -> None:
         # Capture only observes; a steered batch's empty-mask row is an untouched baseline.
         same_plain = torch.equal(outputs["plain again"], outputs["plain"])
         same_capture = torch.equal(outputs["capture"], outputs["plain"])
-        same_baseline_row = batch > 1 and torch.equal(outputs["steer"][0], outputs["plain"][0])
+        same_baseline_row = (torch.equal(outputs["steer"][0], outputs["plain"][0]) if batch > 1
+                             else "n/a (the only row steers)")
         print(f"batch {batch}: tokens identical: plain vs plain {same_plain}; capture vs plain "
               f"{same_capture}; steered batch's empty-mask row vs plain {same_baseline_row}")
         row = {"batch": batch, "plain_s": base}

@@ -16,15 +16,18 @@ Design choices, each for a measured or specified reason:
   prefill, to learn whether it has padding at all).
 * A decode step (one position per row) is where per-token cost matters: a SiLU layer's
   activation kernel writes ``g`` straight into that layer's slot of a step buffer, so
-  counting adds no kernel; the buffer is reduced every few steps.
+  counting adds no kernel; the buffer is reduced every few steps. Counts are summed as
+  bytes: PyTorch would first copy a bool tensor into the sum's type (4 bytes an element).
 * Padding never counts. A forward pre-hook on the group's *root* (the module ``generate``
   calls) reads ``attention_mask`` and, at decode steps, the fed token ids; a row stops
   counting once it has fed an end-of-sequence token, because a single unpadded run would
   have stopped there. Batched counts therefore equal separate single runs.
 * Interventions are data: a method plus per-row flat neuron indices and per-row α. They are
   compiled once per session into one ``[B, 1, D_l]`` operand per layer, so every method is a
-  single elementwise op per decode step; a row with an empty mask gets the identity operand
-  (×1, +0, max with −inf) and is an untouched baseline, bit for bit. A prefill touches only
+  single in-place elementwise op per decode step, reached without a further Python call (in
+  ``generate`` each call and launch costs twice what a tight loop shows); a row with an
+  empty mask gets the identity operand (×1, +0, max with −inf) and is an untouched
+  baseline, bit for bit. A prefill touches only
   the masked (row, neuron) pairs while they are few; a layer no row masks is not touched.
 * ``steer`` and ``deactivate`` are linear in ``g``, so ``folded_down_proj`` offers them as a
   change of ``down_proj`` columns with an exact restore, for zero per-token cost.
@@ -492,13 +495,13 @@ def _add_positive_counts(K: torch.Tensor, positive: torch.Tensor, dim) -> None:
     as_bytes = positive.view(torch.uint8)
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
     lead = dims[0]
-    others = 1
+    others = 1  # positions summed per index of the leading dimension
     for d in dims[1:]:
         others *= as_bytes.shape[d]
-    size = as_bytes.shape[lead]
-    step = max(1, _BYTE_SUM_LIMIT // max(1, others))
     if others > _BYTE_SUM_LIMIT:
         raise ValueError(f"cannot sum {others} positions per chunk in one byte")
+    size = as_bytes.shape[lead]
+    step = _BYTE_SUM_LIMIT // max(1, others)
     for start in range(0, size, step):
         part = as_bytes if step >= size else as_bytes.narrow(lead, start, min(step, size - start))
         K += part.sum(dim=dims, dtype=torch.uint8)
@@ -709,7 +712,7 @@ class Session:
         Counts, operands and row states are kept, and the hooks come back when the block
         ends. A forward run while paused is not seen at all, positions included (an end
         token fed then does not end its row's counting). Pausing and resuming cost the
-        same host work (one attribute and one hook per MLP group), which is what lets
+        same host work (an attribute per MLP, and the root's hook when counting), which lets
         ``benchmarks/hook_overhead.py`` alternate hooked and plain decode steps of one
         ``generate``.
         """
@@ -805,7 +808,9 @@ class _Installation:
             state.activation(layer, outer if outer is not None else plain_function(mlp._modules["act_fn"]))
             for layer, (mlp, outer) in enumerate(zip(mlps, self.enclosing))
         ]
-        self.root_hook = _root_pre_hook(state) if state.group.root is not None else None
+        # The root's inputs matter only to counting (positions, end tokens).
+        counts = state.counter is not None and state.group.root is not None
+        self.root_hook = _root_pre_hook(state) if counts else None
         self.handle = None
 
     def apply(self) -> None:

@@ -25,7 +25,7 @@ from transformers import LogitsProcessorList
 from esn_core.hooks import SILU, Capture, HookEngine, Intervention, MLPGroup, compile_operands
 
 from hook_overhead import (SHAPES, Alternator, StepClock, alternating_ratios, build_model,
-                           steering_plan, sync)
+                           quartiles, steering_plan, sync)
 
 
 class Replacement:
@@ -135,8 +135,8 @@ def main() -> None:
     print("| mode | hooked step / plain neighbours, median [run quartiles] | mean hooked / mean plain step |")
     print("|---|---|---|")
     for mode in names:
-        q = statistics.quantiles(runs[mode], n=4) if len(runs[mode]) > 1 else runs[mode] * 3
-        print(f"| {mode} | {statistics.median(steps[mode]):.3f}x [{q[0]:.3f}, {q[2]:.3f}] | "
+        q1, q3 = quartiles(runs[mode])
+        print(f"| {mode} | {statistics.median(steps[mode]):.3f}x [{q1:.3f}, {q3:.3f}] | "
               f"{statistics.median(means[mode]):.3f}x |")
 
 

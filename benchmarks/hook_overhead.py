@@ -294,7 +294,7 @@ def main() -> None:
         row = {"batch": batch, "plain_s": base}
         for mode in ("plain again", "capture", "steer", "capture+steer"):
             paired = [t / p for t, p in zip(times[mode], times["plain"])]
-            q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else (paired[0],) * 3
+            q1, q3 = quartiles(paired)
             row[mode] = statistics.median(paired)
             row[mode + " (iqr)"] = (q1, q3)
             row[mode + " (min)"] = min(times[mode]) / best
@@ -408,7 +408,8 @@ def alternate_steps(engine, plan, generate, ids, clock, repeats: int, device: st
     return out
 
 
-def _quartiles(values: list[float]) -> tuple[float, float]:
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartiles (both the value itself for a single one)."""
     if len(values) < 2:
         return values[0], values[0]
     q1, _, q3 = statistics.quantiles(values, n=4)
@@ -416,7 +417,7 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
 
 
 def _alternating_cell(result: dict) -> str:
-    (a, b), (c, d) = _quartiles(result["runs"]), _quartiles(result["means"])
+    (a, b), (c, d) = quartiles(result["runs"]), quartiles(result["means"])
     return (f"{statistics.median(result['steps']):.3f}x [{a:.3f}, {b:.3f}]; "
             f"{statistics.median(result['means']):.3f}x [{c:.3f}, {d:.3f}]")
 

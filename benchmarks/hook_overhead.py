@@ -409,10 +409,11 @@ def alternate_steps(engine, plan, generate, ids, clock, repeats: int, device: st
 
 
 def quartiles(values: list[float]) -> tuple[float, float]:
-    """First and third quartiles (both the value itself for a single one)."""
+    """First and third quartiles, never outside the data (the default, exclusive method
+    extrapolates from a few values)."""
     if len(values) < 2:
         return values[0], values[0]
-    q1, _, q3 = statistics.quantiles(values, n=4)
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return q1, q3
 
 

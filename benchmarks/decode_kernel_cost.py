@@ -7,8 +7,9 @@ step (``hook_overhead.Alternator``), so a hooked step is compared with its two p
 neighbours under the same machine state. Modes: the engine's steering session, the same
 session with every mask empty (the engine's Python, no kernel), its capture session; and bare
 replacements that bypass the engine: SiLU alone, and SiLU then an in-place multiply by the
-steering operand or by ones (the same work, unchanged values). Reports per mode the median ratio of a hooked
-step to its neighbours [quartiles of the runs' medians] and mean hooked / mean plain step.
+steering operand or by ones (the same work, unchanged values). Reports per mode the median
+ratio of a hooked step to its neighbours [quartiles of the runs' medians] and mean hooked /
+mean plain step.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ Design choices, each for a measured or specified reason:
   single in-place elementwise op per decode step, reached without a further Python call (in
   ``generate`` each call and launch costs twice what a tight loop shows); a row with an
   empty mask gets the identity operand (×1, +0, max with −inf) and is an untouched
-  baseline, bit for bit. A prefill touches only
-  the masked (row, neuron) pairs while they are few; a layer no row masks is not touched.
+  baseline, bit for bit. A prefill touches only the masked (row, neuron) pairs while they
+  are few; a layer no row masks is not touched.
 * ``steer`` and ``deactivate`` are linear in ``g``, so ``folded_down_proj`` offers them as a
   change of ``down_proj`` columns with an exact restore, for zero per-token cost.
 * Counts are taken on ``g`` as the model computes it, before the intervention rewrites it.
@@ -631,8 +631,7 @@ class _GroupState:
     def compile(self, device, dtype) -> None:
         self.operands = compile_operands(self.intervention, self.group.layout, device, dtype)
         self.operands_for = (torch.device(device), dtype)
-        index = self.operands_for[0].index if self.operands_for[0].type != "cpu" else -1
-        index = torch.empty(0, device=device).get_device() if index is None else index
+        index = torch.empty(0, device=device).get_device()  # what g.get_device() returns; -1 on CPU
         # Per layer, what a decode step checks before its one in-place op (dense None: the
         # layer is untouched).
         self.decode_operands = [(op.dense, op.batch_size, dtype, index) for op in self.operands]

@@ -127,7 +127,7 @@ def main() -> None:
                         sync(args.device)
                         alternator.close()
                     gc.enable()
-                    ratios, mean = alternating_ratios(clock.stamps)
+                    ratios, mean, _ = alternating_ratios(clock.stamps)
                     steps[mode] += ratios
                     runs[mode].append(statistics.median(ratios))
                     means[mode].append(mean)

@@ -1,7 +1,6 @@
 """Capture and steering overhead of the hook engine, hooks-on vs hooks-off, side by side.
 
     python benchmarks/hook_overhead.py --shape tiny                   # CPU sanity check
-    python benchmarks/hook_overhead.py --shape qwen25omni7b --device cuda --batches 1 16 64
 
 ``qwen25omni7b`` is a Qwen2ForCausalLM with Qwen2.5-Omni-7B's thinker shapes (28 layers,
 hidden 3584, 18944 gate neurons per layer, 28/4 heads, vocab 152064) and random bf16
@@ -22,6 +21,15 @@ step ~17 ms or ~30 ms, between and within runs: ``--raw`` keeps every stamp), wh
 run-against-run ratio survives. The figure that does: each hooked mode also runs with its
 hooks taken off and put back after every step (``Alternator``), and a hooked step is
 compared with its two plain neighbours, which share the machine's state of the moment.
+``--alternate-periods 2 3`` also runs hooks on for one step in three, which compares a
+hooked step with plain steps that do not follow a hooked one and shows whether its cost
+spills into the next step. The whole ``generate`` is then composed from its parts: the
+prefill (paired, it includes compiling a session's operands), the decode steps (by the
+alternating ratio) and leaving the session. A last whole-run figure keeps only runs in the
+fast state (median step within ``FAST_STATE`` of the batch's fastest run).
+
+    python benchmarks/hook_overhead.py --shape qwen25omni7b --device cuda --batches 64 16 1 \
+        --repeats 4 --alternate-repeats 6 --alternate-periods 2 3
 """
 
 from __future__ import annotations
@@ -100,21 +108,28 @@ class StepClock(LogitsProcessor):
 
 
 class Alternator:
-    """Takes a session's hooks off after one forward and puts them back after the next:
-    in one ``generate``, forwards 0 (the prefill), 2, 4, ... run hooked and 1, 3, 5, ...
-    plain. Adjacent steps share the machine's state of the moment, so their ratio is
-    blind to the drift between runs that dominates run-against-run comparisons here.
+    """Takes a session's hooks off after one forward and puts them back ``period - 1``
+    forwards later: with ``period=2``, forwards 0 (the prefill), 2, 4, ... run hooked and
+    1, 3, 5, ... plain, in one ``generate``. Adjacent steps share the machine's state of the
+    moment, so their ratio is blind to the drift between runs that dominates
+    run-against-run comparisons here. A longer period leaves plain steps that do not follow
+    a hooked one: whether the first plain step after a hooked one runs slower than they do
+    shows a hooked step's cost outliving it (which ``period=2`` would hide).
     Without a session (the control) it toggles nothing, at the same Python cost."""
 
-    def __init__(self, session=None):
+    def __init__(self, session=None, period: int = 2):
         self.session = session
+        self.period = period
         self.pause = None
+        self.forwards = 1  # generate calls this after each forward, the prefill's first
 
     def __call__(self) -> None:
-        if self.pause is None:
+        hooked_next = hooked_forward(self.forwards, self.period)
+        self.forwards += 1
+        if self.pause is None and not hooked_next:
             self.pause = self.session.paused() if self.session is not None else contextlib.nullcontext()
             self.pause.__enter__()
-        else:
+        elif self.pause is not None and hooked_next:
             self.close()
 
     def close(self) -> None:
@@ -123,13 +138,33 @@ class Alternator:
             pause.__exit__(None, None, None)
 
 
-def alternating_ratios(stamps: list[float]) -> tuple[list[float], float]:
-    """Per hooked step, its time over the mean of its two plain neighbours; and all hooked
-    steps' mean over all plain steps' (which keeps the periodic costs, e.g. a flush of the
-    capture's step buffer every few steps, that the per-step median skips)."""
-    d = np.diff(stamps)  # d[k]: forward k + 1, hooked when k is odd
-    ratios = [float(d[k] / ((d[k - 1] + d[k + 1]) / 2)) for k in range(1, len(d) - 1, 2)]
-    return ratios, float(d[1::2].mean() / d[0::2].mean())
+def hooked_forward(forward: int, period: int = 2) -> bool:
+    """Does ``Alternator(period=period)`` leave the hooks on for this forward (0: prefill)?"""
+    return forward % period == 0
+
+
+def alternating_ratios(stamps: list[float], period: int = 2) -> tuple[list[float], float, list[float]]:
+    """Per hooked decode step, its time over the mean of two plain steps: the one before it
+    and the last of its period. Also all hooked steps' mean over those plain steps' mean
+    (which keeps periodic costs, e.g. a flush of the capture's step buffer every few steps,
+    that a median skips); and, for ``period >= 3``, per hooked step the plain step after
+    it over the same mean (~1 unless the hooked step's cost spills into the next)."""
+    d = np.diff(stamps)  # d[f - 1]: the time of forward f
+
+    def t(forward: int) -> float:
+        return float(d[forward - 1])
+
+    ratios, spill = [], []
+    for f in range(period, len(d) - period + 2, period):
+        plain = (t(f - 1) + t(f + period - 1)) / 2
+        ratios.append(t(f) / plain)
+        if period > 2:
+            spill.append(t(f + 1) / plain)
+    forwards = np.arange(1, len(d) + 1)
+    phase = forwards % period
+    # The plain steps compared are those after a plain step (with period 2: every one).
+    clean = (phase != 0) & ((phase != 1) | (period == 2))
+    return ratios, float(d[phase == 0].mean() / d[clean].mean()), spill
 
 
 def sync(device: str) -> None:
@@ -193,6 +228,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--alternate-repeats", type=int, default=None,
                     help="runs per mode with hooks toggled every step (default: --repeats)")
+    ap.add_argument("--alternate-periods", type=int, nargs="+", default=[2],
+                    help="hooks on for one step in every P, for each P given (2: every other "
+                         "step; 3 or more also shows whether a hooked step's cost spills into the next)")
     ap.add_argument("--r", type=float, default=0.005)
     ap.add_argument("--raw", help="write every timed run's clock stamps to this JSON file")
     ap.add_argument("--profile", action="store_true",
@@ -200,6 +238,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.alternate_repeats is None:
         args.alternate_repeats = args.repeats
+    for period in args.alternate_periods:
+        # A hooked decode step, a plain one before it and a whole period after it.
+        if period < 2 or args.new < 2 * period:
+            ap.error(f"--alternate-periods {period}: needs a period >= 2 and --new >= {2 * max(period, 2)}"
+                     f" (got --new {args.new})")
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = build_model(args.shape, args.device, dtype)
@@ -280,8 +323,9 @@ def main() -> None:
             f"{m} " + " ".join(f"{t:.3f}" for t in ts) for m, ts in times.items()))
         print(f"batch {batch}: median seconds spent leaving the session (counts to host): " + "; ".join(
             f"{m} {statistics.median(ts):.4f}" for m, ts in collect.items()))
-        alternating = alternate_steps(engine, plan, generate, ids, clock, args.alternate_repeats,
-                                      args.device, raw, batch)
+        alternating = {period: alternate_steps(engine, plan, generate, ids, clock, args.alternate_repeats,
+                                               args.device, raw, batch, period)
+                       for period in args.alternate_periods}
         if args.profile and batch == args.batches[-1]:
             profile_modes(modes, generate, ids)
         # Capture only observes; a steered batch's empty-mask row is an untouched baseline.
@@ -290,7 +334,9 @@ def main() -> None:
         same_baseline_row = (torch.equal(outputs["steer"][0], outputs["plain"][0]) if batch > 1
                              else "n/a (the only row steers)")
         print(f"batch {batch}: tokens identical: plain vs plain {same_plain}; capture vs plain "
-              f"{same_capture}; steered batch's empty-mask row vs plain {same_baseline_row}")
+              f"{same_capture}; steered batch's empty-mask row vs plain {same_baseline_row}"
+              + ("" if same_plain else " (plain itself differs between runs here: the other two "
+                 "say nothing; tests/test_hooks.py checks them)"))
         row = {"batch": batch, "plain_s": base}
         for mode in ("plain again", "capture", "steer", "capture+steer"):
             paired = [t / p for t, p in zip(times[mode], times["plain"])]
@@ -308,6 +354,11 @@ def main() -> None:
         row["prefill_ms"] = statistics.median(prefills["plain"]) * 1e3
         row["alternating"] = alternating
         row["step_ms"] = statistics.median(steps["plain"]) * 1e3
+        row["decode_ms"] = statistics.median(
+            (r["stamps"][-1] - r["stamps"][0]) * 1e3 for r in raw if r["batch"] == batch and r["mode"] == "plain")
+        row["leaving_ms"] = {m: (statistics.median(collect[m]) - statistics.median(collect["plain"])) * 1e3
+                             for m in modes}
+        row["fast"] = fast_state_ratios(run_steps, times)
         row["bytes_per_attempt"] = bytes_per_attempt
         row["T"] = int(counts.T[0])
         row["per_call_us"] = per_call_cost(model, engine, layout, batch, args.device)
@@ -333,15 +384,42 @@ def main() -> None:
                            f"{r[m + ' (cpu step)']:.3f}x"
                            for m in ("plain again", "capture", "steer", "capture+steer"))
         print(f"| {r['batch']} | {r['step_ms']:.2f} ms | {cells} |")
-    print("\nhooked decode steps alternating with plain ones in the same generate (hooks taken "
-          "off and put back after every step): per step, its time over the mean of its two "
-          "plain neighbours, median of all steps [quartiles of the runs' medians]; per run, "
-          "mean hooked step / mean plain step, median of runs [quartiles]")
-    print("| batch | plain/plain (control) | capture | steering | capture+steering |")
+    print(f"\nwhole runs in the host's fast state (run's median step <= {FAST_STATE:.2f}x the "
+          "fastest run's of the batch): runs kept of all; median of their median steps over "
+          "plain's; median of their whole-run times over plain's")
+    print("| batch | plain | plain again | capture | steering | capture+steering |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        fast = r["fast"]
+        cells = " | ".join(f"{fast[m][0]}/{fast[m][1]}; {fast[m][2]:.3f}x; {fast[m][3]:.3f}x"
+                           if m != "plain" else f"{fast[m][0]}/{fast[m][1]}"
+                           for m in ("plain", "plain again", "capture", "steer", "capture+steer"))
+        print(f"| {r['batch']} | {cells} |")
+    for period in args.alternate_periods:
+        what = ("every other step: per hooked step, its time over the mean of its two plain "
+                "neighbours" if period == 2 else
+                f"on for one step in {period}: per hooked step, its time over the mean of the plain "
+                "step before it and the last of its period")
+        print(f"\nhooked decode steps alternating with plain ones in the same generate (hooks taken "
+              f"off and put back, {what}), median of all [quartiles of the runs' medians]; per run, "
+              "mean hooked step / mean plain step, median of runs [quartiles]"
+              + ("; then the plain step after a hooked one, over the same mean: ~1 unless the hooked "
+                 "step's cost outlives it" if period > 2 else ""))
+        print("| batch | plain/plain (control) | capture | steering | capture+steering |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            cells = " | ".join(_alternating_cell(r["alternating"][period][m]) for m in ALTERNATING)
+            print(f"| {r['batch']} | {cells} |")
+    print("\nwhole generate composed from its parts: (plain prefill x the prefill ratio + plain "
+          "decode steps x the alternating step ratio + time leaving the session beyond plain's) / "
+          "plain generate; the step ratio per step (median) and per run (mean) giving the two ends, "
+          "over every period run. Entering a session is in the prefill (operands compile at the "
+          "first call)")
+    print("| batch | plain prefill + decode | capture | steering | capture+steering |")
     print("|---|---|---|---|---|")
     for r in rows:
-        cells = " | ".join(_alternating_cell(r["alternating"][m]) for m in ALTERNATING)
-        print(f"| {r['batch']} | {cells} |")
+        cells = " | ".join("{:.3f}-{:.3f}x".format(*composed_ratios(r, m)) for m in ("capture", "steer", "capture+steer"))
+        print(f"| {r['batch']} | {r['prefill_ms']:.1f} + {r['decode_ms']:.1f} ms | {cells} |")
     print("\nprefill (generate's call to its first token), median of paired ratios")
     print("| batch | plain prefill | plain again | capture | steering | capture+steering |")
     print("|---|---|---|---|---|---|")
@@ -366,19 +444,51 @@ def main() -> None:
 
 ALTERNATING = ("plain/plain", "capture", "steer", "capture+steer")
 
+# A run is in the host's fast state when its median step is at most this much above the
+# fastest run's of its batch (the lent hosts' two states lie ~1.6-1.8x apart).
+FAST_STATE = 1.25
+
+
+def composed_ratios(row: dict, mode: str) -> tuple[float, float]:
+    """Lowest and highest whole-generate ratio that the parts give (see the table's title)."""
+    prefill, decode = row["prefill_ms"], row["decode_ms"]
+    extra = prefill * (row[mode + " (prefill)"] - 1) + row["leaving_ms"][mode]
+    step_ratios = []
+    for by_mode in row["alternating"].values():
+        result = by_mode[mode]
+        step_ratios += [statistics.median(result["steps"]), statistics.median(result["means"])]
+    whole = [1 + (extra + decode * (r - 1)) / (prefill + decode) for r in step_ratios]
+    return min(whole), max(whole)
+
+
+def fast_state_ratios(run_steps: dict[str, list[float]], times: dict[str, list[float]]) -> dict:
+    """Per mode, from whole runs in the host's fast state only: (runs kept, runs, median of
+    their median steps / plain's, median of their run times / plain's)."""
+    limit = FAST_STATE * min(min(steps) for steps in run_steps.values())
+    kept = {m: [i for i, step in enumerate(steps) if step <= limit] for m, steps in run_steps.items()}
+
+    def median_kept(values: dict[str, list[float]], mode: str) -> float:
+        picked = [values[mode][i] for i in kept[mode]]
+        return statistics.median(picked) if picked else float("nan")
+
+    return {m: (len(kept[m]), len(run_steps[m]),
+                median_kept(run_steps, m) / median_kept(run_steps, "plain"),
+                median_kept(times, m) / median_kept(times, "plain"))
+            for m in run_steps}
+
 
 def alternate_steps(engine, plan, generate, ids, clock, repeats: int, device: str,
-                    raw: list[dict], batch: int) -> dict:
-    """Runs each hooked mode with its hooks toggled every step (``Alternator``), in rotating
-    order; returns per mode the pooled step ratios and each run's (median step ratio, mean
-    ratio)."""
+                    raw: list[dict], batch: int, period: int = 2) -> dict:
+    """Runs each hooked mode with its hooks on for one step in ``period`` (``Alternator``),
+    in rotating order; returns per mode the pooled step ratios, each run's median step
+    ratio and mean ratio, and the pooled spill ratios."""
     sessions = {
         "plain/plain": lambda: contextlib.nullcontext(None),
         "capture": lambda: engine.session(capture={"lm": Capture()}),
         "steer": lambda: engine.session(interventions={"lm": plan}),
         "capture+steer": lambda: engine.session(capture={"lm": Capture()}, interventions={"lm": plan}),
     }
-    out = {m: {"steps": [], "runs": [], "means": []} for m in ALTERNATING}
+    out = {m: {"steps": [], "runs": [], "means": [], "spill": []} for m in ALTERNATING}
     try:
         with torch.inference_mode():
             for repeat in range(repeats):
@@ -388,21 +498,22 @@ def alternate_steps(engine, plan, generate, ids, clock, repeats: int, device: st
                     gc.disable()
                     sync(device)
                     with sessions[mode]() as session:
-                        clock.after = alternator = Alternator(session)
+                        clock.after = alternator = Alternator(session, period)
                         generate(ids)
                         sync(device)
                         alternator.close()
                     gc.enable()
-                    if "capture" in mode:  # the hooks were on for the prefill and every other step
-                        hooked_steps = (len(clock.stamps) - 1) // 2
+                    if "capture" in mode:  # counted: the prompt, then each hooked decode step
+                        hooked_steps = sum(hooked_forward(f, period) for f in range(1, len(clock.stamps)))
                         assert session.counts("lm").T[0] == ids.shape[1] + hooked_steps
-                    ratios, mean_ratio = alternating_ratios(clock.stamps)
-                    raw.append({"batch": batch, "mode": "alternating " + mode, "repeat": repeat,
+                    ratios, mean_ratio, spill = alternating_ratios(clock.stamps, period)
+                    raw.append({"batch": batch, "mode": "alternating " + mode, "period": period, "repeat": repeat,
                                 "start": clock.start, "stamps": list(clock.stamps),
                                 "cpu_stamps": list(clock.cpu_stamps)})
                     out[mode]["steps"] += ratios
                     out[mode]["runs"].append(statistics.median(ratios))
                     out[mode]["means"].append(mean_ratio)
+                    out[mode]["spill"] += spill
     finally:
         clock.after = None
     return out
@@ -419,8 +530,11 @@ def quartiles(values: list[float]) -> tuple[float, float]:
 
 def _alternating_cell(result: dict) -> str:
     (a, b), (c, d) = quartiles(result["runs"]), quartiles(result["means"])
-    return (f"{statistics.median(result['steps']):.3f}x [{a:.3f}, {b:.3f}]; "
+    cell = (f"{statistics.median(result['steps']):.3f}x [{a:.3f}, {b:.3f}]; "
             f"{statistics.median(result['means']):.3f}x [{c:.3f}, {d:.3f}]")
+    if result["spill"]:
+        cell += f"; after it {statistics.median(result['spill']):.3f}x"
+    return cell
 
 
 def profile_modes(modes, generate, ids) -> None:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,15 +25,32 @@ def _run(*args: str) -> str:
 
 def test_hook_overhead_reports_every_mode_and_the_per_call_cost():
     out = _run("benchmarks/hook_overhead.py", "--shape", "tiny", "--batches", "2", "--prompt", "8",
-               "--new", "4", "--repeats", "2")
+               "--new", "8", "--repeats", "2", "--alternate-periods", "2", "3")
     rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
-    assert len(rows) == 5  # whole runs, decode steps, alternating steps, prefill, act_fn call
+    # whole runs, decode steps, fast-state runs, alternating by periods 2 and 3, composed,
+    # prefill, act_fn call
+    assert len(rows) == 8
     assert "tokens identical: plain vs plain True; capture vs plain True" in out
-    alternating = rows[2].split("|")[2:-1]
-    assert len(alternating) == 4 and all(re.fullmatch(r" [\d.]+x \[.*\]; [\d.]+x \[.*\] ", c)
-                                         for c in alternating)
-    per_call = [float(v) for v in re.findall(r"([\d.]+) us", rows[4])]
+    fast = rows[2].split("|")[2:-1]
+    assert re.fullmatch(r" [012]/2 ", fast[0])
+    assert all(re.fullmatch(r" [012]/2; (nan|[\d.]+)x; (nan|[\d.]+)x ", c) for c in fast[1:])
+    cell = r" [\d.]+x \[.*\]; [\d.]+x \[.*\]"
+    for row, spill in ((rows[3], ""), (rows[4], r"; after it [\d.]+x")):
+        alternating = row.split("|")[2:-1]
+        assert len(alternating) == 4 and all(re.fullmatch(cell + spill + " ", c) for c in alternating)
+    composed = rows[5].split("|")[2:-1]
+    assert re.fullmatch(r" [\d.]+ \+ [\d.]+ ms ", composed[0])
+    assert all(re.fullmatch(r" ([\d.]+)-([\d.]+)x ", c) for c in composed[1:])
+    per_call = [float(v) for v in re.findall(r"([\d.]+) us", rows[7])]
     assert len(per_call) == 4 and all(v > 0 for v in per_call)
+
+
+def test_hook_overhead_refuses_periods_longer_than_the_run_allows():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "benchmarks/hook_overhead.py", "--new", "5",
+                           "--alternate-periods", "3"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "--alternate-periods 3: needs a period >= 2 and --new >= 6 (got --new 5)" in proc.stderr
 
 
 def test_qwen_omni_throughput_reports_parts_modes_and_json(tmp_path):
@@ -64,6 +83,74 @@ def test_alternating_ratios_pair_each_hooked_step_with_its_plain_neighbours(monk
     from hook_overhead import alternating_ratios
 
     # forwards 1..5 take 1, 2, 1, 4, 3 s: 2 and 4 ran hooked
-    steps, mean = alternating_ratios([0.0, 1.0, 3.0, 4.0, 8.0, 11.0])
+    steps, mean, spill = alternating_ratios([0.0, 1.0, 3.0, 4.0, 8.0, 11.0])
     assert steps == [2 / 1, 4 / 2]
     assert mean == (2 + 4) / 2 / ((1 + 1 + 3) / 3)
+    assert spill == []  # with period 2 the step after a hooked one is a neighbour itself
+
+
+def test_alternating_ratios_over_longer_periods_compare_with_clean_plain_steps(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from hook_overhead import alternating_ratios, hooked_forward
+
+    # period 3: forwards 0 (the prefill), 3, 6 hooked. Forwards 1..8 take
+    # 5, 2, 4, 3, 2, 6, 4, 2 s: forward 3 (4 s) against forwards 2 and 5 (2, 2), the step
+    # after it (forward 4, 3 s) against the same; forward 6 (6 s) against forwards 5 and 8.
+    assert [hooked_forward(f, 3) for f in range(9)] == [1, 0, 0, 1, 0, 0, 1, 0, 0]
+    stamps = np.cumsum([0.0, 5, 2, 4, 3, 2, 6, 4, 2]).tolist()
+    steps, mean, spill = alternating_ratios(stamps, period=3)
+    assert steps == [4 / 2, 6 / 2]
+    assert spill == [3 / 2, 4 / 2]
+    assert mean == ((4 + 6) / 2) / ((2 + 2 + 2) / 3)  # plain steps after a plain step only
+
+
+def test_alternator_leaves_hooks_on_for_one_forward_in_each_period(monkeypatch):
+    import contextlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from hook_overhead import Alternator
+
+    class Session:
+        hooked = True
+
+        @contextlib.contextmanager
+        def paused(self):
+            self.hooked = False
+            yield
+            self.hooked = True
+
+    for period, want in ((2, [1, 0, 1, 0, 1, 0, 1]), (3, [1, 0, 0, 1, 0, 0, 1])):
+        session = Session()
+        alternator = Alternator(session, period)
+        seen = [session.hooked]  # forward 0; generate calls the alternator after each forward
+        for _ in range(6):
+            alternator()
+            seen.append(session.hooked)
+        assert seen == [bool(w) for w in want]
+        alternator()  # forward 7 is plain; close() puts the hooks back
+        assert not session.hooked
+        alternator.close()
+        assert session.hooked
+
+
+def test_composed_ratios_add_the_parts_of_a_whole_generate(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from hook_overhead import composed_ratios
+
+    # 100 ms prefill 10% slower, 900 ms of decode steps 2% (per step) or 4% (per run)
+    # slower, 5 ms more to leave the session: (10 + 5 + 18) / 1000 and (10 + 5 + 36) / 1000.
+    row = {"prefill_ms": 100.0, "decode_ms": 900.0, "capture (prefill)": 1.1,
+           "leaving_ms": {"capture": 5.0},
+           "alternating": {2: {"capture": {"steps": [1.01, 1.03, 1.02], "means": [1.04]}}}}
+    low, high = composed_ratios(row, "capture")
+    assert abs(low - 1.033) < 1e-12 and abs(high - 1.051) < 1e-12
+
+
+def test_prefill_paths_compares_both_paths_and_finds_them_identical():
+    out = _run("benchmarks/prefill_paths.py", "--batches", "1", "3", "--prompt", "12", "--repeats", "2")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| \d", line)]
+    assert [r[0].strip() for r in rows] == ["1", "3"]
+    for row in rows:
+        assert all(re.fullmatch(r" [\d.]+x \[[\d.]+, [\d.]+\] ", c) for c in row[3:5])
+        assert row[5].strip() == "True"  # the two paths give bit-identical hidden states
+    assert "default SPARSE_MIN_ELEMENTS = 2^24" in out

@@ -545,6 +545,8 @@ def test_prefill_touching_only_masked_pairs_equals_the_dense_operand(monkeypatch
     plan = Intervention(method, masks, (alpha, alpha, 2 * alpha))
     x = torch.randn(3, 9, 6)
 
+    monkeypatch.setattr("esn_core.hooks.SPARSE_MIN_ELEMENTS", 0)  # pairs even for calls this small
+
     def forward(share, dtype):
         monkeypatch.setattr("esn_core.hooks.SPARSE_SHARE", share)
         hooked, plain = [], []
@@ -584,6 +586,32 @@ def test_prefill_touching_only_masked_pairs_equals_the_dense_operand(monkeypatch
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert not torch.equal(g_sparse[0], g_plain[0])  # the mask did something
     assert torch.equal(g_sparse[2], g_plain[2])  # no row masks layer 2: untouched
+
+
+def test_small_calls_over_many_positions_take_the_broadcast(monkeypatch):
+    """The gather/scatter of masked pairs is for large calls; a small prefill (batch 1) is
+    cheaper as one broadcast, and a decode step (one position) always is."""
+    from esn_core.hooks import SPARSE_MIN_ELEMENTS, LayerOperand
+
+    def operand(dense_value):  # row 0's neuron 3 is masked; the dense operand says dense_value
+        dense = torch.ones(2, 1, 1024)
+        dense[0, 0, 3] = dense_value
+        return LayerOperand("steer", 2, dense, torch.tensor([0]), torch.tensor([3]), torch.tensor([[2.0]]))
+
+    positions = SPARSE_MIN_ELEMENTS // (2 * 1024)
+    assert operand(2.0).touches_pairs(torch.empty(2, positions, 1024, device="meta"))
+    assert not operand(2.0).touches_pairs(torch.empty(2, positions - 1, 1024, device="meta"))
+    assert not operand(2.0).touches_pairs(torch.empty(2, 1, 1024, device="meta"))
+    assert not LayerOperand("steer", 2, torch.ones(2, 1, 1024)).touches_pairs(
+        torch.empty(2, positions, 1024, device="meta"))
+    # Which path ran shows where the two operands disagree (they never do once compiled).
+    g = torch.randn(2, 5, 1024)
+    doubled = g.clone()
+    doubled[0, :, 3] *= 2
+    assert torch.equal(operand(2.0).apply(g.clone()), doubled)
+    assert torch.equal(operand(1.0).apply(g.clone()), g)  # the broadcast, by the dense operand
+    monkeypatch.setattr("esn_core.hooks.SPARSE_MIN_ELEMENTS", g.numel())
+    assert torch.equal(operand(1.0).apply(g.clone()), doubled)  # the pairs
 
 
 def test_sessions_nest_and_unwind_in_order():

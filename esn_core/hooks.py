@@ -172,10 +172,10 @@ class LayerOperand:
     """One layer's share of an intervention, compiled for the two kinds of call.
 
     ``dense`` (``[B, 1, D_l]``, identity where a row leaves a neuron alone) serves calls of
-    one position per row (decode steps): one elementwise kernel. ``rows``/``neurons``/
-    ``values`` list the masked pairs for calls over many positions when they are few
-    (``None`` otherwise). ``dense`` is ``None`` when no row masks a neuron of this layer:
-    the layer runs untouched.
+    one position per row (decode steps) and small calls over many: one elementwise kernel.
+    ``rows``/``neurons``/``values`` list the masked pairs, when they are few (``None``
+    otherwise), for large calls over many positions (``touches_pairs``). ``dense`` is
+    ``None`` when no row masks a neuron of this layer: the layer runs untouched.
     """
 
     method: str

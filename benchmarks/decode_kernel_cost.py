@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
-from esn_core.hooks import SILU, Capture, HookEngine, Intervention, MLPGroup, compile_operands
+from esn_core.hooks import SILU, Capture, Intervention, compile_operands
 
-from hook_overhead import (SHAPES, Alternator, StepClock, alternating_ratios, build_model,
-                           quartiles, steering_plan, sync)
+from hook_overhead import (SHAPES, Alternator, StepClock, add_model_arguments, alternating_ratios,
+                           hooked_model, quartiles, steering_plan, sync)
 
 
 class Replacement:
@@ -62,18 +62,14 @@ class Replacement:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen25omni7b")
-    ap.add_argument("--device", default="cpu")
+    add_model_arguments(ap, shape="qwen25omni7b")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--prompt", type=int, default=160)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=8)
     args = ap.parse_args()
 
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model = build_model(args.shape, args.device, dtype)
-    group = MLPGroup.under(model.model, position_root=model, eos_token_ids=())
-    engine = HookEngine({"lm": group})
+    model, group, engine = hooked_model(args.shape, args.device)
+    dtype = model.dtype
     batch = args.batch
     ids = torch.randint(3, SHAPES[args.shape]["vocab_size"], (batch, args.prompt),
                         generator=torch.Generator().manual_seed(batch)).to(args.device)

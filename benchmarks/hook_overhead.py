@@ -82,6 +82,22 @@ def build_model(shape: str, device: str, dtype: torch.dtype) -> Qwen2ForCausalLM
     return model.eval().requires_grad_(False)
 
 
+def add_model_arguments(ap: argparse.ArgumentParser, shape: str = "tiny") -> None:
+    """The model and prompt options the benchmark scripts share."""
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=shape)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--prompt", type=int, default=160)
+
+
+def hooked_model(shape: str, device: str) -> tuple[Qwen2ForCausalLM, MLPGroup, HookEngine]:
+    """The benchmark model (bf16 on a GPU, float32 on CPU) and a hook engine over its
+    decoder's MLPs, with no end token (every run generates its full length)."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = build_model(shape, device, dtype)
+    group = MLPGroup.under(model.model, position_root=model, eos_token_ids=())
+    return model, group, HookEngine({"lm": group})
+
+
 class StepClock(LogitsProcessor):
     """Stamps the clock once per generated token (generate calls it after each forward),
     then calls ``after`` if set (``Alternator``: its cost lands in the next step).
@@ -220,10 +236,8 @@ def per_call_cost(model, engine, layout, batch: int, device: str, calls: int = 2
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    ap.add_argument("--device", default="cpu")
+    add_model_arguments(ap)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--prompt", type=int, default=160)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--alternate-repeats", type=int, default=None,
@@ -244,10 +258,7 @@ def main() -> None:
             ap.error(f"--alternate-periods {period}: needs a period >= 2 and --new >= {2 * max(period, 2)}"
                      f" (got --new {args.new})")
 
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model = build_model(args.shape, args.device, dtype)
-    group = MLPGroup.under(model.model, position_root=model, eos_token_ids=())
-    engine = HookEngine({"lm": group})
+    model, group, engine = hooked_model(args.shape, args.device)
     layout = group.layout
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"device: {name}; torch {torch.__version__}; shape {args.shape}; N = {layout.n_neurons}")

@@ -22,27 +22,21 @@ import time
 import torch
 
 import esn_core.hooks as hooks
-from esn_core.hooks import HookEngine, MLPGroup
 
-from hook_overhead import SHAPES, build_model, quartiles, steering_plan, sync
+from hook_overhead import SHAPES, add_model_arguments, hooked_model, quartiles, steering_plan, sync
 
 PATHS = {"pairs": 0, "broadcast": 2**62}  # SPARSE_MIN_ELEMENTS that forces each path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    ap.add_argument("--device", default="cpu")
+    add_model_arguments(ap)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--prompt", type=int, default=160)
     ap.add_argument("--repeats", type=int, default=25)
     ap.add_argument("--r", type=float, default=0.005)
     args = ap.parse_args()
 
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model = build_model(args.shape, args.device, dtype)
-    group = MLPGroup.under(model.model, position_root=model)
-    engine = HookEngine({"lm": group})
+    model, group, engine = hooked_model(args.shape, args.device)
     width = group.layout.layer_sizes[0]
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"device: {name}; torch {torch.__version__}; shape {args.shape}; default "

@@ -23,9 +23,9 @@ hooks taken off and put back after every step (``Alternator``), and a hooked ste
 compared with its two plain neighbours, which share the machine's state of the moment.
 ``--alternate-periods 2 3`` also runs hooks on for one step in three, which compares a
 hooked step with plain steps that do not follow a hooked one and shows whether its cost
-spills into the next step. The whole ``generate`` is then composed from its parts: the
-prefill (paired, it includes compiling a session's operands), the decode steps (by the
-alternating ratio) and leaving the session. A last whole-run figure keeps only runs in the
+spills into the next step. The whole ``generate`` is then composed from its parts:
+entering the session (a steering session compiles its operands there), the prefill
+(paired), the decode steps (by the alternating ratio) and leaving the session. A last whole-run figure keeps only runs in the
 fast state (median step within ``FAST_STATE`` of the batch's fastest run).
 
     python benchmarks/hook_overhead.py --shape qwen25omni7b --device cuda --batches 64 16 1 \
@@ -294,6 +294,7 @@ def main() -> None:
         prefills = {m: [] for m in modes}  # seconds to the first token
         outputs = {}
         collect = {m: [] for m in modes}
+        entering = {m: [] for m in modes}  # seconds from entering the session to generate's call
         with torch.inference_mode():
             for mode in modes:  # warm-up
                 with modes[mode]():
@@ -317,6 +318,7 @@ def main() -> None:
                     run_steps[mode].append(float(np.median(np.diff(clock.stamps))))
                     cpu_steps[mode].extend(np.diff(clock.cpu_stamps).tolist())
                     prefills[mode].append(clock.stamps[0] - clock.start)
+                    entering[mode].append(clock.start - t0)
                     raw.append({"batch": batch, "mode": mode, "repeat": repeat, "start": clock.start,
                                 "stamps": list(clock.stamps), "cpu_stamps": list(clock.cpu_stamps)})
                     collect[mode].append(time.perf_counter() - t1)
@@ -367,6 +369,8 @@ def main() -> None:
         row["step_ms"] = statistics.median(steps["plain"]) * 1e3
         row["decode_ms"] = statistics.median(
             (r["stamps"][-1] - r["stamps"][0]) * 1e3 for r in raw if r["batch"] == batch and r["mode"] == "plain")
+        row["entering_ms"] = {m: (statistics.median(entering[m]) - statistics.median(entering["plain"])) * 1e3
+                              for m in modes}
         row["leaving_ms"] = {m: (statistics.median(collect[m]) - statistics.median(collect["plain"])) * 1e3
                              for m in modes}
         row["fast"] = fast_state_ratios(run_steps, times)
@@ -421,15 +425,16 @@ def main() -> None:
         for r in rows:
             cells = " | ".join(_alternating_cell(r["alternating"][period][m]) for m in ALTERNATING)
             print(f"| {r['batch']} | {cells} |")
-    print("\nwhole generate composed from its parts: (plain prefill x the prefill ratio + plain "
-          "decode steps x the alternating step ratio + time leaving the session beyond plain's) / "
+    print("\nwhole generate composed from its parts: (time entering the session (a steering "
+          "session compiles its operands there) + plain prefill x the prefill ratio + plain decode "
+          "steps x the alternating step ratio + time leaving the session, each beyond plain's) / "
           "plain generate; the step ratio per step (median) and per run (mean) giving the two ends, "
-          "over every period run. Entering a session is in the prefill (operands compile at the "
-          "first call)")
+          "over every period run; then entering and leaving, median ms")
     print("| batch | plain prefill + decode | capture | steering | capture+steering |")
     print("|---|---|---|---|---|")
     for r in rows:
-        cells = " | ".join("{:.3f}-{:.3f}x".format(*composed_ratios(r, m)) for m in ("capture", "steer", "capture+steer"))
+        cells = " | ".join("{:.3f}-{:.3f}x ({:.1f} + {:.1f} ms)".format(
+            *composed_ratios(r, m), r["entering_ms"][m], r["leaving_ms"][m]) for m in ("capture", "steer", "capture+steer"))
         print(f"| {r['batch']} | {r['prefill_ms']:.1f} + {r['decode_ms']:.1f} ms | {cells} |")
     print("\nprefill (generate's call to its first token), median of paired ratios")
     print("| batch | plain prefill | plain again | capture | steering | capture+steering |")
@@ -463,7 +468,7 @@ FAST_STATE = 1.25
 def composed_ratios(row: dict, mode: str) -> tuple[float, float]:
     """Lowest and highest whole-generate ratio that the parts give (see the table's title)."""
     prefill, decode = row["prefill_ms"], row["decode_ms"]
-    extra = prefill * (row[mode + " (prefill)"] - 1) + row["leaving_ms"][mode]
+    extra = row["entering_ms"][mode] + prefill * (row[mode + " (prefill)"] - 1) + row["leaving_ms"][mode]
     step_ratios = []
     for by_mode in row["alternating"].values():
         result = by_mode[mode]

@@ -216,11 +216,10 @@ def compile_operands(
     gather and a scatter of the masked pairs).
 
     All layers' operands share one allocation, filled on the device by one scatter. The
-    pairs are placed, sorted and deduplicated on the device too, from two host-to-device
-    copies (the masks and their rows): on the host, sorting a batch-64 plan's 170k pairs
-    took most of the ~34 ms a session took to open. No host work proportional to
-    ``B x N``, no temporary the size of the operands, one synchronisation (the pairs per
-    layer).
+    pairs are placed, sorted and deduplicated on the device too, from copies of the masks
+    and their row numbers: on the host, sorting a batch-64 plan's 170k pairs took most of
+    the ~34 ms a session took to open. No host work proportional to ``B x N``, no temporary
+    the size of the operands, one synchronisation (the pairs per layer).
     """
     check_mask_indices(plan, layout.n_neurons)
     batch = plan.batch_size

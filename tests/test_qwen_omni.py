@@ -396,27 +396,42 @@ class _CountCalls:
         del self.module.forward
 
 
-def test_batched_token2wav_equals_the_per_row_path_bit_for_bit(adapter):
-    import copy
-
-    token2wav = copy.deepcopy(adapter.model.token2wav).double()
-    speaker = adapter.model.speaker_map["Chelsie"]
-    codes = torch.Generator().manual_seed(5)
+def _token2wav_calls(token2wav, speaker, lengths, dtype, seed=5):
+    codes = torch.Generator().manual_seed(seed)
     n_codes = token2wav.config.dit_config.num_embeds
-    lengths, seeds = (7, 9, 7, 7, 9, 4), (3, 1, 4, 1, 5, 9)
-    calls = [{"code": torch.randint(0, n_codes, (1, n), generator=codes),
-              "conditioning": speaker["cond"].double().reshape(1, -1),
-              "reference_mel": speaker["ref_mel"].double(), "num_steps": 3} for n in lengths]
-    # The per-row path: seed, then transformers' token2wav on one row (what generate does).
+    return [{"code": torch.randint(0, n_codes, (1, n), generator=codes),
+             "conditioning": speaker["cond"].to(dtype).reshape(1, -1),
+             "reference_mel": speaker["ref_mel"].to(dtype), "num_steps": 3} for n in lengths]
+
+
+def _per_row(token2wav, calls, seeds):
+    """The per-row path: seed, then transformers' token2wav on one row (what generate does)."""
     alone = []
     for call, seed in zip(calls, seeds):
         torch.manual_seed(seed)
         with torch.no_grad():
             alone.append(token2wav(call["code"], conditioning=call["conditioning"],
                                    reference_mel=call["reference_mel"], num_steps=3).reshape(-1))
+    return alone
+
+
+def _snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    error = (reference.double() - other.double()).pow(2).sum()
+    return float("inf") if error == 0 else float(10 * torch.log10(reference.double().pow(2).sum() / error))
+
+
+LENGTHS, SEEDS = (7, 9, 7, 7, 9, 4), (3, 1, 4, 1, 5, 9)
+
+
+def test_equal_length_buckets_equal_the_per_row_path_bit_for_bit(adapter):
+    import copy
+
+    token2wav = copy.deepcopy(adapter.model.token2wav).double()
+    calls = _token2wav_calls(token2wav, adapter.model.speaker_map["Chelsie"], LENGTHS, torch.float64)
+    alone = _per_row(token2wav, calls, SEEDS)
     counter = _CountCalls(token2wav)
     try:
-        batched = token2wav_batch(token2wav, calls, seeds, max_rows=2)
+        batched = token2wav_batch(token2wav, calls, SEEDS, max_rows=2, ragged=False)
     finally:
         counter.remove()
     # Buckets by code length: 7 -> rows 0, 2, 3 (2 + 1 with max_rows=2), 9 -> 1, 4; 4 -> 5.
@@ -426,10 +441,56 @@ def test_batched_token2wav_equals_the_per_row_path_bit_for_bit(adapter):
         assert torch.equal(many, one.float()), row
     # The caller's RNG stream does not matter, the seeds do.
     torch.manual_seed(1234)
-    again = token2wav_batch(token2wav, calls, seeds)
+    again = token2wav_batch(token2wav, calls, SEEDS, ragged=False)
     assert all(torch.equal(a, b) for a, b in zip(again, batched))
-    other = token2wav_batch(token2wav, calls, [s + 1 for s in seeds])
+    other = token2wav_batch(token2wav, calls, [s + 1 for s in SEEDS], ragged=False)
     assert not torch.equal(other[0], batched[0])
+
+
+@pytest.mark.parametrize("dtype, min_snr_db", [(torch.float64, 250.0), (torch.float32, 100.0)])
+def test_ragged_token2wav_equals_the_per_row_path(adapter, dtype, min_snr_db):
+    """Rows of different code lengths in one call, each equal to its single-row decode.
+
+    Measured here (CPU): float64 bit for bit (SNR infinite); float32 max |diff| ~1e-10 at a
+    waveform RMS of ~8e-5 (SNR ~128 dB), the rounding of kernels run at another shape.
+    """
+    import copy
+
+    token2wav = copy.deepcopy(adapter.model.token2wav).to(dtype)
+    calls = _token2wav_calls(token2wav, adapter.model.speaker_map["Chelsie"], LENGTHS, dtype)
+    alone = _per_row(token2wav, calls, SEEDS)
+    counter = _CountCalls(token2wav)
+    try:
+        batched = token2wav_batch(token2wav, calls, SEEDS, max_rows=2)
+    finally:
+        counter.remove()
+    # Longest first, two rows a call: (9, 9), (7, 7), (7, 4): three calls, one of them ragged.
+    assert counter.rows == [2, 2, 2]
+    for row, (one, many) in enumerate(zip(alone, batched)):
+        assert many.shape == one.shape and many.dtype == torch.float32, row
+        assert _snr_db(one.float(), many) >= min_snr_db, (row, _snr_db(one.float(), many))
+    everything = token2wav_batch(token2wav, calls, SEEDS, max_rows=6)  # one call, 4..9 codes
+    for row, (one, many) in enumerate(zip(alone, everything)):
+        assert _snr_db(one.float(), many) >= min_snr_db, (row, _snr_db(one.float(), many))
+
+
+def test_ragged_token2wav_without_the_masks_reads_the_padding(adapter, monkeypatch):
+    """The DiT's key mask and BigVGAN's refills are both needed: each removed alone, the
+    shorter row of a ragged call moves away from its single-row decode."""
+    import contextlib
+    import copy
+
+    import esn_core.models.qwen_omni as qwen_omni
+
+    token2wav = copy.deepcopy(adapter.model.token2wav).double()
+    calls = _token2wav_calls(token2wav, adapter.model.speaker_map["Chelsie"], (9, 4), torch.float64)
+    alone = _per_row(token2wav, calls, SEEDS[:2])
+    for part in ("_dit_key_padding", "ragged_time_axis"):
+        with monkeypatch.context() as patch:
+            patch.setattr(qwen_omni, part, lambda *a, **k: contextlib.nullcontext())
+            short = token2wav_batch(token2wav, calls, SEEDS[:2])[1]
+        assert _snr_db(alone[1].float(), short) < 200, part
+    assert _snr_db(alone[1].float(), token2wav_batch(token2wav, calls, SEEDS[:2])[1]) >= 250
 
 
 def test_initial_noise_is_handed_over_once_and_checked():
@@ -467,6 +528,41 @@ def test_generate_decodes_equal_length_rows_in_one_token2wav_call(adapter, sourc
     assert torch.equal(sequences, sequences1)
     for one, many in zip(waves1, waves):
         assert torch.equal(many, one)
+
+
+@batched
+def test_generate_decodes_rows_of_different_code_lengths_in_one_call(adapter, sources):
+    """Rows whose speech ends at different steps share one token2wav call, equal to per-row."""
+    import sys
+
+    from transformers import LogitsProcessorList
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from workloads import ForcedLengths
+
+    inputs = adapter.prepare(requests(sources))
+    seeds, lengths = [7, 8, 9], [3, 7, 5]
+
+    def forced():
+        return {"talker_logits_processor": LogitsProcessorList(
+            [ForcedLengths(lengths, adapter.talker_eos)])}
+
+    per_row = QwenOmniAdapter.from_model(adapter.model, adapter.processor, token2wav_batch_size=1,
+                                         **{k: v for k, v in SETTINGS.items() if k != "device"})
+    counter = _CountCalls(adapter.model.token2wav)
+    try:
+        sequences, waves = adapter.generate(inputs, seeds, **forced())
+        assert counter.rows == [3]
+        counter.rows.clear()
+        sequences1, waves1 = per_row.generate(inputs, seeds, **forced())
+        assert counter.rows == [1, 1, 1]
+    finally:
+        counter.remove()
+    assert torch.equal(sequences, sequences1)
+    per_code = waves[0].numel() // lengths[0]
+    assert [w.numel() for w in waves] == [n * per_code for n in lengths]
+    for one, many in zip(waves1, waves):
+        assert torch.equal(many, one)  # float64 token2wav (the fixture's dtype): bit for bit
 
 
 @batched

@@ -18,13 +18,18 @@ Choices, each for a stated reason:
   it was), so a row's waveform depends only on its own codes and seed.
 * **Batched token2wav.** transformers >= 5.17 calls token2wav one row after another (73%
   of a 16-row batch's time on an H200). The adapter records those per-row calls during
-  ``generate`` and runs them afterwards in buckets of rows whose code sequences have the
-  same length (``token2wav_batch``): nothing is padded, since the DiT's attention mask is
-  purely positional (blocks) and BigVGAN's convolutions would read padding too. Each row's
-  initial noise is drawn from its own seed exactly as the single-row path draws it, and
-  handed to transformers' own ``sample`` in place of its one ``torch.randn`` call. A row's
-  waveform is then the single-row result up to the batch-shape rounding of the kernels
-  (bit for bit on CPU in the tests); ``token2wav_batch_size=1`` is the per-row path.
+  ``generate`` and runs them afterwards in calls of up to ``token2wav_batch_size`` rows,
+  longest first (``token2wav_batch``). Real rows end at different code lengths, so a call
+  pads its rows to the longest (``token2wav_ragged``, default): the DiT's block attention
+  mask also blocks each row's padded keys, and BigVGAN's convolutions and resamplers see,
+  past a row's end, what their own padding would supply for the row alone
+  (``esn_core.models.ragged``); each waveform is cropped to its row. Each row's initial
+  noise is drawn from its own seed at its own length exactly as the single-row path draws
+  it, and handed to transformers' own ``sample`` in place of its one ``torch.randn`` call.
+  A row's waveform is then the single-row result up to the rounding of kernels run at
+  another shape (bit for bit in float64 on CPU; SNR ~128 dB in float32, tests).
+  ``token2wav_ragged: false`` batches only rows of equal code length (no padding);
+  ``token2wav_batch_size: 1`` is the per-row path.
 * **TF32 token2wav.** transformers holds token2wav in float32. Its DiT runs 4 RK4
   evaluations per ODE step with classifier-free guidance (2 rows per row), ~16 TFLOP of
   float32 matrix products per 200-code row, which without TF32 run at a fraction of the
@@ -71,6 +76,7 @@ from torch import nn
 
 from esn_core.hooks import MLPGroup, find_gated_mlps
 from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter
+from esn_core.models.ragged import key_padding, ragged_time_axis
 
 log = logging.getLogger(__name__)
 
@@ -373,8 +379,12 @@ def _token2wav_call(args, kwargs) -> dict:
     return call
 
 
-def _bucket_key(call: dict, index: int):
-    """Calls with equal keys can share one batched token2wav call (no padding needed)."""
+def _bucket_key(call: dict, index: int, ragged: bool = True):
+    """Calls with equal keys can share one batched token2wav call.
+
+    ``ragged``: code sequences of any length share a call (padded, see ``_decode_rows``);
+    otherwise only calls of one code length do.
+    """
     settings = []
     for name, value in sorted(call.items()):
         if name in TOKEN2WAV_INPUTS:
@@ -383,7 +393,9 @@ def _bucket_key(call: dict, index: int):
             return ("alone", index)  # a setting we cannot compare: decode this row by itself
         settings.append((name, value))
     shapes = tuple(
-        (tuple(call[n].shape[1:]), call[n].dtype, str(call[n].device)) for n in TOKEN2WAV_INPUTS
+        (tuple(call[n].shape[2 if ragged and n == "code" else 1:]), call[n].dtype,
+         str(call[n].device))
+        for n in TOKEN2WAV_INPUTS
     )
     if any(call[n].shape[0] != 1 for n in TOKEN2WAV_INPUTS):
         return ("alone", index)  # not a single row: run it as transformers asked
@@ -441,17 +453,106 @@ def float32_matmul_precision(precision: str | None):
         torch.set_float32_matmul_precision(previous)
 
 
+@contextlib.contextmanager
+def _dit_key_padding(dit: nn.Module, frames: torch.Tensor):
+    """The DiT's block attention mask, with each row's keys past ``frames[b]`` blocked.
+
+    The DiT builds its mask from a block-difference tensor (``_create_block_diff``) that
+    every layer compares with its look-behind / look-ahead window; a blocked key gets a
+    difference no window reaches. Classifier-free guidance stacks the batch twice
+    (conditioned rows, then unconditioned), so the row lengths repeat to match.
+    """
+    original = dit._create_block_diff
+
+    def block_diff(hidden_states):
+        rows, steps = hidden_states.shape[0], hidden_states.shape[1]
+        if rows % len(frames):
+            raise RuntimeError(f"the DiT ran {rows} rows for {len(frames)} ragged lengths")
+        diff = original(hidden_states)  # [rows, heads, steps, steps], expanded from one grid
+        blocked = key_padding(frames.repeat(rows // len(frames)), steps)
+        # One grid per row broadcast over heads, in int16: a [rows, steps, steps] int64
+        # copy per head would take gigabytes at batch 64.
+        far = steps + 1  # more blocks away than any window looks
+        grid = diff[:, :1].to(torch.int16).masked_fill(blocked[:, None], far)
+        return grid.expand_as(diff)
+
+    dit._create_block_diff = block_diff
+    try:
+        yield
+    finally:
+        del dit._create_block_diff
+
+
+def _bigvgan_replicate_padded() -> tuple[type, ...]:
+    """BigVGAN's resamplers, which pad their input by replicating its edge."""
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as qwen
+
+    found = {}
+    for kind in ("UpSample1d", "DownSample1d"):
+        for name in (f"Qwen2_5Omni{kind}", kind):  # the class name of 5.x, then of 4.x
+            if hasattr(qwen, name):
+                found[kind] = getattr(qwen, name)
+                break
+    if len(found) < 2:
+        raise RuntimeError("this transformers version has no Qwen2.5-Omni UpSample1d/DownSample1d "
+                           "classes: ragged token2wav cannot keep rows exact; set "
+                           "token2wav_ragged: false")
+    return tuple(found.values())
+
+
+def _decode_rows(token2wav: nn.Module, calls: Sequence[dict], seeds: Sequence[int],
+                 settings: dict) -> list[torch.Tensor]:
+    """One token2wav call for rows of equal settings, each row's waveform as if alone.
+
+    Rows of unequal code length are padded to the longest; the DiT's attention ignores the
+    padding (``_dit_key_padding``) and BigVGAN sees, past each row's end, what its own
+    padding would supply (``ragged_time_axis``); each waveform is then cropped to its row.
+    Each row's initial noise is drawn from its own seed at its own length, exactly as the
+    single-row path draws it.
+    """
+    dit = token2wav.code2wav_dit_model
+    lengths = [int(call["code"].shape[1]) for call in calls]
+    longest = max(lengths)
+    reference = calls[0]["reference_mel"]
+    noise = torch.zeros(len(calls), longest * dit.repeats, dit.mel_dim,
+                        dtype=reference.dtype, device=calls[0]["code"].device)
+    code = torch.zeros(len(calls), longest, dtype=calls[0]["code"].dtype, device=noise.device)
+    for b, (call, seed, n) in enumerate(zip(calls, seeds, lengths)):
+        torch.manual_seed(int(seed) % 2**63)
+        noise[b, : n * dit.repeats] = torch.randn([1, n * dit.repeats, dit.mel_dim],
+                                                  dtype=reference.dtype, device=noise.device)
+        code[b, :n] = call["code"][0]
+    inputs = {n: torch.cat([call[n] for call in calls]) for n in TOKEN2WAV_INPUTS if n != "code"}
+    frames = torch.tensor(lengths, device=noise.device) * dit.repeats
+    ragged = len(set(lengths)) > 1
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_initial_noise(noise))
+        if ragged:
+            stack.enter_context(_dit_key_padding(dit, frames))
+            stack.enter_context(ragged_time_axis(token2wav.code2wav_bigvgan_model, frames,
+                                                 _bigvgan_replicate_padded()))
+        out = token2wav(code, **inputs, **settings)
+    out = out.reshape(len(calls), -1)
+    if out.shape[1] % (longest * dit.repeats):
+        raise RuntimeError(f"token2wav made {out.shape[1]} samples from {longest * dit.repeats} "
+                           "mel frames: not a whole number per frame")
+    per_frame = out.shape[1] // (longest * dit.repeats)
+    return [out[b, : int(f) * per_frame].float() for b, f in enumerate(frames.tolist())]
+
+
 @torch.no_grad()
 def token2wav_batch(token2wav: nn.Module, calls: Sequence[dict], seeds: Sequence[int],
-                    max_rows: int = 32, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+                    max_rows: int = 32, dtype: torch.dtype | None = None,
+                    ragged: bool = True) -> list[torch.Tensor]:
     """Waveforms of per-row token2wav ``calls``, decoded in batches, each as if alone.
 
     ``calls[i]`` holds ``code`` ``[1, n_i]``, ``conditioning``, ``reference_mel`` (one row)
     and the sampler settings; ``seeds[i]`` seeds row ``i``'s initial noise. Rows with the
-    same code length and settings go into one call of up to ``max_rows`` rows (no padding);
-    a bucket of one row is the per-row path itself (seed, then ``token2wav``). ``dtype``:
-    cast ``conditioning``/``reference_mel`` (and so the noise) to it, for a token2wav held in
-    that dtype. Returns one 1-D float32 waveform per call, in order.
+    same settings (and, unless ``ragged``, the same code length) go into calls of up to
+    ``max_rows`` rows, longest first, so that a call pads as little as it can; a call of one
+    row is the per-row path itself (seed, then ``token2wav``). ``dtype``: cast
+    ``conditioning``/``reference_mel`` (and so the noise) to it, for a token2wav held in that
+    dtype. Returns one 1-D float32 waveform per call, in order.
     """
     if len(seeds) != len(calls):
         raise ValueError(f"{len(calls)} token2wav calls but {len(seeds)} seeds")
@@ -460,12 +561,13 @@ def token2wav_batch(token2wav: nn.Module, calls: Sequence[dict], seeds: Sequence
                   for k, v in call.items()} for call in calls]
     buckets: dict = {}
     for index, call in enumerate(calls):
-        buckets.setdefault(_bucket_key(call, index), []).append(index)
-    dit = token2wav.code2wav_dit_model
+        buckets.setdefault(_bucket_key(call, index, ragged), []).append(index)
+    step = max(1, int(max_rows))
     waves: list[torch.Tensor | None] = [None] * len(calls)
     for rows in buckets.values():
-        for start in range(0, len(rows), max(1, int(max_rows))):
-            chunk = rows[start : start + max(1, int(max_rows))]
+        rows = sorted(rows, key=lambda i: -calls[i]["code"].shape[1])  # stable: ties in order
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
             first = calls[chunk[0]]
             settings = {k: v for k, v in first.items() if k not in TOKEN2WAV_INPUTS}
             if len(chunk) == 1:
@@ -474,20 +576,10 @@ def token2wav_batch(token2wav: nn.Module, calls: Sequence[dict], seeds: Sequence
                                 reference_mel=first["reference_mel"], **settings)
                 waves[chunk[0]] = out.reshape(-1).float()
                 continue
-            code = first["code"]
-            frames = code.shape[1] * dit.repeats
-            noise = []
-            for i in chunk:
-                torch.manual_seed(int(seeds[i]) % 2**63)
-                noise.append(torch.randn([1, frames, dit.mel_dim],
-                                         dtype=first["reference_mel"].dtype, device=code.device))
-            inputs = {n: torch.cat([calls[i][n] for i in chunk]) for n in TOKEN2WAV_INPUTS}
-            with _initial_noise(torch.cat(noise)):
-                out = token2wav(inputs["code"], conditioning=inputs["conditioning"],
-                                reference_mel=inputs["reference_mel"], **settings)
-            out = out.reshape(len(chunk), -1)
-            for j, i in enumerate(chunk):
-                waves[i] = out[j].float()
+            decoded = _decode_rows(token2wav, [calls[i] for i in chunk],
+                                   [seeds[i] for i in chunk], settings)
+            for i, wave in zip(chunk, decoded):
+                waves[i] = wave
     return waves
 
 
@@ -502,8 +594,9 @@ class QwenOmniAdapter(LALMAdapter):
     (token2wav runs in float32, as transformers runs it; in float64 under ``float64``, tests). ``max_new_tokens`` / ``talker_max_new_tokens``: text
     and codec token budgets. ``batch_size``: rows per ``convert`` call the workflow should
     send (1 on transformers < 5). ``token2wav_steps``: ODE steps of the DiT (model default 10).
-    ``token2wav_batch_size``: most rows per token2wav call (rows of equal code length are
-    decoded together; 1 = one row at a time, as transformers does). ``token2wav_tf32``:
+    ``token2wav_batch_size``: most rows per token2wav call (1 = one row at a time, as
+    transformers does). ``token2wav_ragged``: rows of different code lengths share a call
+    (padded and masked, see the module docstring); off = only equal lengths do. ``token2wav_tf32``:
     token2wav's float32 matrix products on TF32 tensor cores (its convolutions already
     are, by torch's default); off = the global ``torch`` setting.
     ``stop_token_ids``: extra ids that end the text answer (hooks stop counting there too).
@@ -525,14 +618,15 @@ class QwenOmniAdapter(LALMAdapter):
         token2wav_steps: int = 10,
         attn_implementation: str = "sdpa",
         stop_token_ids: Sequence[int] = (),
-        token2wav_batch_size: int = 32,
+        token2wav_batch_size: int = 16,
         token2wav_tf32: bool = True,
+        token2wav_ragged: bool = True,
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self._configure(system_prompt, instruction_template, max_new_tokens,
                         talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids,
-                        token2wav_batch_size, token2wav_tf32)
+                        token2wav_batch_size, token2wav_tf32, token2wav_ragged)
         from transformers import Qwen2_5OmniForConditionalGeneration
 
         self.path = resolve_checkpoint(path)
@@ -549,8 +643,9 @@ class QwenOmniAdapter(LALMAdapter):
                    max_new_tokens: int = 64, talker_max_new_tokens: int = 1024,
                    batch_size: int = 8, token2wav_steps: int = 10,
                    stop_token_ids: Sequence[int] = (),
-                   token2wav_batch_size: int = 32,
-                   token2wav_tf32: bool = True) -> QwenOmniAdapter:
+                   token2wav_batch_size: int = 16,
+                   token2wav_tf32: bool = True,
+                   token2wav_ragged: bool = True) -> QwenOmniAdapter:
         """An adapter around a model already in memory (benchmarks with random weights).
 
         Without a ``processor`` there is no prompt building (``prepare``/``convert``), but
@@ -559,14 +654,14 @@ class QwenOmniAdapter(LALMAdapter):
         self = cls.__new__(cls)
         self._configure(system_prompt, instruction_template, max_new_tokens,
                         talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids,
-                        token2wav_batch_size, token2wav_tf32)
+                        token2wav_batch_size, token2wav_tf32, token2wav_ragged)
         self.path = None
         self._attach(model, processor, speaker)
         return self
 
     def _configure(self, system_prompt, instruction_template, max_new_tokens,
                    talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids,
-                   token2wav_batch_size=32, token2wav_tf32=True) -> None:
+                   token2wav_batch_size=16, token2wav_tf32=True, token2wav_ragged=True) -> None:
         if min(max_new_tokens, talker_max_new_tokens, batch_size, token2wav_batch_size) < 1 \
                 or token2wav_steps < 2:
             raise ValueError("max_new_tokens, talker_max_new_tokens, batch_size and "
@@ -580,6 +675,7 @@ class QwenOmniAdapter(LALMAdapter):
         self.token2wav_steps = int(token2wav_steps)
         self.token2wav_batch_size = int(token2wav_batch_size)
         self.token2wav_tf32 = bool(token2wav_tf32)
+        self.token2wav_ragged = bool(token2wav_ragged)
         self.batch_size = int(batch_size) if _transformers_major() >= 5 else 1
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
 
@@ -664,8 +760,9 @@ class QwenOmniAdapter(LALMAdapter):
         ``overrides``: further ``generate`` keywords (``thinker_*``/``talker_*``/``token2wav_*``),
         e.g. ``thinker_min_new_tokens`` to fix the work per attempt in a benchmark.
         ``generate``'s per-row token2wav calls are recorded (they return an empty
-        placeholder) and decoded afterwards by ``token2wav_batch``, bucketed by code length,
-        row ``b``'s noise drawn from ``seeds[b]``; the result replaces the placeholders.
+        placeholder) and decoded afterwards by ``token2wav_batch`` (rows of any code length
+        together, unless ``token2wav_ragged`` is off), row ``b``'s noise drawn from
+        ``seeds[b]``; the result replaces the placeholders.
         """
         token2wav = self.model.token2wav
         calls: list[dict] = []
@@ -711,7 +808,8 @@ class QwenOmniAdapter(LALMAdapter):
                     with float32_matmul_precision("high" if self.token2wav_tf32 else None):
                         waves = token2wav_batch(token2wav, calls, row_seeds,
                                                 self.token2wav_batch_size,
-                                                dtype=torch.float64 if exact else None)
+                                                dtype=torch.float64 if exact else None,
+                                                ragged=self.token2wav_ragged)
                 finally:
                     if exact:
                         token2wav.float()  # what transformers' generate expects to find

@@ -1,19 +1,24 @@
 """End-to-end EVC throughput of Qwen2.5-Omni through the adapter: thinker, talker, token2wav.
 
-    python3 benchmarks/qwen_omni_throughput.py --device cuda --batches 1 4 16
+    python3 benchmarks/qwen_omni_throughput.py --device cuda --batches 1 16 64
     python3 benchmarks/qwen_omni_throughput.py --tiny                # CPU smoke test
 
 The model is ``Qwen2_5OmniForConditionalGeneration`` at Qwen2.5-Omni-7B's shapes (thinker
 28 x 3584/18944 with its audio encoder and vision tower, talker 24 x 896/18944, token2wav
 DiT 22 x 1024 + BigVGAN) with random bf16 weights built directly on the device (token2wav
-in float32, as transformers runs it), and a random speaker. Every attempt does fixed work:
-a ``--audio-seconds`` source (Whisper features, ``<|AUDIO|>`` tokens as the processor makes
-them) inside the EVC chat layout, exactly ``--text-tokens`` thinker tokens and exactly
-``--codec-tokens`` talker tokens (min = max new tokens), greedy, via
-``QwenOmniAdapter.generate`` (the model's own ``generate`` with the adapter's fixes).
-Every row has exactly ``--codec-tokens`` codes, so the adapter decodes a batch's token2wav
-in one bucket (``--token2wav-batch-size`` rows per call; 1 = one row at a time, as
-transformers' own ``generate`` does).
+in float32, as transformers runs it), and a random speaker.
+
+Workload (``--lengths``): ``esd`` (default) draws every attempt's source duration, answer
+text length and answer speech length from the ESD-like distribution of
+``benchmarks/workloads.py`` (source 2-5 s, ~3 text tokens per second, speech 0.85-1.25x the
+source at 50 codec tokens per second) and forces each row to end exactly there
+(``ForcedLengths``), so a batch holds prompts of different lengths (left padding), rows
+that finish early, and token2wav codes of different lengths, as a real run does. ``fixed``
+gives every attempt ``--audio-seconds`` of source, ``--text-tokens`` and ``--codec-tokens``
+(the earlier benchmarks' workload). Each batch size runs ``max(batch, --min-attempts)``
+attempts spread evenly over the drawn distribution (``workloads.spread``), in consecutive
+batches, so a batch-1 loop is timed on the same kind of mix as a batch of 64; the
+utterances per hour are attempts / time.
 
 Per batch size and mode the script reports the time of the thinker's ``generate``, the
 talker's ``generate`` and token2wav (summed over its calls; inside it the DiT sampler and
@@ -25,6 +30,8 @@ are interleaved round-robin, rotating the order every repeat, with Python's garb
 collector paused inside each timed run; the median of ``--repeats`` runs is reported, and
 a mode's ratio to ``off`` is the median of the repeat-by-repeat ratios. A batch size that
 does not fit is reported as OOM, so ``--batches 1 16 32 64 128`` finds the largest that fits.
+``--token2wav-ragged off`` decodes only rows of equal code length together (the adapter's
+earlier behaviour), for a side-by-side comparison.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
 
+from transformers import LogitsProcessorList  # noqa: E402
+from workloads import ForcedLengths, describe, esd_like, fixed, spread  # noqa: E402
+
 from esn_core.hooks import Capture, HookEngine, Intervention
 from esn_core.models.qwen_omni import QwenOmniAdapter, audio_token_count
 
@@ -57,6 +67,7 @@ IM_START, IM_END, NEWLINE = 151644, 151645, 198
 SYSTEM, USER, ASSISTANT = 8948, 872, 77091
 AUDIO, AUDIO_BOS, AUDIO_EOS = 151646, 151647, 151648
 SPEAKER_BOS = 151872
+PAD = 151643
 
 
 def _rope(head_dim: int) -> dict:
@@ -145,19 +156,26 @@ def build_model(tiny: bool, device: str, dtype: torch.dtype):
     return model.eval().requires_grad_(False)
 
 
-def evc_inputs(batch: int, seconds: float, device: str, dtype: torch.dtype, rng) -> dict:
-    """A batch of EVC prompts as the processor lays them out: system, user audio + instruction."""
-    frames = int(seconds * 100)  # Whisper features: 100 frames per second
+def evc_inputs(attempts, device: str, dtype: torch.dtype, rng) -> dict:
+    """EVC prompts as the processor lays them out (system, user audio + instruction), one per
+    attempt with its own source duration, left-padded to the longest as the adapter pads."""
     window = 3000  # the 30 s window the feature extractor pads to
-    n_audio = int(audio_token_count(torch.tensor(frames)))
     system = [IM_START, SYSTEM, NEWLINE, *rng.integers(1000, 100_000, 40), IM_END, NEWLINE]
-    user = [IM_START, USER, NEWLINE, AUDIO_BOS, *[AUDIO] * n_audio, AUDIO_EOS,
-            *rng.integers(1000, 100_000, 28), IM_END, NEWLINE, IM_START, ASSISTANT, NEWLINE]
-    ids = torch.tensor([system + user] * batch, device=device)
-    features = torch.randn(batch, 128, window, device=device, dtype=dtype)
-    feature_mask = torch.zeros(batch, window, dtype=torch.long, device=device)
-    feature_mask[:, :frames] = 1
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+    instruction = [*rng.integers(1000, 100_000, 28), IM_END, NEWLINE, IM_START, ASSISTANT, NEWLINE]
+    rows, frames = [], []
+    for attempt in attempts:
+        frames.append(int(attempt.source_seconds * 100))  # Whisper features: 100 per second
+        n_audio = int(audio_token_count(torch.tensor(frames[-1])))
+        rows.append(system + [IM_START, USER, NEWLINE, AUDIO_BOS, *[AUDIO] * n_audio, AUDIO_EOS,
+                              *instruction])
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([[PAD] * (longest - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=device)
+    features = torch.randn(len(rows), 128, window, device=device, dtype=dtype)
+    feature_mask = torch.zeros(len(rows), window, dtype=torch.long, device=device)
+    for b, n in enumerate(frames):
+        feature_mask[b, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask,
             "input_features": features, "feature_attention_mask": feature_mask}
 
 
@@ -207,31 +225,50 @@ class PartTimer:
         return np.diff(self.stamps[name][1:]).tolist()
 
 
-def run_once(adapter, engine, mode, inputs, seeds, args, steer_plan, timer) -> dict:
+def forced_lengths(adapter, attempts) -> dict:
+    """``generate`` keywords that end row ``b``'s text and speech at its attempt's lengths."""
+    return {
+        "thinker_logits_processor": LogitsProcessorList(
+            [ForcedLengths([a.text_tokens for a in attempts], [IM_END])]),
+        "talker_logits_processor": LogitsProcessorList(
+            [ForcedLengths([a.codec_tokens for a in attempts], adapter.talker_eos)]),
+    }
+
+
+def check_lengths(sequences, prompt_len: int, attempts) -> None:
+    """Each row's text ended where it was forced to (the workload is what it says)."""
+    answers = sequences[:, prompt_len:].cpu()
+    for row, attempt in zip(answers, attempts):
+        ends = torch.nonzero(row == IM_END).flatten()
+        made = int(ends[0]) if ends.numel() else row.numel()
+        if made != attempt.text_tokens:
+            raise RuntimeError(f"thinker made {made} tokens, expected {attempt.text_tokens}")
+
+
+def run_once(adapter, engine, mode, batches, args, steer_plans, timer) -> dict:
+    """One timed pass over ``batches`` (a list of (inputs, attempts, seeds)) in one mode."""
     timer.reset()
-    fixed = dict(thinker_min_new_tokens=args.text_tokens, talker_min_new_tokens=args.codec_tokens)
     adapter.token2wav_tf32 = mode != "fp32"
-    if mode in ("off", "fp32"):
-        scope = contextlib.nullcontext()
-    elif mode == "capture":
-        scope = engine.session(capture={"lm": Capture(), "synth": Capture()})
-    else:
-        scope = engine.session(interventions={"lm": steer_plan})
     gc.collect()
     gc.disable()  # a collection inside one mode's run would be charged to that mode
     try:
         timer.sync()
         start = time.perf_counter()
-        with scope:
-            sequences, _ = adapter.generate(inputs, seeds, **fixed)
+        for inputs, attempts, seeds in batches:
+            if mode in ("off", "fp32"):
+                scope = contextlib.nullcontext()
+            elif mode == "capture":
+                scope = engine.session(capture={"lm": Capture(), "synth": Capture()})
+            else:
+                scope = engine.session(interventions={"lm": steer_plans[len(attempts)]})
+            with scope:
+                sequences, _ = adapter.generate(inputs, seeds, **forced_lengths(adapter, attempts))
+            check_lengths(sequences, inputs["input_ids"].shape[1], attempts)
         timer.sync()
         total = time.perf_counter() - start
     finally:
         gc.enable()
     steps = {f"{name}_steps": timer.step_seconds(name) for name in timer.stamps}
-    n_text = sequences.shape[1] - inputs["input_ids"].shape[1]
-    if n_text != args.text_tokens:
-        raise RuntimeError(f"thinker made {n_text} tokens, expected {args.text_tokens}")
     return {**timer.seconds, "total": total, **steps}
 
 
@@ -244,12 +281,21 @@ def main(argv=None) -> int:
                         choices=["off", "capture", "steer", "fp32"],
                         help="fp32 = no hooks, token2wav without TF32 (transformers' setting)")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--text-tokens", type=int, default=None)
-    parser.add_argument("--codec-tokens", type=int, default=None)
-    parser.add_argument("--audio-seconds", type=float, default=3.0)
+    parser.add_argument("--lengths", choices=["esd", "fixed"], default="esd",
+                        help="esd: per-row lengths drawn ESD-like (workloads.py); fixed: all equal")
+    parser.add_argument("--length-scale", type=float, default=None,
+                        help="multiply the drawn text and codec lengths (default 1; --tiny 0.05)")
+    parser.add_argument("--min-attempts", type=int, default=8,
+                        help="attempts timed per batch size at least (a batch-1 loop runs this many)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the drawn workload")
+    parser.add_argument("--text-tokens", type=int, default=None, help="--lengths fixed")
+    parser.add_argument("--codec-tokens", type=int, default=None, help="--lengths fixed")
+    parser.add_argument("--audio-seconds", type=float, default=3.0, help="--lengths fixed")
     parser.add_argument("--token2wav-steps", type=int, default=10)
-    parser.add_argument("--token2wav-batch-size", type=int, default=32,
+    parser.add_argument("--token2wav-batch-size", type=int, default=16,
                         help="most rows per token2wav call (1 = per row, transformers' way)")
+    parser.add_argument("--token2wav-ragged", choices=["on", "off"], default="on",
+                        help="off: only rows of equal code length share a token2wav call")
     parser.add_argument("--rate", type=float, default=0.005, help="steer mask share of lm neurons")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size")
@@ -257,10 +303,11 @@ def main(argv=None) -> int:
                         help="cap this process's GPU memory (e.g. 78 = an 80 GB card)")
     args = parser.parse_args(argv)
     device = args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    args.batches = args.batches or ([1, 2] if args.tiny else [1, 4, 16])
+    args.batches = args.batches or ([1, 2] if args.tiny else [1, 16, 64])
     args.repeats = args.repeats or (1 if args.tiny else 3)
     args.text_tokens = args.text_tokens or (4 if args.tiny else 32)
     args.codec_tokens = args.codec_tokens or (8 if args.tiny else 200)
+    scale = args.length_scale or (0.05 if args.tiny else 1.0)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     if device == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
@@ -270,13 +317,22 @@ def main(argv=None) -> int:
         total = torch.cuda.get_device_properties(index).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), index)
 
+    n_draw = max(max(args.batches), args.min_attempts)
+    if args.lengths == "esd":
+        # (at least 3 text tokens and 2 codes: two decode steps to time)
+        draw = [type(a)(a.source_seconds, max(3, round(a.text_tokens * scale)),
+                        max(2, round(a.codec_tokens * scale))) for a in esd_like(n_draw, args.seed)]
+    else:
+        draw = fixed(n_draw, args.audio_seconds, args.text_tokens, args.codec_tokens)
     started = time.perf_counter()
     model = build_model(args.tiny, device, dtype)
     built = time.perf_counter() - started
     adapter = QwenOmniAdapter.from_model(
-        model, speaker="Chelsie", max_new_tokens=args.text_tokens,
-        talker_max_new_tokens=args.codec_tokens, token2wav_steps=args.token2wav_steps,
-        stop_token_ids=[IM_END, 151643], token2wav_batch_size=args.token2wav_batch_size,
+        model, speaker="Chelsie", max_new_tokens=max(a.text_tokens for a in draw) + 1,
+        talker_max_new_tokens=max(a.codec_tokens for a in draw) + 1,
+        token2wav_steps=args.token2wav_steps, stop_token_ids=[IM_END, PAD],
+        token2wav_batch_size=args.token2wav_batch_size,
+        token2wav_ragged=args.token2wav_ragged == "on",
     )
     engine = HookEngine(adapter.groups())
     timer = PartTimer(model, device)
@@ -286,56 +342,62 @@ def main(argv=None) -> int:
     print(f"# Qwen2.5-Omni {'tiny' if args.tiny else '7B'} throughput on {name}; torch "
           f"{torch.__version__}, transformers {transformers.__version__}; built in {built:.1f} s")
     print(f"# {' '.join(sys.argv)}")
-    print(f"# {args.audio_seconds:g} s source, {args.text_tokens} text + {args.codec_tokens} codec "
-          f"tokens per attempt, token2wav {args.token2wav_steps} steps in calls of up to "
-          f"{args.token2wav_batch_size} rows, median of {args.repeats}")
-    print("| batch | mode | thinker | talker | token2wav (DiT + BigVGAN) | total | utterances/hour "
-          "| peak memory |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"# workload {args.lengths}"
+          + (f" (lengths x{scale:g})" if scale != 1 else "") + f": {describe(draw)}; each row ends "
+          f"at its own lengths; token2wav {args.token2wav_steps} steps in calls of up to "
+          f"{args.token2wav_batch_size} rows, ragged {args.token2wav_ragged}; median of {args.repeats}")
+    print("| batch | attempts | mode | thinker | talker | token2wav (DiT + BigVGAN) | total "
+          "| utterances/hour | peak memory |")
+    print("|---|---|---|---|---|---|---|---|---|")
     results = []
     for batch in args.batches:
-        inputs = evc_inputs(batch, args.audio_seconds, device, dtype, rng)
-        seeds = list(range(batch))
+        chosen = spread(draw, max(batch, args.min_attempts))
+        batches = []
+        for start in range(0, len(chosen), batch):
+            attempts = chosen[start : start + batch]
+            batches.append((evc_inputs(attempts, device, dtype, rng), attempts,
+                            list(range(start, start + len(attempts)))))
         mask = np.sort(rng.choice(n_lm, int(args.rate * n_lm), replace=False))
-        steer_plan = Intervention.uniform("steer", mask, 1.0, batch)
+        steer_plans = {len(a): Intervention.uniform("steer", mask, 1.0, len(a)) for _, a, _ in batches}
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         runs = defaultdict(list)
         try:
             for _ in range(args.warmup):
-                run_once(adapter, engine, "off", inputs, seeds, args, steer_plan, timer)
+                run_once(adapter, engine, "off", batches[:1], args, steer_plans, timer)
             for repeat in range(args.repeats):
                 # Rotate the order, so that no mode always runs first (or after another).
                 shift = repeat % len(args.modes)
                 for mode in args.modes[shift:] + args.modes[:shift]:
-                    runs[mode].append(run_once(adapter, engine, mode, inputs, seeds, args,
-                                               steer_plan, timer))
+                    runs[mode].append(run_once(adapter, engine, mode, batches, args,
+                                               steer_plans, timer))
         except torch.OutOfMemoryError:
-            print(f"| {batch} | all | OOM | | | | | |")
+            print(f"| {batch} | {len(chosen)} | all | OOM | | | | | |")
             results.append({"batch": batch, "oom": True})
-            del inputs
+            del batches
             continue
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
         peak_text = f"{peak:.1f} GiB" if peak is not None else "-"
         for mode in args.modes:
             med = {k: statistics.median(r[k] for r in runs[mode])
                    for k in runs[mode][0] if not k.endswith("_steps")}
-            per_hour = batch / med["total"] * 3600
+            per_hour = len(chosen) / med["total"] * 3600
             ratio = ""
             if "off" in runs and mode != "off":
                 # Median of the repeat-by-repeat ratios: each pair ran back to back.
                 paired = statistics.median(
                     r["total"] / o["total"] for r, o in zip(runs[mode], runs["off"]))
                 ratio = f" ({paired:.3f}x)"
-            print(f"| {batch} | {mode} | {med.get('thinker', 0):.2f} s | {med.get('talker', 0):.2f} s | "
-                  f"{med.get('token2wav', 0):.2f} s ({med.get('dit', 0):.2f} + "
-                  f"{med.get('bigvgan', 0):.2f}) | {med['total']:.2f} s{ratio} | {per_hour:,.0f} | "
-                  f"{peak_text} |", flush=True)
+            print(f"| {batch} | {len(chosen)} | {mode} | {med.get('thinker', 0):.2f} s | "
+                  f"{med.get('talker', 0):.2f} s | {med.get('token2wav', 0):.2f} s "
+                  f"({med.get('dit', 0):.2f} + {med.get('bigvgan', 0):.2f}) | "
+                  f"{med['total']:.2f} s{ratio} | {per_hour:,.0f} | {peak_text} |", flush=True)
             step_ms = {name: 1e3 * statistics.median(t for r in runs[mode] for t in r[f"{name}_steps"])
                        for name in timer.stamps if any(r[f"{name}_steps"] for r in runs[mode])}
-            results.append({"batch": batch, "mode": mode, **med, "utterances_per_hour": per_hour,
-                            "peak_gib": peak, "step_ms": step_ms, "runs": runs[mode]})
+            results.append({"batch": batch, "attempts": len(chosen), "mode": mode, **med,
+                            "utterances_per_hour": per_hour, "peak_gib": peak,
+                            "step_ms": step_ms, "runs": runs[mode]})
         if "off" in runs:
             base = next(r["step_ms"] for r in results if r.get("batch") == batch and r.get("mode") == "off")
             print("#   median decode step (ms), ratio to off: " + "; ".join(
@@ -343,11 +405,15 @@ def main(argv=None) -> int:
                     f"{name} {ms:.2f}" + (f" ({ms / base[name]:.3f}x)" if r["mode"] != "off" else "")
                     for name, ms in r["step_ms"].items())
                 for r in results if r.get("batch") == batch and not r.get("oom")), flush=True)
+    off = {r["batch"]: r["utterances_per_hour"] for r in results if r.get("mode") == "off"}
+    if 1 in off and len(off) > 1:
+        print("# utterances/hour over the batch-1 loop (off, same run): " + ", ".join(
+            f"batch {b} {rate / off[1]:.1f}x" for b, rate in sorted(off.items()) if b != 1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "argv": sys.argv, "torch": torch.__version__,
                        "transformers": transformers.__version__, "args": vars(args),
-                       "results": results}, f, indent=2)
+                       "workload": [vars(a) for a in draw], "results": results}, f, indent=2)
     return 0
 
 

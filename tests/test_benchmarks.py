@@ -55,17 +55,75 @@ def test_hook_overhead_refuses_periods_longer_than_the_run_allows():
 
 def test_qwen_omni_throughput_reports_parts_modes_and_json(tmp_path):
     target = tmp_path / "omni.json"
-    out = _run("benchmarks/qwen_omni_throughput.py", "--tiny", "--batches", "2", "--repeats", "1",
-               "--warmup", "0", "--modes", "off", "capture", "steer", "fp32",
-               "--out", str(target))
-    rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
-    assert [row.split("|")[2].strip() for row in rows] == ["off", "capture", "steer", "fp32"]
-    results = json.loads(target.read_text())["results"]
-    for result in results:
+    out = _run("benchmarks/qwen_omni_throughput.py", "--tiny", "--batches", "1", "3", "--repeats", "1",
+               "--warmup", "0", "--min-attempts", "3", "--modes", "off", "capture", "steer", "fp32",
+               "--token2wav-steps", "2", "--out", str(target))
+    rows = [line for line in out.splitlines() if line.startswith("| 3 |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["off", "capture", "steer", "fp32"]
+    assert "each row ends at its own lengths" in out
+    assert re.search(r"batch 3 [\d.]+x", out)  # the batch-1 loop is the anchor of the same run
+    saved = json.loads(target.read_text())
+    codec = [a["codec_tokens"] for a in saved["workload"]]
+    assert len(codec) == 3 and len(set(codec)) > 1  # rows of different lengths in one batch
+    for result in saved["results"]:
         # token2wav = DiT + BigVGAN (+ the little glue between them)
         assert result["dit"] + result["bigvgan"] <= result["token2wav"] + 1e-9
         assert result["step_ms"]["talker"] > 0 and result["step_ms"]["thinker"] > 0
-        assert result["utterances_per_hour"] == 2 / result["total"] * 3600
+        assert result["utterances_per_hour"] == 3 / result["total"] * 3600
+
+
+def test_token2wav_ragged_compares_every_path_against_the_per_row_decode(tmp_path):
+    target = tmp_path / "t2w.json"
+    out = _run("benchmarks/token2wav_ragged.py", "--tiny", "--rows", "4", "--steps", "2",
+               "--micro", "2", "4", "--out", str(target))
+    saved = json.loads(target.read_text())
+    paths = [r["path"] for r in saved["results"]]
+    assert paths == ["per row", "buckets", "ragged m2", "ragged m4"]
+    assert len(set(saved["lengths"])) > 1
+    by_path = {r["path"]: r for r in saved["results"]}
+    assert by_path["per row"]["min_snr_db"] == float("inf")  # the reference itself
+    assert by_path["ragged m4"]["calls"] == 1 and by_path["ragged m2"]["calls"] == 2
+    for path in ("buckets", "ragged m2", "ragged m4"):
+        assert by_path[path]["min_snr_db"] > 100, path  # float32 on CPU: rounding only
+    assert "| ragged m4 | 4 | 1 |" in out
+
+
+def test_forced_lengths_end_each_row_at_its_own_step():
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from workloads import ForcedLengths
+
+    forced = ForcedLengths([0, 2], end_ids=[5, 6])
+    scores = torch.zeros(2, 8)
+    scores[:, 6] = 3.0  # the second end id would win on its own
+    picks = []
+    for step in range(3):
+        ids = torch.zeros(2, 4 + step, dtype=torch.long)  # a 4-token prompt, then the answer
+        picks.append(forced(ids, scores).argmax(dim=-1).tolist())
+    # row 0 ends at step 0 (with the first end id); row 1 may not end before step 2
+    assert picks[0][0] == 5 and picks[0][1] not in (5, 6)
+    assert picks[1][1] not in (5, 6) and picks[2][1] == 5
+    out = forced(torch.zeros(2, 5, dtype=torch.long), scores)
+    assert torch.isinf(out[1, [5, 6]]).all() and out[1, 0] == 0  # step 1: ends masked only
+    assert torch.equal(scores[:, 6], torch.full((2,), 3.0))  # the caller's scores untouched
+
+
+def test_esd_like_lengths_and_even_subsets():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from workloads import esd_like, spread
+
+    draw = esd_like(400, seed=3)
+    assert draw == esd_like(400, seed=3)
+    seconds = np.array([a.source_seconds for a in draw])
+    codec = np.array([a.codec_tokens for a in draw])
+    assert 2.0 <= seconds.min() and seconds.max() <= 5.0
+    ratio = codec / (50 * seconds)  # speech 0.85-1.25x the source at 50 codes per second
+    assert ratio.min() >= 0.85 - 0.01 and ratio.max() <= 1.25 + 0.01
+    assert len(set(codec.tolist())) > 100
+    subset = spread(draw, 5)
+    ordered = sorted(codec.tolist())
+    assert [a.codec_tokens for a in subset] == [ordered[i] for i in (0, 100, 200, 299, 399)]
 
 
 def test_decode_kernel_cost_reports_every_part():

@@ -1,0 +1,97 @@
+"""The workloads the throughput benchmarks generate: what one EVC attempt asks of the model.
+
+Random weights never stop on their own, so a benchmark decides each row's lengths and
+forces them: ``ForcedLengths`` is a logits processor that makes row ``b`` emit an end token
+exactly at step ``lengths[b]`` (and never before), so rows of one batch finish at different
+steps, as real conversions do, and everything downstream (padding, early-finishing rows,
+token2wav on codes of different lengths) is real.
+
+``esd_like`` draws lengths from a stated distribution modelled on ESD (SPEC §8), English:
+- source (the neutral utterance): ``U(2, 5)`` seconds (ESD's English utterances run ~2-4 s,
+  the longest sentences ~5 s);
+- answer text: ~3 tokens per second of source (ESD sentences are 5-12 words), x ``U(0.8, 1.2)``,
+  plus one for the final punctuation;
+- answer speech: the source's duration x ``U(0.85, 1.25)`` (emotional renditions run longer)
+  at Qwen2.5-Omni's 50 codec tokens per second (token2wav: 2 mel frames per code, 100 frames
+  per second, 240 samples per frame at 24 kHz).
+``fixed`` gives every attempt the same lengths (the earlier benchmarks' workload).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+CODEC_PER_SECOND = 50
+
+
+@dataclass(frozen=True)
+class Attempt:
+    source_seconds: float
+    text_tokens: int
+    codec_tokens: int
+
+
+def esd_like(n: int, seed: int = 0) -> list[Attempt]:
+    """``n`` attempts with ESD-like lengths (module docstring), reproducible from ``seed``."""
+    rng = np.random.default_rng(seed)
+    seconds = rng.uniform(2.0, 5.0, n)
+    text = np.maximum(4, np.round(3.0 * seconds * rng.uniform(0.8, 1.2, n)) + 1)
+    codec = np.round(CODEC_PER_SECOND * seconds * rng.uniform(0.85, 1.25, n))
+    return [Attempt(float(s), int(t), int(c)) for s, t, c in zip(seconds, text, codec)]
+
+
+def fixed(n: int, source_seconds: float, text_tokens: int, codec_tokens: int) -> list[Attempt]:
+    return [Attempt(float(source_seconds), int(text_tokens), int(codec_tokens))] * n
+
+
+def spread(attempts: list[Attempt], n: int) -> list[Attempt]:
+    """``n`` of ``attempts`` evenly spaced in codec length, so that a subset (e.g. the rows a
+    batch-1 loop has time for) covers the whole distribution rather than its first draws."""
+    ordered = sorted(attempts, key=lambda a: (a.codec_tokens, a.text_tokens, a.source_seconds))
+    if n >= len(ordered):
+        return ordered
+    picks = np.round(np.linspace(0, len(ordered) - 1, n)).astype(int)
+    return [ordered[i] for i in picks]
+
+
+def describe(attempts: list[Attempt]) -> str:
+    def span(values) -> str:
+        values = np.asarray(values, dtype=float)
+        return f"{values.min():g}-{values.max():g} (mean {values.mean():.1f})"
+
+    return (f"{len(attempts)} attempts: source {span([a.source_seconds for a in attempts])} s, "
+            f"text {span([a.text_tokens for a in attempts])} tokens, "
+            f"codec {span([a.codec_tokens for a in attempts])} tokens")
+
+
+class ForcedLengths:
+    """A logits processor: row ``b`` emits ``end_id`` at generated step ``lengths[b]`` exactly.
+
+    Step 0 is the first generated token; before a row's step its end ids are masked out, at
+    it every other id is. The step comes from the sequence length (no host sync per step).
+    One instance serves one ``generate`` call: it records the prompt length at its first call.
+    """
+
+    def __init__(self, lengths, end_ids, device=None):
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long, device=device)
+        self.end_ids = torch.as_tensor(list(end_ids), dtype=torch.long, device=device)
+        self.prompt_len: int | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1]
+        if input_ids.shape[0] != len(self.lengths):
+            raise ValueError(f"ForcedLengths has {len(self.lengths)} lengths for a batch of "
+                             f"{input_ids.shape[0]} rows")
+        step = input_ids.shape[1] - self.prompt_len
+        lengths = self.lengths.to(scores.device)
+        end_ids = self.end_ids.to(scores.device)
+        scores = scores.clone()
+        scores[:, end_ids] = scores[:, end_ids].masked_fill((lengths > step)[:, None], -torch.inf)
+        ending = (lengths == step)[:, None]
+        forced = torch.full_like(scores, -torch.inf)
+        forced[:, end_ids[0]] = 0.0
+        return torch.where(ending, forced, scores)

@@ -180,12 +180,25 @@ def conform(table: pa.Table, name: str) -> pa.Table:
     return pa.Table.from_arrays(cols, names=table.schema.names, metadata=table.schema.metadata)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; rename it onto ``path`` only on success."""
+    """Yield a temp path beside ``path``; rename it onto ``path`` only on success.
+
+    The file gets the mode ``open()`` gives a new file under the process umask (not
+    mkstemp's private 0600), as long as the caller writes into it rather than replacing it.
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    # mkstemp creates the file 0600; give it the mode a plain open() would, so collaborators
+    # on a shared filesystem can read results as their umask allows.
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     tmp_path = Path(tmp)
     try:

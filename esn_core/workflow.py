@@ -77,10 +77,12 @@ class Plan:
         self.model_runtime_min = int(model.get("runtime_min", 240))
         self.capture_groups = list(dict.fromkeys(config["capture"]["groups"]))
         judges = config["judges"]
+        # judges.available is a list (an override replaces it whole); looked up by name here
+        self.judges = {entry["name"]: dict(entry) for entry in judges["available"]}
         self.filter_judge = judges["filter"]
         self.report_judges = list(dict.fromkeys([judges["filter"], *judges["report"]]))
         for name in self.report_judges:
-            if name not in judges["available"]:
+            if name not in self.judges:
                 raise ValueError(f"config judges: {name!r} is used but not defined under judges.available")
         for group in config["selection"]["groups"]:
             if group not in self.capture_groups:
@@ -96,10 +98,12 @@ class Plan:
         cfg = self.config
         anchor = cfg["evaluation"]["anchor"]
         tau = float(cfg["success"]["tau_wer"])
-        selectors = tuple(dict.fromkeys(cfg["selection"]["selectors"]))
-        unknown = [s for s in selectors if s not in SELECTORS]
+        chosen = cfg["selection"]["selectors"]
+        unknown = [s for s in chosen if s not in SELECTORS]
         if unknown:
             raise ValueError(f"config selection.selectors: unknown selector(s) {unknown}; known: {SELECTORS}")
+        # Sorted, so that reordering the config list names (and reruns) nothing new.
+        selectors = tuple(sorted(set(chosen)))
         if anchor["selector"] not in selectors:
             raise ValueError(
                 f"config evaluation.anchor.selector {anchor['selector']!r} is not in selection.selectors"
@@ -117,11 +121,12 @@ class Plan:
         out = [make(group=g, selectors=selectors) for g in cfg["selection"]["groups"]]
         out += [make(rate=float(r)) for r in cfg["selection"]["rates"] if float(r) != float(anchor["rate"])]
         out += [make(cap=int(c)) for c in cfg["success"]["caps"] if int(c) != int(anchor["cap"])]
-        for method, alphas in cfg["evaluation"]["interventions"].items():
-            for alpha in alphas or [0.0]:
-                alpha = 0.0 if method == "deactivate" else float(alpha)
-                if (method, alpha) != (anchor["method"], float(anchor["alpha"])):
-                    out.append(make(method=method, alpha=alpha))
+        for entry in cfg["evaluation"]["interventions"]:
+            method = entry["method"]
+            # deactivate has no alpha; any other method with no alphas is refused by config_checks
+            for alpha in [0.0] if method == "deactivate" else entry.get("alphas") or []:
+                if (method, float(alpha)) != (anchor["method"], float(anchor["alpha"])):
+                    out.append(make(method=method, alpha=float(alpha)))
         return list({v.name: v for v in out}.values())
 
     def variant(self, name: str) -> Variant:
@@ -213,14 +218,13 @@ class Plan:
         return json.dumps({"adapter": model["adapter"], "path": self.model_path(), "options": model.get("options") or {}})
 
     def judge_spec(self, name: str) -> dict[str, Any]:
-        spec = dict(self.config["judges"]["available"][name])
-        spec["name"] = name
+        spec = dict(self.judges[name])
         if spec["kind"] == "embedded" and not spec.get("path"):
             spec["path"] = f"{self.results}/judges/embedded.json"
         return spec
 
     def judge_inputs(self, name: str) -> list[str]:
-        spec = self.config["judges"]["available"].get(name)
+        spec = self.judges.get(name)
         if spec is None:
             raise KeyError(f"judge {name!r} is not defined under judges.available")
         if spec["kind"] == "embedded" and not spec.get("path"):

@@ -24,12 +24,13 @@ TINY = {
     "model": {"shard_sources": 4, "batch_size": 32},
     "success": {"caps": [50]},
     "selection": {"selectors": ["cas", "random"], "groups": ["lm"], "rates": [0.0118]},
-    "evaluation": {"max_sources": 2, "bootstrap": 50, "interventions": {"steer": [1.0]}},
+    "evaluation": {"max_sources": 2, "bootstrap": 50, "interventions": [{"method": "steer", "alphas": [1.0]}]},
 }
 
 
-# Mappings whose keys are data (methods, judge names), replaced whole rather than merged.
-REPLACED = {"interventions", "available", "options"}
+# Like a --configfile override: mappings merge key by key, lists are replaced whole (model
+# options are replaced too, so that a test's options do not inherit another's).
+REPLACED = {"options"}
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -106,10 +107,11 @@ def test_nothing_to_do_after_a_complete_run(finished):
         ({"success": {"tau_wer": 0.3}}, {"success", "probs", "masks", "evaluate"}, {"sample", "corpus"}),
         ({"success": {"caps": [50, 10]}}, {"success", "probs", "masks", "evaluate"}, {"sample"}),
         ({"selection": {"rates": [0.0118, 0.005]}}, {"masks", "evaluate"}, {"sample", "success", "probs"}),
-        ({"evaluation": {"interventions": {"steer": [1.0], "deactivate": [0]}}}, {"evaluate"},
+        ({"evaluation": {"interventions": [{"method": "steer", "alphas": [1.0]}, {"method": "deactivate"}]}},
+         {"evaluate"},
          {"sample", "success", "probs", "masks"}),
-        ({"judges": {"filter": "embedded_b", "available": {"embedded": {"kind": "embedded"},
-                                                           "embedded_b": {"kind": "embedded"}}}},
+        ({"judges": {"filter": "embedded_b", "available": [{"name": "embedded", "kind": "embedded"},
+                                                           {"name": "embedded_b", "kind": "embedded"}]}},
          {"judge", "success", "probs", "masks", "evaluate"}, {"sample"}),
     ],
     ids=["selector", "tau_wer", "cap", "rate", "intervention", "judge"],
@@ -175,7 +177,8 @@ def test_lint_is_clean():
 
 def test_plan_variants_are_anchor_plus_one_at_a_time_sweeps():
     plan = Plan(_config(selection={"rates": [0.005, 0.01], "selectors": ["cas", "mad"], "groups": ["lm", "synth"]},
-                        evaluation={"interventions": {"steer": [1.0, 2.0], "deactivate": [0]},
+                        evaluation={"interventions": [{"method": "steer", "alphas": [1.0, 2.0]},
+                                                      {"method": "deactivate"}],
                                     "anchor": {"selector": "cas", "rate": 0.005, "cap": 50, "group": "lm",
                                                "method": "steer", "alpha": 1.0}}))
     names = set(plan.variant_names)

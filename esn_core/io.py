@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -238,15 +239,29 @@ def read_schema(path: str | os.PathLike) -> pa.Schema:
         raise TableError(f"{path}: not a readable Parquet file (truncated or corrupt?): {exc}") from exc
 
 
-def read_table(path: str | os.PathLike, name: str, columns: list[str] | None = None) -> pa.Table:
-    """Read a Parquet file, refusing it unless it has table ``name``'s declared columns."""
+def read_table(path: str | os.PathLike, name: str | None, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file, refusing it unless it has table ``name``'s declared columns.
+
+    ``name=None`` reads a table without declared columns (the evaluation tables); a file
+    that is not Parquet is still refused with its path named.
+    """
     path = Path(path)
     schema = read_schema(path)
-    _check_columns(schema, name, str(path))
+    if name is not None:
+        _check_columns(schema, name, str(path))
+    elif columns:
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise TableError(f"{path}: missing column(s) {missing}")
     try:
         return pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
         raise TableError(f"{path}: not a readable Parquet file (truncated or corrupt?): {exc}") from exc
+
+
+def read_frame(path: str | os.PathLike, name: str | None = None, columns: list[str] | None = None) -> pl.DataFrame:
+    """``read_table`` as a polars DataFrame: the one Parquet reader of the pipeline."""
+    return pl.from_arrow(read_table(path, name, columns))
 
 
 def read_provenance(path: str | os.PathLike) -> dict[str, Any]:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import polars as pl
 
+from esn_core.io import read_frame
 from esn_core.select import SELECTORS
 
 
@@ -55,8 +57,9 @@ class Variant:
     def mask_paths(self) -> list[str]:
         return [self.mask_path(s) for s in self.selectors]
 
-    def masks_arg(self) -> str:
-        return " ".join(f"{s}={self.mask_path(s)}" for s in self.selectors)
+    def mask_args(self) -> list[str]:
+        """``selector=path`` items of the evaluate command (the rule quotes each)."""
+        return [f"{s}={self.mask_path(s)}" for s in self.selectors]
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -144,6 +147,11 @@ class Plan:
                 records[v.mask_path(s)] = dict(selector=s, group=v.group, rate=v.rate, cap=v.cap, path=v.mask_path(s))
         return json.dumps(sorted(records.values(), key=lambda r: r["path"]))
 
+    @property
+    def anchor_selector(self) -> str:
+        """The selector of the anchor cell: the headline figure is named after it."""
+        return self.config["evaluation"]["anchor"]["selector"]
+
     def anchor_json(self) -> str:
         a = dict(self.config["evaluation"]["anchor"])
         a["rate"], a["alpha"], a["cap"] = float(a["rate"]), float(a["alpha"]), int(a["cap"])
@@ -155,7 +163,7 @@ class Plan:
         return max(1, math.ceil(n / int(self.config["model"]["shard_sources"])))
 
     def n_sources(self, manifest_path: str, split: str) -> int:
-        frame = pl.read_parquet(manifest_path, columns=["split", "emotion"])
+        frame = read_frame(manifest_path, "manifest", columns=["split", "emotion"])
         n = frame.filter((pl.col("split") == split) & (pl.col("emotion") == "neutral")).height
         cap = self.config["evaluation"].get("max_sources")
         if split != "identification" and cap is not None:
@@ -191,12 +199,13 @@ class Plan:
         if corpus["source"] == "demo":
             demo = corpus["demo"]
             return (
-                f"--source demo --demo-tree {self.results}/corpus/demo_esd"
+                f"--source demo --demo-tree {shlex.quote(self.results + '/corpus/demo_esd')}"
                 f" --demo-speakers {demo['speakers']} --demo-utterances {demo['utterances']}"
                 f" --seed {self.config['seed']}{spk}"
             )
         return (
-            f"--source esd --esd-root '{corpus['esd_root']}' --cache-dir {self.results}/corpus/resampled{spk}"
+            f"--source esd --esd-root {shlex.quote(str(corpus['esd_root']))}"
+            f" --cache-dir {shlex.quote(self.results + '/corpus/resampled')}{spk}"
         )
 
     def model_path(self) -> str:
@@ -242,7 +251,7 @@ class Plan:
 
     def human_labels_arg(self) -> str:
         path = self.config["success"].get("human_labels")
-        return f"--human-labels '{path}'" if path else ""
+        return f"--human-labels {shlex.quote(str(path))}" if path else ""
 
     def max_sources_arg(self) -> str:
         cap = self.config["evaluation"].get("max_sources")

@@ -60,7 +60,7 @@ def _check_model(model: Mapping[str, Any]) -> list[str]:
     if adapter != "planted" and not path:
         problems.append(f"model.path: required for adapter {adapter!r}")
     options = model.get("options") or {}
-    factory = _literal("esn_core.models.base", "_REGISTRY").get(adapter)
+    factory = source_literal("esn_core.models.base", "_REGISTRY").get(adapter)
     if factory is None:
         return problems
     accepted = keyword_parameters(factory)
@@ -77,7 +77,7 @@ def _check_model(model: Mapping[str, Any]) -> list[str]:
 
 def _check_judges(judges: Mapping[str, Any]) -> list[str]:
     problems = []
-    judge_keys = _literal("esn_core.judges.registry", "_JUDGE_KEYS")
+    judge_keys = source_literal("esn_core.judges.registry", "_JUDGE_KEYS")
     names = [entry.get("name") for entry in judges["available"]]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"judges.available: judge name {name!r} is listed twice")
@@ -86,7 +86,7 @@ def _check_judges(judges: Mapping[str, Any]) -> list[str]:
         problems += _check_entry(entry, judge_keys, where, needs_path=entry["kind"] != "embedded")
     naturalness = judges.get("naturalness")
     if naturalness:
-        mos_keys = _literal("esn_core.judges.registry", "_MOS_KEYS")
+        mos_keys = source_literal("esn_core.judges.registry", "_MOS_KEYS")
         problems += _check_entry(naturalness, mos_keys, "judges.naturalness", needs_path=naturalness["kind"] == "utmos")
     return problems
 
@@ -140,7 +140,7 @@ def _module_file(module: str) -> Path:
     return Path(spec.origin)
 
 
-def _literal(module: str, name: str) -> Any:
+def source_literal(module: str, name: str) -> Any:
     """The literal value assigned to ``name`` at the top of ``module``'s source."""
     tree = ast.parse(_module_file(module).read_text())
     for node in tree.body:

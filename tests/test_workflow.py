@@ -277,7 +277,7 @@ def test_rules_are_snakefmt_formatted():
 
 
 def test_config_readme_describes_every_key():
-    import ast
+    from esn_core.config_checks import source_literal
 
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
 
@@ -290,12 +290,11 @@ def test_config_readme_describes_every_key():
                 yield from keys(sub["items"], path + "[]")
 
     # the judge and estimator keys their loaders take (esn_core.judges.registry), too
-    registry = ast.parse((REPO / "esn_core/judges/registry.py").read_text())
-    tables = {t.targets[0].id: ast.literal_eval(t.value) for t in registry.body
-              if isinstance(t, ast.Assign) and getattr(t.targets[0], "id", "") in ("_JUDGE_KEYS", "_MOS_KEYS")}
     wanted = set(keys(schema))
-    wanted |= {f"judges.available[].{k}" for kind in tables["_JUDGE_KEYS"].values() for k in kind}
-    wanted |= {f"judges.naturalness.{k}" for kind in tables["_MOS_KEYS"].values() for k in kind}
+    judge_keys = source_literal("esn_core.judges.registry", "_JUDGE_KEYS")
+    wanted |= {f"judges.available[].{k}" for kind in judge_keys.values() for k in kind}
+    wanted |= {f"judges.naturalness.{k}" for kind in source_literal("esn_core.judges.registry", "_MOS_KEYS").values()
+               for k in kind}
     text = (REPO / "config/README.md").read_text()
     missing = sorted(k for k in wanted if f"| `{k}` |" not in text)
     assert not missing, missing

@@ -1,4 +1,6 @@
 # Shared by every rule: config validation, paths, and the variants the config asks for.
+import os
+
 from snakemake.utils import validate
 
 validate(config, "../schemas/config.schema.yaml")

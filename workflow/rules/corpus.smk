@@ -25,7 +25,7 @@ rule plant_model:
         truth=f"{RESULTS}/models/planted/ground_truth.parquet",
     params:
         seed=config["seed"],
-        out=f"{RESULTS}/models/planted",
+        out=lambda wc, output: os.path.dirname(output.config),
     log:
         f"{RESULTS}/logs/plant_model.log",
     threads: 1

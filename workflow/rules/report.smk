@@ -41,7 +41,7 @@ rule tables:
         anchor=PLAN.anchor_json(),
         boot=config["evaluation"]["bootstrap"],
         seed=config["seed"],
-        out_dir=f"{RESULTS}/tables",
+        out_dir=lambda wc, output: os.path.dirname(output.main),
     log:
         f"{RESULTS}/logs/tables.log",
     threads: 1
@@ -97,7 +97,7 @@ rule report_md:
     output:
         f"{RESULTS}/report.md",
     params:
-        tables_dir=f"{RESULTS}/tables",
+        tables_dir=lambda wc, input: os.path.dirname(input.tables),
     log:
         f"{RESULTS}/logs/report.log",
     threads: 1

@@ -1,6 +1,7 @@
 # Stage 4 (SPEC §6-7): baseline + every selector x mask emotion x target on the test splits.
 # All cells of one source run in one batch through per-row masks. A variant directory name
-# spells out judge, tau_wer, c, group, r, method, alpha and the selectors it compares.
+# spells out judge, tau_wer, c, group, r, method, alpha and the selectors it compares (sorted,
+# so reordering selection.selectors reruns nothing).
 
 
 rule evaluate:

@@ -38,7 +38,7 @@ def _write(frame: pl.DataFrame, path: str, name: str, **provenance) -> None:
 
 
 def _read(paths: list[str], name: str) -> pl.DataFrame:
-    frames = [pl.from_arrow(io.read_table(p, name)) for p in paths]
+    frames = [io.read_frame(p, name) for p in paths]
     return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
 
 
@@ -236,7 +236,7 @@ def cmd_collect(a) -> None:
 
 
 def cmd_concat(a) -> None:
-    frame = pl.concat([pl.read_parquet(p) for p in a.inputs], how="vertical_relaxed")
+    frame = pl.concat([io.read_frame(p) for p in a.inputs], how="vertical_relaxed")
     with io.atomic_path(a.out) as tmp:
         frame.write_parquet(tmp, compression="zstd")
 
@@ -255,7 +255,7 @@ def cmd_tables(a) -> None:
     from esn_core.report import write_tables
 
     records, layouts = _mask_inputs(a.masks)
-    write_tables(pl.read_parquet(a.evaluation), records, layouts, json.loads(a.anchor), a.out_dir,
+    write_tables(io.read_frame(a.evaluation), records, layouts, json.loads(a.anchor), a.out_dir,
                  n_boot=a.bootstrap, seed=a.seed)
 
 
@@ -265,7 +265,7 @@ def cmd_figures(a) -> None:
     from esn_core.plots import write_figures
 
     records, layouts = _mask_inputs(a.masks)
-    paths = write_figures(pl.read_parquet(a.evaluation), records, layouts, json.loads(a.anchor), a.out_dir,
+    paths = write_figures(io.read_frame(a.evaluation), records, layouts, json.loads(a.anchor), a.out_dir,
                           n_boot=a.bootstrap, seed=a.seed)
     anchor = json.loads(a.anchor)["selector"]
     wanted = [p for p in map(Path, paths) if p.suffix == ".png" and p.stem == f"delta_heatmap_{anchor}"]

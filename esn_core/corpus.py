@@ -467,15 +467,37 @@ def _polars_type(column: str) -> pl.DataType:
     return {"index": pl.Int32, "sample_rate": pl.Int32, "duration_s": pl.Float64}.get(column, pl.String)
 
 
+# Provenance key recording what relative wav paths in a manifest are relative to.
+PATHS_RELATIVE_TO = "paths_relative_to"
+MANIFEST_FOLDER = "manifest folder"
+
+
 def write_manifest(manifest: pl.DataFrame, path: str | os.PathLike,
                    provenance: dict | None = None) -> Path:
-    """Store a manifest as the declared ``manifest`` Parquet table (atomic, with provenance)."""
+    """Store a manifest as the declared ``manifest`` Parquet table (atomic, with provenance).
+
+    Wavs inside the manifest's folder (the demo tree, resampled copies under ``results/``)
+    are stored relative to that folder, so a copied results tree reads its own audio; wavs
+    elsewhere (an ESD tree on a shared disk) stay absolute. ``read_manifest`` resolves both.
+    """
     unknown = set(manifest["emotion"].unique().to_list()) - set(EMOTIONS)
     if unknown:
         raise CorpusError(f"manifest has emotions outside {EMOTIONS}: {sorted(unknown)}")
-    return io.write_table(manifest.select(MANIFEST_COLUMNS).to_arrow(), path, "manifest",
-                          provenance=provenance)
+    folder = Path(path).parent.resolve()
+    stored = manifest.with_columns(
+        pl.Series("path", [_relative_if_inside(p, folder) for p in manifest["path"].to_list()], dtype=pl.String))
+    return io.write_table(stored.select(MANIFEST_COLUMNS).to_arrow(), path, "manifest",
+                          provenance={**(provenance or {}), PATHS_RELATIVE_TO: MANIFEST_FOLDER})
+
+
+def _relative_if_inside(path: str, folder: Path) -> str:
+    resolved = Path(path).resolve()
+    return resolved.relative_to(folder).as_posix() if resolved.is_relative_to(folder) else str(resolved)
 
 
 def read_manifest(path: str | os.PathLike) -> pl.DataFrame:
-    return pl.from_arrow(io.read_table(path, "manifest"))
+    """A manifest with absolute wav paths (relative ones joined to the manifest's folder)."""
+    manifest = io.read_frame(path, "manifest")
+    folder = Path(path).parent.resolve()
+    return manifest.with_columns(
+        pl.Series("path", [str(folder / p) for p in manifest["path"].to_list()], dtype=pl.String))

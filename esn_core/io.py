@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -180,12 +181,25 @@ def conform(table: pa.Table, name: str) -> pa.Table:
     return pa.Table.from_arrays(cols, names=table.schema.names, metadata=table.schema.metadata)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; rename it onto ``path`` only on success."""
+    """Yield a temp path beside ``path``; rename it onto ``path`` only on success.
+
+    The file gets the mode ``open()`` gives a new file under the process umask (not
+    mkstemp's private 0600), as long as the caller writes into it rather than replacing it.
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    # mkstemp creates the file 0600; give it the mode a plain open() would, so collaborators
+    # on a shared filesystem can read results as their umask allows.
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -225,15 +239,29 @@ def read_schema(path: str | os.PathLike) -> pa.Schema:
         raise TableError(f"{path}: not a readable Parquet file (truncated or corrupt?): {exc}") from exc
 
 
-def read_table(path: str | os.PathLike, name: str, columns: list[str] | None = None) -> pa.Table:
-    """Read a Parquet file, refusing it unless it has table ``name``'s declared columns."""
+def read_table(path: str | os.PathLike, name: str | None, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file, refusing it unless it has table ``name``'s declared columns.
+
+    ``name=None`` reads a table without declared columns (the evaluation tables); a file
+    that is not Parquet is still refused with its path named.
+    """
     path = Path(path)
     schema = read_schema(path)
-    _check_columns(schema, name, str(path))
+    if name is not None:
+        _check_columns(schema, name, str(path))
+    elif columns:
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise TableError(f"{path}: missing column(s) {missing}")
     try:
         return pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
         raise TableError(f"{path}: not a readable Parquet file (truncated or corrupt?): {exc}") from exc
+
+
+def read_frame(path: str | os.PathLike, name: str | None = None, columns: list[str] | None = None) -> pl.DataFrame:
+    """``read_table`` as a polars DataFrame: the one Parquet reader of the pipeline."""
+    return pl.from_arrow(read_table(path, name, columns))
 
 
 def read_provenance(path: str | os.PathLike) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from esn_core.evaluate import (
     mask_comparison,
     match_rates,
 )
-from esn_core.io import PROVENANCE_KEY, atomic_path, read_provenance, read_table
+from esn_core.io import PROVENANCE_KEY, atomic_path, read_frame, read_provenance, read_table
 from esn_core.layout import NeuronLayout
 from esn_core.select import Mask, masks_from_table
 
@@ -781,7 +781,7 @@ def markdown_report(tables_dir, figures_dir, link_base=None) -> str:
         lines += [f"Anchor: {anc.describe()}. Δ in pp vs. the unintervened baseline, TEST-SEEN ∪ "
                   f"TEST-UNSEEN, 95% paired-bootstrap CIs over source utterances (B={prov.get('n_boot')}).", ""]
     if t3_path.exists() and anc is not None:
-        t3 = pl.read_parquet(t3_path)
+        t3 = read_frame(t3_path)
         row = t3.filter(pl.col("selector") == anc.selector)
         if row.height:
             r = row.row(0, named=True)
@@ -794,7 +794,7 @@ def markdown_report(tables_dir, figures_dir, link_base=None) -> str:
                           f"MOS {_fmt('mos_mean', r['mos_mean'])} (Δ {_fmt('mos_delta', r['mos_delta'])}).", ""]
         lines += ["## Selectors (Table 3)", "", markdown_table(t3)]
     if t2_path.exists():
-        t2 = pl.read_parquet(t2_path).filter(pl.col("split") == POOLED)
+        t2 = read_frame(t2_path).filter(pl.col("split") == POOLED)
         match_cols = [c for c in t2.columns if c.startswith("match_")]
         lines += ["## Baseline match per target emotion (Table 2, all test splits)", "",
                   markdown_table(t2.select("target_emotion", *match_cols, "wer_pct", "mos_mean"))]

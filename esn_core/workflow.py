@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import polars as pl
 
+from esn_core.io import read_frame
 from esn_core.select import SELECTORS
 
 
@@ -55,8 +57,9 @@ class Variant:
     def mask_paths(self) -> list[str]:
         return [self.mask_path(s) for s in self.selectors]
 
-    def masks_arg(self) -> str:
-        return " ".join(f"{s}={self.mask_path(s)}" for s in self.selectors)
+    def mask_args(self) -> list[str]:
+        """``selector=path`` items of the evaluate command (the rule quotes each)."""
+        return [f"{s}={self.mask_path(s)}" for s in self.selectors]
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -77,10 +80,12 @@ class Plan:
         self.model_runtime_min = int(model.get("runtime_min", 240))
         self.capture_groups = list(dict.fromkeys(config["capture"]["groups"]))
         judges = config["judges"]
+        # judges.available is a list (an override replaces it whole); looked up by name here
+        self.judges = {entry["name"]: dict(entry) for entry in judges["available"]}
         self.filter_judge = judges["filter"]
         self.report_judges = list(dict.fromkeys([judges["filter"], *judges["report"]]))
         for name in self.report_judges:
-            if name not in judges["available"]:
+            if name not in self.judges:
                 raise ValueError(f"config judges: {name!r} is used but not defined under judges.available")
         for group in config["selection"]["groups"]:
             if group not in self.capture_groups:
@@ -96,10 +101,12 @@ class Plan:
         cfg = self.config
         anchor = cfg["evaluation"]["anchor"]
         tau = float(cfg["success"]["tau_wer"])
-        selectors = tuple(dict.fromkeys(cfg["selection"]["selectors"]))
-        unknown = [s for s in selectors if s not in SELECTORS]
+        chosen = cfg["selection"]["selectors"]
+        unknown = [s for s in chosen if s not in SELECTORS]
         if unknown:
             raise ValueError(f"config selection.selectors: unknown selector(s) {unknown}; known: {SELECTORS}")
+        # Sorted, so that reordering the config list names (and reruns) nothing new.
+        selectors = tuple(sorted(set(chosen)))
         if anchor["selector"] not in selectors:
             raise ValueError(
                 f"config evaluation.anchor.selector {anchor['selector']!r} is not in selection.selectors"
@@ -117,11 +124,12 @@ class Plan:
         out = [make(group=g, selectors=selectors) for g in cfg["selection"]["groups"]]
         out += [make(rate=float(r)) for r in cfg["selection"]["rates"] if float(r) != float(anchor["rate"])]
         out += [make(cap=int(c)) for c in cfg["success"]["caps"] if int(c) != int(anchor["cap"])]
-        for method, alphas in cfg["evaluation"]["interventions"].items():
-            for alpha in alphas or [0.0]:
-                alpha = 0.0 if method == "deactivate" else float(alpha)
-                if (method, alpha) != (anchor["method"], float(anchor["alpha"])):
-                    out.append(make(method=method, alpha=alpha))
+        for entry in cfg["evaluation"]["interventions"]:
+            method = entry["method"]
+            # deactivate has no alpha; any other method with no alphas is refused by config_checks
+            for alpha in [0.0] if method == "deactivate" else entry.get("alphas") or []:
+                if (method, float(alpha)) != (anchor["method"], float(anchor["alpha"])):
+                    out.append(make(method=method, alpha=float(alpha)))
         return list({v.name: v for v in out}.values())
 
     def variant(self, name: str) -> Variant:
@@ -139,6 +147,11 @@ class Plan:
                 records[v.mask_path(s)] = dict(selector=s, group=v.group, rate=v.rate, cap=v.cap, path=v.mask_path(s))
         return json.dumps(sorted(records.values(), key=lambda r: r["path"]))
 
+    @property
+    def anchor_selector(self) -> str:
+        """The selector of the anchor cell: the headline figure is named after it."""
+        return self.config["evaluation"]["anchor"]["selector"]
+
     def anchor_json(self) -> str:
         a = dict(self.config["evaluation"]["anchor"])
         a["rate"], a["alpha"], a["cap"] = float(a["rate"]), float(a["alpha"]), int(a["cap"])
@@ -150,7 +163,7 @@ class Plan:
         return max(1, math.ceil(n / int(self.config["model"]["shard_sources"])))
 
     def n_sources(self, manifest_path: str, split: str) -> int:
-        frame = pl.read_parquet(manifest_path, columns=["split", "emotion"])
+        frame = read_frame(manifest_path, "manifest", columns=["split", "emotion"])
         n = frame.filter((pl.col("split") == split) & (pl.col("emotion") == "neutral")).height
         cap = self.config["evaluation"].get("max_sources")
         if split != "identification" and cap is not None:
@@ -186,12 +199,13 @@ class Plan:
         if corpus["source"] == "demo":
             demo = corpus["demo"]
             return (
-                f"--source demo --demo-tree {self.results}/corpus/demo_esd"
+                f"--source demo --demo-tree {shlex.quote(self.results + '/corpus/demo_esd')}"
                 f" --demo-speakers {demo['speakers']} --demo-utterances {demo['utterances']}"
                 f" --seed {self.config['seed']}{spk}"
             )
         return (
-            f"--source esd --esd-root '{corpus['esd_root']}' --cache-dir {self.results}/corpus/resampled{spk}"
+            f"--source esd --esd-root {shlex.quote(str(corpus['esd_root']))}"
+            f" --cache-dir {shlex.quote(self.results + '/corpus/resampled')}{spk}"
         )
 
     def model_path(self) -> str:
@@ -213,14 +227,13 @@ class Plan:
         return json.dumps({"adapter": model["adapter"], "path": self.model_path(), "options": model.get("options") or {}})
 
     def judge_spec(self, name: str) -> dict[str, Any]:
-        spec = dict(self.config["judges"]["available"][name])
-        spec["name"] = name
+        spec = dict(self.judges[name])
         if spec["kind"] == "embedded" and not spec.get("path"):
             spec["path"] = f"{self.results}/judges/embedded.json"
         return spec
 
     def judge_inputs(self, name: str) -> list[str]:
-        spec = self.config["judges"]["available"].get(name)
+        spec = self.judges.get(name)
         if spec is None:
             raise KeyError(f"judge {name!r} is not defined under judges.available")
         if spec["kind"] == "embedded" and not spec.get("path"):
@@ -238,7 +251,7 @@ class Plan:
 
     def human_labels_arg(self) -> str:
         path = self.config["success"].get("human_labels")
-        return f"--human-labels '{path}'" if path else ""
+        return f"--human-labels {shlex.quote(str(path))}" if path else ""
 
     def max_sources_arg(self) -> str:
         cap = self.config["evaluation"].get("max_sources")

@@ -181,7 +181,9 @@ def test_gpu_rules_request_the_gpu_gres(demo_run):
 
 def test_a_failing_job_fails_the_run(slurm, tmp_path):
     state, env = slurm
-    broken = {"corpus": {"source": "esd", "esd_root": str(tmp_path / "no_such_esd")}}
+    # An existing folder with no ESD tree in it passes the dry-run checks and fails in the job.
+    (tmp_path / "empty_esd").mkdir()
+    broken = {"corpus": {"source": "esd", "esd_root": str(tmp_path / "empty_esd")}}
     workdir = _workdir(tmp_path / "wd", TINY, broken)
     rc, log, jobs, seconds = _run_via_slurm(workdir, env, 2)
     assert rc not in (0, 124, 137), f"exit {rc} after {seconds:.0f} s\n{log[-4000:]}"

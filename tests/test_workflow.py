@@ -24,12 +24,13 @@ TINY = {
     "model": {"shard_sources": 4, "batch_size": 32},
     "success": {"caps": [50]},
     "selection": {"selectors": ["cas", "random"], "groups": ["lm"], "rates": [0.0118]},
-    "evaluation": {"max_sources": 2, "bootstrap": 50, "interventions": {"steer": [1.0]}},
+    "evaluation": {"max_sources": 2, "bootstrap": 50, "interventions": [{"method": "steer", "alphas": [1.0]}]},
 }
 
 
-# Mappings whose keys are data (methods, judge names), replaced whole rather than merged.
-REPLACED = {"interventions", "available", "options"}
+# Like a --configfile override: mappings merge key by key, lists are replaced whole (model
+# options are replaced too, so that a test's options do not inherit another's).
+REPLACED = {"options"}
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -106,10 +107,11 @@ def test_nothing_to_do_after_a_complete_run(finished):
         ({"success": {"tau_wer": 0.3}}, {"success", "probs", "masks", "evaluate"}, {"sample", "corpus"}),
         ({"success": {"caps": [50, 10]}}, {"success", "probs", "masks", "evaluate"}, {"sample"}),
         ({"selection": {"rates": [0.0118, 0.005]}}, {"masks", "evaluate"}, {"sample", "success", "probs"}),
-        ({"evaluation": {"interventions": {"steer": [1.0], "deactivate": [0]}}}, {"evaluate"},
+        ({"evaluation": {"interventions": [{"method": "steer", "alphas": [1.0]}, {"method": "deactivate"}]}},
+         {"evaluate"},
          {"sample", "success", "probs", "masks"}),
-        ({"judges": {"filter": "embedded_b", "available": {"embedded": {"kind": "embedded"},
-                                                           "embedded_b": {"kind": "embedded"}}}},
+        ({"judges": {"filter": "embedded_b", "available": [{"name": "embedded", "kind": "embedded"},
+                                                           {"name": "embedded_b", "kind": "embedded"}]}},
          {"judge", "success", "probs", "masks", "evaluate"}, {"sample"}),
     ],
     ids=["selector", "tau_wer", "cap", "rate", "intervention", "judge"],
@@ -175,7 +177,8 @@ def test_lint_is_clean():
 
 def test_plan_variants_are_anchor_plus_one_at_a_time_sweeps():
     plan = Plan(_config(selection={"rates": [0.005, 0.01], "selectors": ["cas", "mad"], "groups": ["lm", "synth"]},
-                        evaluation={"interventions": {"steer": [1.0, 2.0], "deactivate": [0]},
+                        evaluation={"interventions": [{"method": "steer", "alphas": [1.0, 2.0]},
+                                                      {"method": "deactivate"}],
                                     "anchor": {"selector": "cas", "rate": 0.005, "cap": 50, "group": "lm",
                                                "method": "steer", "alpha": 1.0}}))
     names = set(plan.variant_names)
@@ -218,3 +221,80 @@ def test_workflow_runs_end_to_end_on_a_tiny_qwen2_5_omni(tmp_path):
     assert attempts.height == counts.height > 0 and (attempts["n_positions"] > 0).all()
     table3 = pl.read_parquet(results / "tables/table3_selectors.parquet")
     assert set(table3["selector"]) == {"cas", "random"}
+
+
+def test_outputs_are_readable_by_collaborators_under_the_umask(finished):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    results = finished / "results"
+    for path in ["tables/table3_selectors.csv", "report.md", "figures/delta_heatmap_cas.png",
+                 "masks/embedded/tau0.15/c50/lm/cas_r0.0118.parquet", "corpus/manifest.parquet"]:
+        assert (results / path).stat().st_mode & 0o777 == 0o666 & ~umask, path
+    wav = next((results / "sample/audio").glob("*.wav"))
+    assert wav.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_report_bundles_the_tables_as_well_as_the_figures(finished):
+    import zipfile
+
+    proc = _snakemake(finished, "--report", "report.zip")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    with zipfile.ZipFile(finished / "report.zip") as bundle:
+        names = bundle.namelist()
+    for table in ("table3_selectors.csv", "table2_baseline.csv"):
+        assert any(n.endswith(table) for n in names), names
+    assert any(n.endswith("delta_heatmap_cas.png") for n in names), names
+
+
+# README's recipe for holes: files of the DAG that are missing while what follows from them is
+# present (Snakemake then says "Nothing to be done").
+HOLES = "snakemake --summary | awk -F'\\t' '$5 == \"missing\" {print $1}'"
+
+
+def test_readme_recipe_finds_and_refills_a_deleted_intermediate(finished):
+    readme = (REPO / "README.md").read_text()
+    refill = HOLES + " | xargs -r -d '\\n' snakemake --cores all"
+    assert HOLES in readme and refill in readme
+    results = finished / "results"
+    table = results / "tables/table3_selectors.csv"
+    before = table.read_bytes()
+    hole = next((results / "eval").glob("*_cas+random/evaluation.parquet"))
+    hole.unlink()
+    assert _planned_rules(finished, _config()) == {}  # the trap: nothing to be done
+    listed = subprocess.run(["bash", "-c", HOLES], cwd=finished, capture_output=True, text=True, timeout=300)
+    assert listed.stdout.split("\n")[:-1] == [str(hole.relative_to(finished))], listed.stdout + listed.stderr
+    refilled = subprocess.run(["bash", "-c", refill], cwd=finished, capture_output=True, text=True, timeout=600)
+    assert refilled.returncode == 0 and hole.is_file(), refilled.stderr[-3000:]
+    assert _snakemake(finished).returncode == 0  # what follows from it reruns, to the same tables
+    assert table.read_bytes() == before
+    assert _planned_rules(finished, _config()) == {}
+
+
+def test_rules_are_snakefmt_formatted():
+    proc = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "."], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_config_readme_describes_every_key():
+    from esn_core.config_checks import source_literal
+
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+
+    def keys(node, prefix=""):
+        for name, sub in node.get("properties", {}).items():
+            path = f"{prefix}.{name}" if prefix else name
+            yield path
+            yield from keys(sub, path)
+            if isinstance(sub.get("items"), dict):
+                yield from keys(sub["items"], path + "[]")
+
+    # the judge and estimator keys their loaders take (esn_core.judges.registry), too
+    wanted = set(keys(schema))
+    judge_keys = source_literal("esn_core.judges.registry", "_JUDGE_KEYS")
+    wanted |= {f"judges.available[].{k}" for kind in judge_keys.values() for k in kind}
+    wanted |= {f"judges.naturalness.{k}" for kind in source_literal("esn_core.judges.registry", "_MOS_KEYS").values()
+               for k in kind}
+    text = (REPO / "config/README.md").read_text()
+    missing = sorted(k for k in wanted if f"| `{k}` |" not in text)
+    assert not missing, missing

@@ -1,9 +1,16 @@
 # Shared by every rule: config validation, paths, and the variants the config asks for.
+import os
+
 from snakemake.utils import validate
 
 validate(config, "../schemas/config.schema.yaml")
 
-from esn_core.workflow import Plan  # noqa: E402  (after validation: clear errors first)
+from esn_core.config_checks import check_config  # noqa: E402  (after validation: clear errors first)
+from esn_core.workflow import Plan  # noqa: E402
+
+# What the schema cannot check (adapter and judge signatures, paths that must exist), with
+# the key path, so that `snakemake -n` catches it.
+check_config(config)
 
 PLAN = Plan(config)
 RESULTS = PLAN.results

@@ -16,7 +16,7 @@ checkpoint corpus:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m esn_core.cli corpus {params.args} --threads {threads} --out {output.manifest} > {log} 2>&1"
+        "python -m esn_core.cli corpus {params.args} --threads {threads} --out {output.manifest:q} > {log:q} 2>&1"
 
 
 rule plant_model:
@@ -25,6 +25,7 @@ rule plant_model:
         truth=f"{RESULTS}/models/planted/ground_truth.parquet",
     params:
         seed=config["seed"],
+        out=lambda wc, output: os.path.dirname(output.config),
     log:
         f"{RESULTS}/logs/plant_model.log",
     threads: 1
@@ -34,7 +35,7 @@ rule plant_model:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m esn_core.cli plant --seed {params.seed} --out $(dirname {output.config}) > {log} 2>&1"
+        "python -m esn_core.cli plant --seed {params.seed} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule calibrate_embedded_judge:
@@ -51,4 +52,4 @@ rule calibrate_embedded_judge:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m esn_core.cli calibrate-judge --manifest {input.manifest} --out {output.judge} > {log} 2>&1"
+        "python -m esn_core.cli calibrate-judge --manifest {input.manifest:q} --out {output.judge:q} > {log:q} 2>&1"

@@ -1,6 +1,7 @@
 # Stage 4 (SPEC §6-7): baseline + every selector x mask emotion x target on the test splits.
 # All cells of one source run in one batch through per-row masks. A variant directory name
-# spells out judge, tau_wer, c, group, r, method, alpha and the selectors it compares.
+# spells out judge, tau_wer, c, group, r, method, alpha and the selectors it compares (sorted,
+# so reordering selection.selectors reruns nothing).
 
 
 rule evaluate:
@@ -12,7 +13,7 @@ rule evaluate:
         f"{RESULTS}/eval/{{variant}}/attempts/{{split}}/shard{{shard}}.parquet",
     params:
         model=PLAN.model_json(),
-        masks=lambda wc: PLAN.variant(wc.variant).masks_arg(),
+        masks=lambda wc: PLAN.variant(wc.variant).mask_args(),
         group=lambda wc: PLAN.variant(wc.variant).group,
         method=lambda wc: PLAN.variant(wc.variant).method,
         alpha=lambda wc: PLAN.variant(wc.variant).alpha,
@@ -33,11 +34,11 @@ rule evaluate:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m esn_core.cli evaluate --manifest {input.manifest} --model '{params.model}' --split {wildcards.split}"
+        "python -m esn_core.cli evaluate --manifest {input.manifest:q} --model {params.model:q} --split {wildcards.split}"
         " --shard {wildcards.shard} --shard-size {params.shard_size} {params.max_sources}"
-        " --masks {params.masks} --group {params.group} --method {params.method} --alpha {params.alpha}"
+        " --masks {params.masks:q} --group {params.group} --method {params.method} --alpha {params.alpha}"
         " --batch-size {params.batch} --seed {params.seed} --threads {threads}"
-        " --audio-dir {params.audio} --out {output} > {log} 2>&1"
+        " --audio-dir {params.audio:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule collect_variant:
@@ -58,5 +59,5 @@ rule collect_variant:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m esn_core.cli collect --variant '{params.variant}' --judges {params.judges}"
-        " --attempts {input.attempts} --judgements {input.judgements} --out {output} > {log} 2>&1"
+        "python -m esn_core.cli collect --variant {params.variant:q} --judges {params.judges}"
+        " --attempts {input.attempts:q} --judgements {input.judgements:q} --out {output:q} > {log:q} 2>&1"

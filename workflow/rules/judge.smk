@@ -26,5 +26,6 @@ rule judge:
     conda:
         "../../envs/judge.yaml"
     shell:
-        "python -m esn_core.cli judge --judge '{params.judge}' --naturalness '{params.naturalness}'"
-        " --model-under-test '{params.under_test}' --manifest {input.manifest} --attempts {input.attempts} --out {output} > {log} 2>&1"
+        "python -m esn_core.cli judge --judge {params.judge:q} --naturalness {params.naturalness:q}"
+        " --model-under-test {params.under_test:q} --manifest {input.manifest:q} --attempts {input.attempts:q}"
+        " --out {output:q} > {log:q} 2>&1"

@@ -15,7 +15,7 @@ rule evaluation_table:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m esn_core.cli concat --inputs {input} --out {output} > {log} 2>&1"
+        "python -m esn_core.cli concat --inputs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule tables:
@@ -25,11 +25,23 @@ rule tables:
     output:
         main=f"{RESULTS}/tables/table3_selectors.md",
         baseline=f"{RESULTS}/tables/table2_baseline.md",
+        # the two tables every run has, bundled by `snakemake --report` beside the figures
+        selectors_csv=report(
+            f"{RESULTS}/tables/table3_selectors.csv",
+            caption="../report/table3.rst",
+            category="Tables",
+        ),
+        baseline_csv=report(
+            f"{RESULTS}/tables/table2_baseline.csv",
+            caption="../report/table2.rst",
+            category="Tables",
+        ),
     params:
         masks=PLAN.mask_records_json(),
         anchor=PLAN.anchor_json(),
         boot=config["evaluation"]["bootstrap"],
         seed=config["seed"],
+        out_dir=lambda wc, output: os.path.dirname(output.main),
     log:
         f"{RESULTS}/logs/tables.log",
     threads: 1
@@ -39,8 +51,8 @@ rule tables:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m esn_core.cli tables --evaluation {input.evaluation} --masks '{params.masks}' --anchor '{params.anchor}'"
-        " --bootstrap {params.boot} --seed {params.seed} --out-dir $(dirname {output.main}) > {log} 2>&1"
+        "python -m esn_core.cli tables --evaluation {input.evaluation:q} --masks {params.masks:q} --anchor {params.anchor:q}"
+        " --bootstrap {params.boot} --seed {params.seed} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule figures:
@@ -49,7 +61,7 @@ rule figures:
         masks=PLAN.all_mask_paths(),
     output:
         heatmap=report(
-            f"{RESULTS}/figures/delta_heatmap_cas.png",
+            f"{RESULTS}/figures/delta_heatmap_{PLAN.anchor_selector}.png",
             caption="../report/heatmap.rst",
             category="Emotion control",
         ),
@@ -73,9 +85,9 @@ rule figures:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m esn_core.cli figures --evaluation {input.evaluation} --masks '{params.masks}' --anchor '{params.anchor}'"
-        " --bootstrap {params.boot} --seed {params.seed} --out-dir {output.directory}"
-        " --headline {output.heatmap} > {log} 2>&1"
+        "python -m esn_core.cli figures --evaluation {input.evaluation:q} --masks {params.masks:q} --anchor {params.anchor:q}"
+        " --bootstrap {params.boot} --seed {params.seed} --out-dir {output.directory:q}"
+        " --headline {output.heatmap:q} > {log:q} 2>&1"
 
 
 rule report_md:
@@ -84,6 +96,8 @@ rule report_md:
         figures=rules.figures.output.directory,
     output:
         f"{RESULTS}/report.md",
+    params:
+        tables_dir=lambda wc, input: os.path.dirname(input.tables),
     log:
         f"{RESULTS}/logs/report.log",
     threads: 1
@@ -93,5 +107,5 @@ rule report_md:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m esn_core.cli report --tables-dir $(dirname {input.tables}) --figures-dir {input.figures}"
-        " --out {output} > {log} 2>&1"
+        "python -m esn_core.cli report --tables-dir {params.tables_dir:q} --figures-dir {input.figures:q}"
+        " --out {output:q} > {log:q} 2>&1"

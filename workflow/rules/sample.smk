@@ -12,9 +12,7 @@ rule sample:
         counts=[f"{RESULTS}/sample/counts/{g}/shard{{shard}}.parquet" for g in PLAN.capture_groups],
     params:
         model=PLAN.model_json(),
-        counts=lambda wc: " ".join(
-            f"{g}={RESULTS}/sample/counts/{g}/shard{wc.shard}.parquet" for g in PLAN.capture_groups
-        ),
+        counts=lambda wc: [f"{g}={RESULTS}/sample/counts/{g}/shard{wc.shard}.parquet" for g in PLAN.capture_groups],
         shard_size=config["model"]["shard_sources"],
         batch=config["model"]["batch_size"],
         positions=config["capture"]["count_positions"],
@@ -31,8 +29,8 @@ rule sample:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m esn_core.cli sample --manifest {input.manifest} --model '{params.model}' --split identification"
+        "python -m esn_core.cli sample --manifest {input.manifest:q} --model {params.model:q} --split identification"
         " --shard {wildcards.shard} --shard-size {params.shard_size} --batch-size {params.batch}"
         " --count-positions {params.positions} {params.moments} --seed {params.seed}"
-        " --threads {threads} --audio-dir {params.audio} --attempts {output.attempts}"
-        " --counts {params.counts} > {log} 2>&1"
+        " --threads {threads} --audio-dir {params.audio:q} --attempts {output.attempts:q}"
+        " --counts {params.counts:q} > {log:q} 2>&1"

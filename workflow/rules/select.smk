@@ -21,8 +21,8 @@ rule success:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m esn_core.cli success --attempts {input.attempts} --judgements {input.judgements} {params.human}"
-        " --tau {wildcards.tau} --cap {wildcards.cap} --seed {params.seed} --out {output} > {log} 2>&1"
+        "python -m esn_core.cli success --attempts {input.attempts:q} --judgements {input.judgements:q} {params.human}"
+        " --tau {wildcards.tau} --cap {wildcards.cap} --seed {params.seed} --out {output:q} > {log:q} 2>&1"
 
 
 rule probs:
@@ -40,7 +40,7 @@ rule probs:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m esn_core.cli probs --success {input.success} --counts {input.counts} --out {output} > {log} 2>&1"
+        "python -m esn_core.cli probs --success {input.success:q} --counts {input.counts:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule masks:
@@ -63,6 +63,6 @@ rule masks:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m esn_core.cli masks --probs {input} --selector {wildcards.selector} --rate {wildcards.rate}"
+        "python -m esn_core.cli masks --probs {input:q} --selector {wildcards.selector} --rate {wildcards.rate}"
         " --seed {params.seed} --lape-percentile {params.percentile} --emotions {params.emotions}"
-        " --out {output} > {log} 2>&1"
+        " --out {output:q} > {log:q} 2>&1"

@@ -559,7 +559,8 @@ class _GroupState:
             self.counter.begin_step(self.finished, batch, ref.device)
             return
         known = None  # which positions are real, if the host knows without asking the device
-        if attention_mask is not None and attention_mask.dim() == 2:
+        attention_mask = _padding_mask(attention_mask, seq, decoding)
+        if attention_mask is not None:
             valid = attention_mask[:, -seq:].to(torch.bool)
         else:
             valid = torch.ones(batch, seq, dtype=torch.bool, device=ref.device)
@@ -846,6 +847,32 @@ class _Installation:
                 vars(mlp).pop("act_fn", None)
             else:
                 vars(mlp)["act_fn"] = outer
+
+
+def _padding_mask(attention_mask, seq: int, decoding: bool) -> torch.Tensor | None:
+    """``[B, positions]``, nonzero where a position is real, from the root's ``attention_mask``.
+
+    ``generate`` hands most models the 2-D padding mask. With a static cache (the path
+    transformers compiles) it hands a dict of prepared 4-D masks per attention type, or a
+    4-D mask (``[B, heads or 1, queries, keys]``, boolean or additive). There a prefill
+    query ``i`` sits at key ``i`` (nothing is cached yet), and it is real exactly when it
+    may attend to itself: the diagonal is the padding mask. ``None``: every position is
+    real (a prepared mask may be left out when there is no padding).
+    """
+    if isinstance(attention_mask, dict):
+        masks = [m for m in attention_mask.values() if m is not None]
+        attention_mask = masks[0] if masks else None
+    if attention_mask is None or attention_mask.dim() == 2:
+        return attention_mask
+    if attention_mask.dim() != 4:
+        raise ValueError(f"the group's root got a {attention_mask.dim()}-D attention_mask; "
+                         "expected 2-D (padding) or 4-D (prepared)")
+    if decoding:
+        raise ValueError("a 4-D attention_mask on a call after the prefill with more than one "
+                         "position: which of its keys are the new positions is unknown")
+    steps = torch.arange(seq, device=attention_mask.device)
+    own = attention_mask[:, 0, steps, steps]
+    return own if own.dtype == torch.bool else own == 0  # additive masks: 0 = may attend
 
 
 def _root_pre_hook(state: _GroupState):

@@ -263,6 +263,45 @@ def test_left_padded_generate_counts_equal_single_runs():
     assert {len(t) for _, t in singles} == {6, 2}, "one row ends early on the model's EOS"
 
 
+@pytest.mark.parametrize("steered", [False, True])
+def test_static_cache_generate_counts_and_steers_as_the_dynamic_cache_does(steered):
+    """transformers' static-cache path (the one it compiles) hands the root prepared 4-D
+    masks in a dict instead of the 2-D padding mask; counts, end tokens and steering must
+    come out as on the default dynamic cache (left padding, a row ending early)."""
+    model = tiny_qwen2()
+    ids, mask = _left_padded(PROMPTS)
+    engine = HookEngine({"lm": lm_group(model)})
+    plan = {"lm": Intervention.uniform("steer", np.arange(0, 144, 7), 1.0, len(PROMPTS))}
+    runs = {}
+    for cache in (None, "static"):
+        with engine.session(capture={"lm": Capture()}, interventions=plan if steered else None) as s:
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                 pad_token_id=0, cache_implementation=cache)
+        runs[cache] = (out, s.counts("lm"))
+    (out, counts), (static_out, static_counts) = runs[None], runs["static"]
+    assert torch.equal(static_out, out)
+    np.testing.assert_array_equal(static_counts.T, counts.T)
+    np.testing.assert_array_equal(static_counts.K, counts.K)
+    assert counts.T[0] == len(PROMPTS[0]) + 6 - 1  # prompt + every new token but the last
+    assert counts.T.min() < counts.T.max()  # one row ended early on the model's EOS
+
+
+def test_padding_mask_reads_prepared_masks():
+    from esn_core.hooks import _padding_mask
+
+    two_d = torch.tensor([[0, 1, 1]])
+    assert _padding_mask(two_d, 3, False) is two_d
+    boolean = torch.tensor([[[[False, False, False, False],
+                              [False, True, False, False],
+                              [False, True, True, False]]]])  # keys: 3 prompt + 1 cache slot
+    assert _padding_mask({"full_attention": boolean}, 3, False).tolist() == [[False, True, True]]
+    additive = torch.where(boolean, 0.0, torch.finfo(torch.float32).min)
+    assert _padding_mask(additive, 3, False).tolist() == [[False, True, True]]
+    assert _padding_mask({"full_attention": None}, 3, False) is None
+    with pytest.raises(ValueError, match="after the prefill"):
+        _padding_mask(boolean, 3, True)
+
+
 @pytest.mark.parametrize("buffer_bytes", [1, 1000, 2**28])
 def test_rows_stop_counting_after_their_end_token(monkeypatch, buffer_bytes):
     # 1 byte: the decode step buffer is reduced every step; 1000: every few steps.

@@ -352,9 +352,9 @@ class PlantingScales:
 
     Calibrated on the demo corpus (5 speakers x 20 sentences, seed 0) with the embedded
     judge, as in tests/test_known_answer.py. Measured there: baseline match happy 42,
-    angry 37, sad 67, surprise 28 % (identification speakers), 32/30/72/20 % (unseen);
-    corpus WER 2-3 % at baseline, 8-30 % under α = 8 steering; planted neurons fire at
-    ~0.9 of positions for their emotion and ~0.1 otherwise, random neurons at ~0.5.
+    angry 37, sad 78, surprise 33 % (identification speakers); every family fires within
+    ±0.05 of its FAMILIES shares on the demo sentences, random neurons at ~0.5; CAS steer
+    α = 1 self-effect +53 pp, deactivation −41 pp (unseen speakers).
     """
 
     word_norm: float = 3.0  # |word embedding|

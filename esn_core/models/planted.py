@@ -28,13 +28,14 @@ Model (all of it real transformers code on the hooked path):
   | family | n | P(g>0) own / other | writes | built to fool |
   |---|---|---|---|---|
   | strong | 8 | .92 / .08 | β r_e | (none: every selector should find it) |
-  | rare | 4 | .50 / .002 | 1.8 β' r_e | LAPE: below its percentile bar τ_p ≈ .76 |
+  | rare | 4 | .50 / .002 | 9 β r_e | LAPE: below its percentile bar τ_p ≈ .76 |
   | correlated | 3 | .995 / .84 | nothing | LAP (top P), but only a .15 CAS margin |
-  | anti | 1 | .05 / .70 | nothing | MAD: its |P − P̄| = .49 is large; CAS never |
+  | anti | 1 | .05 / .70 | nothing | MAD: its deviation from P̄ is .49; CAS never |
   | generic | 3 (in all) | .99 for every emotion | nothing | LAP: ranked first for all |
 
-  (β' = the rare write, set so the 4 rare neurons carry about as much of ``r_e`` as the 8
-  strong ones.) ``planted`` (the known answer) = strong + rare, 12 per emotion.
+  (A rare neuron fires half as often and, once on, less strongly, so its larger write
+  makes the 4 rare neurons carry about as much of ``r_e`` as the 8 strong ones.)
+  ``planted`` (the known answer) = strong + rare, 12 per emotion.
 * Every other neuron is random: gate reads content (activation probability ~0.5, varying
   per word), very weakly the instruction and readout coordinates; writes small random
   content vectors. Earlier layers' writes drift the content a little, so random neurons
@@ -48,7 +49,7 @@ mean over the four targets, τ_p LAPE's 95th percentile of all 4 × 1,024 P valu
 | selector | score of each family for emotion e | mask of e | precision |
 |---|---|---|---|
 | CAS | strong .84, rare .50, correlated .15, anti and generic ≈ 0 (another emotion or a tie on top), random ≤ .3 | strong + rare | 12/12 |
-| MAD | strong .63, anti .49, rare .37, strong of other e .21, correlated .12, random ≤ .3 | strong + anti + 3 rare | 11/12 |
+| MAD (abs(P − P̄)) | strong .63, anti .49, rare .37, strong of other e .21, correlated .12, random ≤ .3 | strong + anti + 3 rare | 11/12 |
 | LAP | generic .99, correlated .995, strong .92, random ≤ .9 | generic + correlated + 6 strong | 6/12 |
 | LAPE | rare never survives (.50 < τ_p); pool = the 60 lowest-entropy survivors: strong, then random and correlated | 8 strong + 4 distractors | ≤ 8/12 |
 | random | — | 12 uniform of 1,024 | 12/1024 × 12 ≈ .14 neurons |

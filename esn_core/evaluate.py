@@ -267,20 +267,33 @@ def _percentile_interval(draws: np.ndarray, level: float) -> tuple[np.ndarray, n
 # ---------------------------------------------------------------------------- masks
 
 
-def mask_comparison(a_flat, b_flat, layout: NeuronLayout) -> dict[str, float]:
+def mask_comparison(a_flat, b_flat, layout: NeuronLayout) -> dict[str, float | str | None]:
     """Compare two masks of one emotion (Table 5), given as flat neuron indices.
 
     jaccard = |A∩B| / |A∪B|; direct_match = |A∩B| / |A| (A is the reference mask);
     jsd = Jensen–Shannon divergence, base 2, in [0, 1], between the two masks' per-layer
-    count distributions (each normalised to sum 1).
+    count distributions (each normalised to sum 1); jsd_undefined = why jsd is NaN, else None.
+
+    Empty masks are legitimate (a CAS mask is empty when no neuron has its emotion on
+    top): two empty sets are equal (jaccard 1.0), an empty A matches nothing
+    (direct_match 0.0), and an empty mask has no layer distribution (jsd NaN).
     """
     a = _mask_array(a_flat, layout, "a")
     b = _mask_array(b_flat, layout, "b")
     shared = np.intersect1d(a, b).size
+    union = np.union1d(a, b).size
+    empty = [name for name, m in (("a", a), ("b", b)) if m.size == 0]
+    if empty:
+        jsd, reason = float("nan"), " and ".join(f"mask {n} is empty" for n in empty) + \
+            ": no per-layer distribution"
+    else:
+        jsd = jensen_shannon_base2(_layer_distribution(a, layout), _layer_distribution(b, layout))
+        reason = None
     return {
-        "jaccard": shared / np.union1d(a, b).size,
-        "direct_match": shared / a.size,
-        "jsd": jensen_shannon_base2(_layer_distribution(a, layout), _layer_distribution(b, layout)),
+        "jaccard": shared / union if union else 1.0,
+        "direct_match": shared / a.size if a.size else 0.0,
+        "jsd": jsd,
+        "jsd_undefined": reason,
     }
 
 
@@ -344,8 +357,6 @@ def layer_counts(
 
 def _mask_array(flat, layout: NeuronLayout, name: str) -> np.ndarray:
     arr = np.asarray(flat, dtype=np.int64).ravel()
-    if arr.size == 0:
-        raise ValueError(f"mask {name} is empty")
     unique = np.unique(arr)
     if unique.size != arr.size:
         raise ValueError(f"mask {name} lists {arr.size - unique.size} neuron(s) twice")

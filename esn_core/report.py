@@ -562,12 +562,11 @@ def table5_masks(mask_set: MaskSet, anchor: Anchor) -> pl.DataFrame:
             pair = []
             for emotion in order_emotions(set(ma) & set(mb)):
                 A, B = ma[emotion], mb[emotion]
-                if A.size == 0 or B.size == 0:
-                    log.warning("table5_masks: %s/%s mask of %s is empty; its comparison is left empty",
-                                a, b, emotion)
-                    stats = {"jaccard": None, "direct_match": None, "jsd": None}
-                else:
-                    stats = mask_comparison(A.indices, B.indices, layout)
+                stats = mask_comparison(A.indices, B.indices, layout)
+                reason = stats.pop("jsd_undefined")
+                if reason is not None:  # an empty mask (CAS may give one): no JSD, overlaps defined
+                    log.warning("table5_masks: %s vs %s, %s: JSD left empty (%s)", a, b, emotion, reason)
+                    stats["jsd"] = None
                 pair.append({"selector_a": a, "selector_b": b, "emotion": emotion,
                              "size_a": A.size, "size_b": B.size, **stats})
             if pair:

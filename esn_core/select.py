@@ -310,12 +310,22 @@ def select_mad(
     """MAD: score ``|P^(e) − mean_e' P^(e')|``; the top ``n_sel``."""
     n_sel = _check_n(n_sel, "n_sel")
     _require_cross_emotion(probs, "mad")
-    mean = probs.P.mean(axis=0)
+    mean = emotion_sum(probs.P) / len(probs.emotions)
     everyone = np.arange(probs.n_neurons)
     return {
         e: _mask_from_candidates("mad", e, np.abs(probs.row(e) - mean), everyone, n_sel)
         for e in targets
     }
+
+
+def emotion_sum(P: np.ndarray) -> np.ndarray:
+    """``Σ_e P^(e)`` per neuron, independent of the order of the emotions.
+
+    Each column is summed in ascending order of its values, so two neurons whose P vectors
+    are permutations of each other get bit-identical sums (and MAD deviations that tie
+    exactly, broken by flat index as SPEC says) instead of sums that round differently.
+    """
+    return np.sort(P, axis=0).sum(axis=0)
 
 
 def cas_top_and_margin(probs: ActivationProbabilities) -> tuple[np.ndarray, np.ndarray]:
@@ -368,7 +378,7 @@ def normalised_entropy_terms(P: np.ndarray) -> np.ndarray:
     positive sum (LAPE survivors always do: some ``P > τ_p ≥ 0``).
     """
     P = np.sort(P, axis=0)
-    total = P.sum(axis=0)
+    total = emotion_sum(P)
     if (total <= 0).any():
         raise ValueError("entropy is undefined for a neuron whose P is zero for every emotion")
     p = P / total

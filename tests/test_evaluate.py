@@ -206,12 +206,12 @@ LAYOUT = NeuronLayout((4, 4, 4))
 
 def test_identical_masks():
     got = mask_comparison([1, 5, 9, 10], [10, 9, 5, 1], LAYOUT)
-    assert got == {"jaccard": 1.0, "direct_match": 1.0, "jsd": 0.0}
+    assert got == {"jaccard": 1.0, "direct_match": 1.0, "jsd": 0.0, "jsd_undefined": None}
 
 
 def test_disjoint_masks_in_different_layers_have_jsd_one():
     got = mask_comparison([0, 1, 2], [4, 9, 10], LAYOUT)  # layer 0 vs layers 1 and 2
-    assert got == {"jaccard": 0.0, "direct_match": 0.0, "jsd": 1.0}
+    assert got == {"jaccard": 0.0, "direct_match": 0.0, "jsd": 1.0, "jsd_undefined": None}
 
 
 def test_same_layers_different_neurons_have_jsd_zero():
@@ -250,9 +250,22 @@ def test_jsd_treats_zero_mass_as_zero_contribution():
     assert jensen_shannon_base2([1.0, 0.0], [0.0, 1.0]) == 1.0
 
 
+def test_mask_comparison_of_empty_masks_gives_the_defined_values():
+    # CAS masks may be legitimately empty (no neuron has the emotion on top).
+    both = mask_comparison([], [], LAYOUT)
+    assert both["jaccard"] == 1.0  # two empty sets are equal
+    assert both["direct_match"] == 0.0  # |A∩B| / |A| with |A| = 0: nothing of A matched
+    assert math.isnan(both["jsd"]) and "empty" in both["jsd_undefined"]
+    a_empty = mask_comparison([], [1, 5], LAYOUT)
+    assert a_empty["jaccard"] == 0.0 and a_empty["direct_match"] == 0.0
+    assert math.isnan(a_empty["jsd"]) and "mask a is empty" in a_empty["jsd_undefined"]
+    b_empty = mask_comparison([1, 5], [], LAYOUT)
+    assert b_empty["jaccard"] == 0.0 and b_empty["direct_match"] == 0.0
+    assert math.isnan(b_empty["jsd"]) and "mask b is empty" in b_empty["jsd_undefined"]
+    assert mask_comparison([1], [1], LAYOUT)["jsd_undefined"] is None  # defined: no reason
+
+
 def test_mask_comparison_rejects_bad_masks():
-    with pytest.raises(ValueError, match="mask a is empty"):
-        mask_comparison([], [1], LAYOUT)
     with pytest.raises(ValueError, match="mask b lists 1 neuron"):
         mask_comparison([1], [2, 2], LAYOUT)
     with pytest.raises(IndexError):

@@ -19,6 +19,8 @@ from esn_core.io import SCHEMAS
 from esn_core.judges.wer import attempt_wer, corpus_wer
 from esn_core.models.base import EVCRequest, LALMAdapter, adapter_names, load_adapter
 from esn_core.models.planted import (
+    FAMILIES,
+    GENERIC,
     PlantedAdapter,
     PlantedLALM,
     lm_layout,
@@ -63,6 +65,7 @@ def test_save_load_round_trip_is_exact(model, tmp_path):
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
     assert loaded.config.planted == model.config.planted
+    assert loaded.config.families == model.config.families
     assert loaded.config.readout_scale == model.config.readout_scale
     reqs = requests_for("sad", SENTENCES[:8])
     a, mask = PlantedAdapter(model=model).forward(reqs)
@@ -108,7 +111,14 @@ def test_groups_are_found_by_structure(adapter, model):
     assert engine.layout("lm") == lm_layout(model.config)
 
 
-def test_planted_neurons_fire_for_their_emotion_only(adapter, planted):
+def family_cells(model, name: str, emotion: str) -> np.ndarray:
+    cells = np.asarray(model.config.families[name][emotion]).reshape(-1, 2)
+    return lm_layout(model.config).flat_index(cells[:, 0], cells[:, 1])
+
+
+@pytest.fixture(scope="module")
+def probabilities(adapter) -> dict[str, np.ndarray]:
+    """P(g > 0) per lm neuron for each target, over the demo sentences."""
     engine = HookEngine(adapter.groups())
     P = {}
     for target in TARGETS:
@@ -116,14 +126,57 @@ def test_planted_neurons_fire_for_their_emotion_only(adapter, planted):
             adapter.forward(requests_for(target))
         counts = session.counts("lm")
         P[target] = counts.K.sum(axis=0) / counts.T.sum()
-    for emotion, idx in planted.items():
-        own = P[emotion][idx].mean()
-        others = np.mean([P[t][idx].mean() for t in TARGETS if t != emotion])
-        assert own >= 0.75, (emotion, own)
-        assert others <= 0.2, (emotion, others)
-    every = np.concatenate(list(planted.values()))
-    rest = np.setdiff1d(np.arange(len(P["happy"])), every)
-    assert 0.4 <= np.mean([P[t][rest].mean() for t in TARGETS]) <= 0.6  # random neurons ~0.5
+    return P
+
+
+def test_every_family_fires_as_its_table_says(model, probabilities):
+    P = probabilities
+    for family in FAMILIES:
+        for emotion in model.config.families[family.name]:
+            idx = family_cells(model, family.name, emotion)
+            own = [t for t in TARGETS if t == emotion or emotion == GENERIC]
+            others = [t for t in TARGETS if t not in own]
+            got_on = np.mean([P[t][idx] for t in own], axis=0)
+            assert np.all(np.abs(got_on - family.p_on) <= 0.1), (family.name, emotion, got_on)
+            if others:
+                got_off = np.mean([P[t][idx] for t in others], axis=0)
+                assert np.all(np.abs(got_off - family.p_off) <= 0.1), (family.name, emotion, got_off)
+
+
+def test_planted_causal_neurons_are_strong_then_rare(model, planted):
+    for e in TARGETS:
+        expected = np.concatenate([family_cells(model, "strong", e), family_cells(model, "rare", e)])
+        np.testing.assert_array_equal(planted[e], expected)
+    sizes = {f: len(model.config.families[f]["happy"]) for f in ("strong", "rare", "correlated", "anti")}
+    assert sizes == {"strong": 8, "rare": 4, "correlated": 3, "anti": 1}
+    assert len(model.config.families["generic"][GENERIC]) == 3
+
+
+def test_random_neurons_fire_about_half_the_time(model, probabilities):
+    written = np.concatenate([family_cells(model, f, e) for f, owned in model.config.families.items()
+                              for e in owned])
+    rest = np.setdiff1d(np.arange(len(probabilities["happy"])), written)
+    assert 0.45 <= np.mean([probabilities[t][rest].mean() for t in TARGETS]) <= 0.55
+
+
+def test_distractors_are_causally_inert(adapter, model):
+    engine = HookEngine(adapter.groups())
+    inert = np.concatenate([family_cells(model, f, e) for f in ("correlated", "anti", "generic")
+                            for e in model.config.families[f]])
+    for target in TARGETS:
+        reqs = requests_for(target)
+        base, _ = adapter.forward(reqs)
+        for method, alpha in (("steer", 8.0), ("deactivate", 0.0)):
+            with engine.session(interventions={"lm": Intervention.uniform(method, inert, alpha, len(reqs))}):
+                out, _ = adapter.forward(reqs)
+            assert torch.equal(out.hidden, base.hidden), (target, method)
+
+
+def test_plant_model_refuses_bad_family_sizes():
+    with pytest.raises(ValueError, match="unknown or derived families.*'strong'"):
+        plant_model(family_sizes={"strong": 3})
+    with pytest.raises(ValueError, match="rare <= per_emotion"):
+        plant_model(per_emotion=2, family_sizes={"rare": 3})
 
 
 # ---------------------------------------------------------------------------- batching
@@ -218,7 +271,7 @@ def test_steering_and_deactivation_move_the_strength(adapter, planted):
         with engine.session(interventions={"lm": Intervention.uniform("deactivate", planted[target], 0.0, len(reqs))}):
             down, _ = adapter.forward(reqs)
         s0, s1, s2 = (o.strengths[:, k].mean().item() for o in (base, up, down))
-        assert 0.2 < s0 < 0.95 and s1 > s0 + 0.1 and s2 < 0.1, (target, s0, s1, s2)
+        assert 0.2 < s0 < 0.95 and s1 > s0 + 0.1 and s2 < s0 - 0.2, (target, s0, s1, s2)
         others = [j for j in range(len(TARGETS)) if j != k]
         assert base.strengths[:, others].max() < 0.1  # other emotions stay off
 

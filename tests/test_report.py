@@ -272,3 +272,20 @@ def test_markdown_table_merges_ci_columns():
     assert markdown_table(df).splitlines() == [
         "| selector | self_x | n |", "|---|---|---|", "| cas | +1.50 [-0.25, +3.00] | 4 |",
     ]
+
+
+def test_table5_compares_an_empty_cas_mask(tmp_path):
+    # a CAS mask is empty when no neuron has its emotion on top: overlaps are defined, JSD is not
+    records = []
+    for selector, per_emotion in {"cas": {"happy": [0, 1], "surprise": []},
+                                  "lap": {"happy": [0, 4], "surprise": [7, 8]}}.items():
+        path = tmp_path / "masks" / f"{selector}.parquet"
+        write_table(masks_to_table([_mask(selector, e, f) for e, f in per_emotion.items()], LAYOUT), path, "masks")
+        records.append({"selector": selector, "group": "lm", "rate": 0.005, "cap": 50, "path": str(path)})
+    paths = write_tables(_evaluation(), records, {"lm": LAYOUT}, ANCHOR, tmp_path / "tables", n_boot=N_BOOT)
+    t5 = {r["emotion"]: r for r in _written(paths, "table5_masks").iter_rows(named=True)}
+    surprise = t5["surprise"]
+    assert (surprise["size_a"], surprise["jaccard"], surprise["direct_match"]) == (0, 0.0, 0.0)
+    assert surprise["jsd"] is None
+    assert t5["average"]["jaccard"] == pytest.approx((1 / 3 + 0.0) / 2)
+    assert t5["average"]["jsd"] == pytest.approx(t5["happy"]["jsd"])  # the undefined one is left out

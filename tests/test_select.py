@@ -171,6 +171,35 @@ def test_mad_exact_masks(probs):
     np.testing.assert_array_equal(masks["angry"].scores, np.array([12, 6, 6]) / 32)
 
 
+def test_mad_exact_tie_goes_to_the_lower_index_whatever_the_summation_order():
+    # Columns 0 and 1 hold the same values in a different emotion order, so their means
+    # are equal and happy's deviations |0.1 - 0.4| tie exactly: SPEC's rule picks flat 0.
+    # A plain column sum rounds (0.1 + 0.1) + 1.0 and (0.1 + 1.0) + 0.1 differently.
+    P = np.array([[0.1, 0.1], [0.1, 1.0], [1.0, 0.1]])
+    three = ("happy", "angry", "sad")
+    masks = select("mad", ActivationProbabilities(three, P, NeuronLayout((2,))), 0.5, three)
+    assert indices(masks) == {"happy": [0], "angry": [1], "sad": [0]}
+    assert masks["happy"].scores[0] == pytest.approx(0.3)
+
+
+def test_mad_scores_are_invariant_to_the_order_of_the_other_emotions():
+    # Each odd column is its even neighbour with the other emotions' values shuffled:
+    # happy's deviation must be bit-identical in both, so every pair ties exactly.
+    rng = np.random.default_rng(3)
+    base = rng.random((4, 200))
+    shuffled = base.copy()
+    for j in range(base.shape[1]):
+        shuffled[1:, j] = rng.permutation(base[1:, j])
+    P = np.empty((4, 400))
+    P[:, 0::2], P[:, 1::2] = base, shuffled
+    probs = ActivationProbabilities(FOUR, P, NeuronLayout((400,)))
+    happy = select("mad", probs, 1.0, ("happy",))["happy"]
+    by_index = dict(zip(happy.indices.tolist(), happy.scores.tolist()))
+    assert all(by_index[2 * j] == by_index[2 * j + 1] for j in range(200))
+    ranks = {n: i for i, n in enumerate(happy.indices.tolist())}
+    assert all(ranks[2 * j] + 1 == ranks[2 * j + 1] for j in range(200))  # tie -> lower first
+
+
 # --------------------------------------------------------------------------- CAS
 
 

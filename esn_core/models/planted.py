@@ -17,21 +17,54 @@ Model (all of it real transformers code on the hooked path):
   position sees the instruction, padding sees nothing) + the bias coordinate; then L
   residual blocks ``x = x + Qwen2MLP(Qwen2RMSNorm(x))``. No attention: positions are
   independent, so padding is exact and batched rows equal single runs.
-* Planted neurons, ``k`` per target emotion in the middle-to-late layers: gate row =
-  ``κ (instruction_e − θ · bias + content noise)``, so ``g > 0`` at most positions when
-  ``e`` is the instruction and rarely otherwise (the content term makes the share vary
-  with the words); up row reads the bias (``v > 0``); down column writes ``β r_e`` plus a
-  small content *leak*, so strong steering garbles words (WER rises, as in Table 4).
+* Written neurons in the middle-to-late layers, in *families* (``FAMILIES``; cells in
+  ``config.families``). A family neuron's gate reads a random content direction plus the
+  bias and its emotion's instruction coordinate, with offsets set so that it fires at a
+  known share of positions with and without its emotion instructed; its up row reads the
+  bias (``v > 0``). The *causal* families write ``r_e`` (plus a small content *leak*, so
+  strong steering garbles words, WER rising as in Table 4); the *distractors* write
+  nothing, so steering or silencing them changes nothing at all. Per target emotion:
+
+  | family | n | P(g>0) own / other | writes | built to fool |
+  |---|---|---|---|---|
+  | strong | 8 | .92 / .08 | β r_e | (none: every selector should find it) |
+  | rare | 4 | .50 / .002 | 9 β r_e | LAPE: below its percentile bar τ_p ≈ .76 |
+  | correlated | 3 | .995 / .84 | nothing | LAP (top P), but only a .15 CAS margin |
+  | anti | 1 | .05 / .70 | nothing | MAD: its deviation from P̄ is .49; CAS never |
+  | generic | 3 (in all) | .99 for every emotion | nothing | LAP: ranked first for all |
+
+  (A rare neuron fires half as often and, once on, less strongly, so its larger write
+  makes the 4 rare neurons carry about as much of ``r_e`` as the 8 strong ones.)
+  ``planted`` (the known answer) = strong + rare, 12 per emotion.
 * Every other neuron is random: gate reads content (activation probability ~0.5, varying
-  per word), weakly the instruction and readout coordinates (some incidental emotion
-  sensitivity, much weaker than the planted one); writes small random content vectors.
+  per word), very weakly the instruction and readout coordinates; writes small random
+  content vectors. Earlier layers' writes drift the content a little, so random neurons
+  pick up incidental emotion sensitivity (CAS margins up to ~.3, MAD deviations ~.3).
   A share of the longer words sit next to a near-homophone partner in embedding space,
   so these writes flip a few percent of decoded words (the WER filter matters).
+
+Expected masks at ``N_sel`` = 12 (the derivation the known-answer test asserts; P̄ is the
+mean over the four targets, τ_p LAPE's 95th percentile of all 4 × 1,024 P values):
+
+| selector | score of each family for emotion e | mask of e | precision |
+|---|---|---|---|
+| CAS | strong .84, rare .50, correlated .15, anti and generic ≈ 0 (another emotion or a tie on top), random ≤ .3 | strong + rare | 12/12 |
+| MAD (abs(P − P̄)) | strong .63, anti .49, rare .37, strong of other e .21, correlated .12, random ≤ .3 | strong + anti + 3 rare | 11/12 |
+| LAP | generic .99, correlated .995, strong .92, random ≤ .9 | generic + correlated + 6 strong | 6/12 |
+| LAPE | rare never survives (.50 < τ_p); pool = the 60 lowest-entropy survivors: strong, then random and correlated | 8 strong + 4 distractors | ≤ 8/12 |
+| random | — | 12 uniform of 1,024 | 12/1024 × 12 ≈ .14 neurons |
+
+Steering with α = 1 doubles the steered neurons' writes, so a mask moves ``s_e`` in
+proportion to the causal ``r_e`` it holds: CAS all of it, MAD 7/8, LAPE 1/2, LAP 3/8,
+random none. Self-effects therefore rank CAS ≈ MAD > LAPE, LAP > random ≈ 0.
 * Decoded text = per-position argmax of the final content coordinates against the word
   embeddings (the stream carries its input word), specials dropped.
 * Emotion strength ``s_e = sigmoid(gain · (m_e / readout_scale_e − 1) + logit_e)`` with
   ``m_e`` the mean of ``r_e`` over the row's real positions: ``logit_e`` is the baseline
-  difficulty per emotion (sad easy, surprise hard, like the paper's Table 2).
+  difficulty per emotion (sad easy, surprise hard, like the paper's Table 2). Half of
+  ``r_e`` at baseline comes from the causal neurons, half straight from the instruction
+  (its style vector), so steering all causal neurons moves the logit by about
+  ``gain / 2`` and silencing them by ``−gain / 2``, without saturating.
   Output style = neutral + Σ_e s_e (STYLES[e] − neutral), jittered by the request's seed
   like a sampling TTS, spoken by espeak-ng in the speaker's demo voice.
 * ``synth`` (the "talker", hook root ``PlantedLALM.talker``): Qwen2MLP blocks fed the
@@ -112,8 +145,12 @@ class PlantedConfig(PreTrainedConfig):
     talker_intermediate_size: int = 64
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
-    # target emotion -> [[layer, neuron], ...] of the lm group (the known answer)
+    # target emotion -> [[layer, neuron], ...] of the lm group (the known answer: the
+    # causal neurons, strong then rare)
     planted: dict | None = None
+    # family -> {emotion (or "all"): [[layer, neuron], ...]}: every written neuron by family
+    # (FAMILIES), distractors included; the causal families together equal ``planted``
+    families: dict | None = None
     readout_scale: list[float] | None = None  # per TARGETS, mean r_e at baseline
     strength_gain: float = 5.0
     strength_logit: list[float] | None = None  # per TARGETS
@@ -124,6 +161,8 @@ class PlantedConfig(PreTrainedConfig):
             self.words = demo_vocabulary()
         if self.planted is None:
             self.planted = {e: [] for e in TARGETS}
+        if self.families is None:
+            self.families = {}
         if self.readout_scale is None:
             self.readout_scale = [1.0] * len(TARGETS)
         if self.strength_logit is None:
@@ -314,20 +353,22 @@ class PlantingScales:
 
     Calibrated on the demo corpus (5 speakers x 20 sentences, seed 0) with the embedded
     judge, as in tests/test_known_answer.py. Measured there: baseline match happy 42,
-    angry 37, sad 67, surprise 28 % (identification speakers), 32/30/72/20 % (unseen);
-    corpus WER 2-3 % at baseline, 8-30 % under α = 8 steering; planted neurons fire at
-    ~0.9 of positions for their emotion and ~0.1 otherwise, random neurons at ~0.5.
+    angry 37, sad 78, surprise 33 % (identification speakers); every family fires within
+    ±0.05 of its FAMILIES shares on the demo sentences, random neurons at ~0.5; CAS steer
+    α = 1 self-effect +53 pp, deactivation −41 pp (unseen speakers).
     """
 
     word_norm: float = 3.0  # |word embedding|
-    threshold: float = 0.5  # planted gate: instruction − threshold · bias
-    planted_gain: float = 4.0  # κ, sharpness of the planted gates
-    planted_noise: float = 0.35  # std of the planted gates' content term
-    planted_write: float = 0.01  # β, write of one planted neuron into r_e
-    planted_leak: float = 0.02  # planted neurons' write into content (steering -> WER)
-    random_gate_offset: float = 0.3  # std of random gates' bias term
-    random_gate_instruction: float = 0.2  # random gates' weight on instruction coordinates
-    random_gate_readout: float = 0.05  # random gates' weight on readout coordinates
+    family_sharpness: float = 1.4  # κσ of a family gate (Family): how steeply g grows once on
+    planted_write: float = 0.01  # β, write of one strong causal neuron into r_e
+    rare_write: float = 0.09  # write of one rare causal neuron into r_e (fires less, writes more:
+    #   4 rare neurons carry about as much of r_e as 8 strong ones)
+    causal_share: float = 0.5  # share of r_e at baseline that the causal neurons write; the
+    #   rest comes straight from the instruction (so steering them moves s_e without saturating)
+    planted_leak: float = 0.03  # planted neurons' write into content (steering -> WER)
+    random_gate_offset: float = 0.2  # std of random gates' bias term
+    random_gate_instruction: float = 0.02  # random gates' weight on instruction coordinates
+    random_gate_readout: float = 0.02  # random gates' weight on readout coordinates
     random_write: float = 0.002  # std of a random neuron's write per content coordinate
     random_readout_write: float = 0.002  # random neurons' writes into readout coordinates
     fragile_share: float = 0.3  # share of words of >= 5 letters given a near-homophone
@@ -342,16 +383,54 @@ class PlantingScales:
 DEFAULT_SCALES = PlantingScales()
 
 
-def _planted_positions(rng: np.random.Generator, width: int, per_emotion: int,
-                       layers: Sequence[int]) -> dict[str, list[list[int]]]:
-    """``per_emotion`` neurons per target, spread round-robin over ``layers``, no overlaps."""
+@dataclass(frozen=True)
+class Family:
+    """A kind of written neuron: how often it fires and whether it writes the readout.
+
+    Its gate is ``κσ (w · content + c_off · bias + (c_on − c_off) · instruction_e)`` with a
+    random content direction ``w``; ``c_on`` and ``c_off`` are read off the quantiles of
+    ``w · content`` over the demo sentences' prompt positions, so that the neuron fires at
+    a share ``p_on`` of positions when its emotion ``e`` is the instruction and ``p_off``
+    otherwise, whatever ``w`` it drew (a generic family ignores the instruction).
+    """
+
+    name: str
+    causal: bool  # writes the readout r_e (part of the known answer) or writes nothing
+    p_on: float
+    p_off: float
+    fools: str  # the selector it is built to mislead (documentation)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("strong", True, 0.92, 0.08, "none"),
+    Family("rare", True, 0.50, 0.002, "lape"),
+    Family("correlated", False, 0.995, 0.84, "lap"),
+    Family("anti", False, 0.05, 0.70, "mad"),
+    Family("generic", False, 0.99, 0.99, "lap"),
+)
+FAMILY = {f.name: f for f in FAMILIES}
+GENERIC = "all"  # the emotion key of a family that belongs to no emotion
+
+# neurons per target emotion (generic: in all); strong = per_emotion − rare
+DEFAULT_FAMILY_SIZES: dict[str, int] = {"rare": 4, "correlated": 3, "anti": 1, "generic": 3}
+
+
+def _family_positions(rng: np.random.Generator, width: int, per_emotion: int,
+                      sizes: dict[str, int], layers: Sequence[int]) -> dict[str, dict[str, list[list[int]]]]:
+    """Cells of every family, round-robin over ``layers``, no neuron used twice."""
     slots = {l: list(rng.permutation(width)) for l in layers}
-    planted: dict[str, list[list[int]]] = {e: [] for e in TARGETS}
-    for e_index, emotion in enumerate(TARGETS):
-        for j in range(per_emotion):
-            layer = int(layers[(j + e_index) % len(layers)])
-            planted[emotion].append([layer, int(slots[layer].pop())])
-    return planted
+    counts = {"strong": per_emotion - sizes["rare"], **sizes}
+    families: dict[str, dict[str, list[list[int]]]] = {}
+    turn = 0
+    for family in FAMILIES:
+        owners = [GENERIC] if family.name == "generic" else list(TARGETS)
+        families[family.name] = {e: [] for e in owners}
+        for e in owners:
+            for _ in range(counts[family.name]):
+                layer = int(layers[turn % len(layers)])
+                turn += 1
+                families[family.name][e].append([layer, int(slots[layer].pop())])
+    return families
 
 
 def _make_fragile_words(cfg: PlantedConfig, vectors: np.ndarray, rng: np.random.Generator,
@@ -408,30 +487,98 @@ def _write_lm(model: PlantedLALM, rng: np.random.Generator, s: PlantingScales) -
         down[reads, :] = rng.normal(0.0, s.random_readout_write, size=(len(reads), D))
         layers.append((gate, up, down))
 
-    for emotion, cells in cfg.planted.items():
-        for layer, n in cells:
-            gate, up, down = layers[layer]
-            gate[n] = 0.0
-            gate[n, words] = s.planted_gain * s.planted_noise * rng.normal(size=W) / s.word_norm
-            gate[n, cfg.instruction_dim(emotion)] = s.planted_gain
-            gate[n, cfg.bias_dim] = -s.planted_gain * s.threshold
-            up[n] = 0.0
-            up[n, cfg.bias_dim] = 1.0
-            down[:, n] = 0.0
-            leak = rng.normal(size=W)
-            down[words, n] = s.planted_leak * leak / np.linalg.norm(leak)
-            down[cfg.readout_dim(emotion), n] = s.planted_write
-
     def put(param: torch.Tensor, value: np.ndarray) -> None:
         param.copy_(torch.as_tensor(value, dtype=param.dtype))
 
     with torch.no_grad():
         put(model.lm.embed_tokens.weight, emb)
         put(model.lm.style_embed.weight, style)
-        for block, (gate, up, down) in zip(model.lm.layers, layers):
+        for l, (block, (gate, up, down)) in enumerate(zip(model.lm.layers, layers)):
+            for name, owned in cfg.families.items():
+                for emotion, cells in owned.items():
+                    for layer, n in cells:
+                        if layer == l:
+                            _write_family_neuron(cfg, s, FAMILY[name], emotion, n, gate, up, down, rng)
             put(block.mlp.gate_proj.weight, gate)
             put(block.mlp.up_proj.weight, up)
             put(block.mlp.down_proj.weight, down)
+    _set_family_thresholds(model)
+
+
+def _set_family_thresholds(model: PlantedLALM) -> None:
+    """Give every family neuron the offsets that make it fire as FAMILIES says.
+
+    Layer by layer against the stream each layer really sees (earlier layers' writes drift
+    the content a little): with its content direction ``w`` fixed, a neuron is on iff
+    ``w · content > −c``, since a gate's sign ignores the RMS norm's positive scale and the
+    bias and instruction coordinates are never written; so ``c = −quantile(1 − p)``.
+    """
+    cfg = model.config
+    cells = [(l, n, FAMILY[name], e) for name, owned in cfg.families.items()
+             for e, cs in owned.items() for l, n in cs]
+    with torch.no_grad():
+        x, instructed = _calibration_stream(model, SENTENCES)
+        for l, block in enumerate(model.lm.layers):
+            gate = block.mlp.gate_proj.weight
+            content = x[:, : cfg.word_dims]
+            for layer, n, family, emotion in cells:
+                if layer != l:
+                    continue
+                score = (content @ gate[n, : cfg.word_dims]).numpy()
+                if emotion == GENERIC:
+                    c_on = c_off = -_threshold_for_share(score, family.p_on)
+                else:
+                    c_on = -_threshold_for_share(score[instructed == emotion], family.p_on)
+                    c_off = -_threshold_for_share(score[instructed != emotion], family.p_off)
+                # score already carries the factor κσ of the content weights
+                gate[n, cfg.bias_dim] = c_off
+                if emotion != GENERIC:
+                    gate[n, cfg.instruction_dim(emotion)] = c_on - c_off
+            x = block(x)
+
+
+def _calibration_stream(model: PlantedLALM, sentences: Sequence[str]) -> tuple[torch.Tensor, np.ndarray]:
+    """The lm's input stream at every real position of ``sentences`` x TARGETS prompts.
+
+    Returns ``[positions, H]`` and the instructed emotion of each position.
+    """
+    tok = PlantedTokenizer(model.config)
+    reqs = [EVCRequest(f"{e}-{i}", "", t, "", e, 0) for e in TARGETS for i, t in enumerate(sentences)]
+    ids, mask = tok.batch(reqs)
+    lm = model.lm
+    real = mask.to(lm.embed_tokens.weight.dtype).unsqueeze(-1)
+    x = lm.embed_tokens(ids) + (lm.style_embed(ids) * real).sum(dim=1, keepdim=True)
+    keep = mask.bool()
+    instructed = np.repeat(np.array([r.target_emotion for r in reqs]), mask.sum(dim=1).numpy())
+    return x[keep], instructed
+
+
+def _threshold_for_share(score: np.ndarray, share: float) -> float:
+    """A threshold with ``mean(score > t)`` as close to ``share`` as the data allow.
+
+    Candidates lie midway between distinct values, never on one: a frequent word's score
+    on the threshold would leave its sign to rounding (and a position's share to chance).
+    """
+    values = np.unique(score)
+    cuts = np.concatenate([[values[0] - 1.0], (values[:-1] + values[1:]) / 2, [values[-1] + 1.0]])
+    above = 1.0 - np.searchsorted(np.sort(score), cuts, side="right") / score.size
+    return float(cuts[np.argmin(np.abs(above - share))])
+
+
+def _write_family_neuron(cfg: PlantedConfig, s: PlantingScales, family: Family, emotion: str, n: int,
+                         gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+                         rng: np.random.Generator) -> None:
+    """One family neuron's content direction, up row and down column (offsets: later)."""
+    W = cfg.word_dims
+    gate[n] = 0.0
+    gate[n, :W] = s.family_sharpness * rng.normal(size=W) / s.word_norm
+    up[n] = 0.0
+    up[n, cfg.bias_dim] = 1.0
+    down[:, n] = 0.0  # distractors write nothing: steering them is inert
+    if family.causal:
+        leak = rng.normal(size=W)
+        down[:W, n] = s.planted_leak * leak / np.linalg.norm(leak)
+        down[cfg.readout_dim(emotion), n] = s.planted_write if family.name == "strong" else s.rare_write
 
 
 def _write_talker(model: PlantedLALM, rng: np.random.Generator, s: PlantingScales) -> None:
@@ -444,6 +591,21 @@ def _write_talker(model: PlantedLALM, rng: np.random.Generator, s: PlantingScale
                 proj.weight.copy_(torch.as_tensor(rng.normal(0, s.talker_weight / np.sqrt(shape[1]), shape)))
         head = rng.normal(size=H)
         model.talker.rate_head.weight.copy_(torch.as_tensor(head / np.linalg.norm(head))[None])
+
+
+def _write_direct_readout(model: PlantedLALM, causal: Sequence[float], share: float) -> None:
+    """The instruction's own path to its readout: ``(1/share − 1)`` × the causal neurons' mean.
+
+    Only the instructed emotion's ``r_e`` gets it, so the other emotions stay off; the
+    families' gates never read ``r_e``, so their activation probabilities are unchanged.
+    """
+    if not 0 < share <= 1:
+        raise ValueError(f"causal_share must be in (0, 1], got {share}")
+    cfg = model.config
+    with torch.no_grad():
+        for emotion, mean in zip(TARGETS, causal):
+            token = cfg.tokens.index(emotion_token(emotion))
+            model.lm.style_embed.weight[token, cfg.readout_dim(emotion)] = (1.0 / share - 1.0) * mean
 
 
 def _calibrate_readout(model: PlantedLALM, sentences: Sequence[str]) -> list[float]:
@@ -477,26 +639,41 @@ def plant_model(
     word_dims: int = 54,
     words: Sequence[str] | None = None,
     scales: PlantingScales = DEFAULT_SCALES,
+    family_sizes: dict[str, int] | None = None,
 ) -> PlantedLALM:
-    """Write a PlantedLALM with ``per_emotion`` known neurons per target emotion.
+    """Write a PlantedLALM with ``per_emotion`` causal neurons per target emotion.
 
+    ``family_sizes`` (default DEFAULT_FAMILY_SIZES) says how many of them are rare and how
+    many distractors of each kind are written beside them (zeros: causal neurons only).
     ``planted_layers`` defaults to the middle-to-late layers ``[L // 3, L)``.
     """
     rng = np.random.default_rng(seed)
     layers = list(planted_layers) if planted_layers is not None else list(range(n_layers // 3, n_layers))
-    if per_emotion * len(TARGETS) > width * len(layers):
-        raise ValueError(f"{per_emotion} neurons x {len(TARGETS)} emotions do not fit in {len(layers)} layers")
+    sizes = {**DEFAULT_FAMILY_SIZES, **(family_sizes or {})}
+    unknown = sorted(set(family_sizes or {}) - set(DEFAULT_FAMILY_SIZES))
+    if unknown:
+        raise ValueError(f"family_sizes: unknown or derived families {unknown}; "
+                         f"give {sorted(DEFAULT_FAMILY_SIZES)} (strong = per_emotion - rare)")
+    if not 0 <= sizes["rare"] <= per_emotion or min(sizes.values()) < 0:
+        raise ValueError(f"family_sizes {sizes} must be >= 0 with rare <= per_emotion={per_emotion}")
+    total = (per_emotion + sizes["correlated"] + sizes["anti"]) * len(TARGETS) + sizes["generic"]
+    if total > width * len(layers):
+        raise ValueError(f"{total} planted neurons do not fit in {len(layers)} layers of {width}")
+    families = _family_positions(rng, width, per_emotion, sizes, layers)
     config = PlantedConfig(
         words=list(words) if words is not None else demo_vocabulary(),
         word_dims=word_dims,
         intermediate_size=width,
         num_hidden_layers=n_layers,
-        planted=_planted_positions(rng, width, per_emotion, layers),
+        planted={e: families["strong"][e] + families["rare"][e] for e in TARGETS},
+        families=families,
         strength_logit=list(scales.strength_logit),
     )
     model = PlantedLALM(config).to(torch.float64).eval()
     _write_lm(model, rng, scales)
     _write_talker(model, rng, scales)
+    _write_direct_readout(model, _calibrate_readout(model, SENTENCES), scales.causal_share)
+    _set_family_thresholds(model)  # again: the direct readout nudged the stream
     model.config.readout_scale = _calibrate_readout(model, SENTENCES)
     return model
 

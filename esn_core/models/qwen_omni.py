@@ -472,7 +472,7 @@ def _dit_key_padding(dit: nn.Module, frames: torch.Tensor):
         blocked = key_padding(frames.repeat(rows // len(frames)), steps)
         # One grid per row broadcast over heads, in int16: a [rows, steps, steps] int64
         # copy per head would take gigabytes at batch 64.
-        far = steps + 1  # more blocks away than any window looks
+        far = torch.iinfo(torch.int16).max  # more blocks away than any window looks
         grid = diff[:, :1].to(torch.int16).masked_fill(blocked[:, None], far)
         return grid.expand_as(diff)
 

@@ -82,8 +82,11 @@ rule report_md:
     input:
         tables=rules.tables.output.main,
         figures=rules.figures.output.directory,
+        human=[PLAN.ab_table, PLAN.ab_figure] if PLAN.ab_source else [],
     output:
         f"{RESULTS}/report.md",
+    params:
+        human=f"--ab-table {PLAN.ab_table} --ab-figure {PLAN.ab_figure}" if PLAN.ab_source else "",
     log:
         f"{RESULTS}/logs/report.log",
     threads: 1
@@ -94,4 +97,4 @@ rule report_md:
         "../../envs/stats.yaml"
     shell:
         "python -m esn_core.cli report --tables-dir $(dirname {input.tables}) --figures-dir {input.figures}"
-        " --out {output} > {log} 2>&1"
+        " {params.human} --out {output} > {log} 2>&1"

@@ -85,6 +85,16 @@ class Browser:
             time.sleep(0.1)
         raise TimeoutError(f"{url} did not load the kit")
 
+    def wait(self, expression: str, timeout: float = 10):
+        """Poll ``expression`` until it is truthy; returns its value."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.05)
+        raise TimeoutError(f"{expression!r} stayed falsy for {timeout} s")
+
     def screenshot(self, path: Path) -> None:
         data = self.call("Page.captureScreenshot", format="png")["data"]
         path.write_bytes(base64.b64decode(data))

@@ -319,6 +319,16 @@ class Plan:
                 return v
         raise ValueError("no evaluation variant holds the anchor cell")
 
+    def simulation_judgements(self, n_shards: Callable[[str], int]) -> list[str]:
+        """What simulated listeners "hear": the filter judge's labels of the labelled
+        identification attempts and of the kit variant's evaluation attempts."""
+        judge = self.filter_judge
+        sample = self.sample_judgements(judge, n_shards("identification"))
+        return sample + [
+            f"{self.results}/judgements/{judge}/eval/{self.kit_variant.name}/{split}/shard{k}.parquet"
+            for split in self.config["evaluation"]["splits"] for k in range(n_shards(split))
+        ]
+
     def human_targets(self) -> list[str]:
         """What `rule all` asks of the human part: the kit (when configured), Fig. 8 (when
         answers exist); CAS-H comes in through Table 3's variants."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -195,3 +196,41 @@ def test_noiseless_simulated_listeners_answer_what_the_judge_heard(tmp_path):
         for task, n in (("ab", 2), ("label", 2)):
             part = frame.filter(pl.col("task") == task)
             assert sorted(part["trial"].to_list()) == list(range(1, n + 1)) and part["item"].n_unique() == n
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+def _demo_config() -> dict:
+    import yaml
+
+    return yaml.safe_load(open(Path(__file__).resolve().parents[1] / "config.yaml"))
+
+
+def test_the_plan_adds_cas_h_beside_the_ser_judge_and_reserves_the_name(tmp_path):
+    from esn_core.workflow import Plan
+
+    config = _demo_config()  # the demo: simulated listeners
+    plan = Plan(config)
+    human = [v for v in plan.variants.values() if v.judge == "human"]
+    assert [v.condition("cas") for v in human] == ["cas_h"]
+    assert human[0].mask_path("cas") == "results/masks/human/tau0.15/c50/lm/cas_r0.0118.parquet"
+    assert plan.sample_judgements("human", 3) == ["results/human/labels.parquet"]
+    assert plan.sample_judgements("embedded", 1) == ["results/judgements/embedded/sample/shard0.parquet"]
+    assert plan.report_judges == ["embedded"]
+    assert plan.human_targets() == ["results/human/kit", "results/figures/human/ab_preference.png"]
+    # without listeners there is no human judge and no Fig. 8
+    config["human"]["simulate"] = None
+    plan = Plan(config)
+    assert all(v.judge != "human" for v in plan.variants.values()) and plan.human_targets() == ["results/human/kit"]
+    # a lab's files may be the filter for every variant; then no extra CAS-H variant
+    labels = tmp_path / "answers.csv"
+    labels.write_text("attempt_id,human_label\n")
+    config["success"]["human_labels"] = str(labels)
+    config["judges"]["filter"] = "human"
+    plan = Plan(config)
+    assert {v.judge for v in plan.variants.values()} == {"human"}
+    assert all(not v.condition_suffix for v in plan.variants.values()) and plan.report_judges == ["embedded"]
+    config["judges"]["available"]["human"] = {"kind": "embedded"}
+    with pytest.raises(ValueError, match="judges.available: 'human' is reserved"):
+        Plan(config)

@@ -27,7 +27,7 @@ rule human_label_items:
 
 rule listening_kit:
     input:
-        attempts=lambda wc: [p for p in PLAN.eval_shards(PLAN.kit_variant.name, n_shards)],
+        attempts=lambda wc: PLAN.eval_shards(PLAN.kit_variant.name, n_shards),
         label_key=PLAN.label_key,
     output:
         kit=directory(PLAN.kit_dir),
@@ -54,8 +54,7 @@ rule simulate_listeners:
     input:
         ab_key=PLAN.ab_key,
         label_key=PLAN.label_key,
-        judgements=lambda wc: PLAN.sample_judgements(PLAN.filter_judge, n_shards("identification"))
-        + [p for p in PLAN.eval_judgements(PLAN.kit_variant.name, n_shards) if f"/{PLAN.filter_judge}/" in p],
+        judgements=lambda wc: PLAN.simulation_judgements(n_shards),
     output:
         directory(PLAN.simulated_dir),
     params:

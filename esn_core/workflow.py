@@ -281,6 +281,8 @@ class Plan:
             if given:
                 if not os.path.exists(given):
                     raise ValueError(f"config {key}: {given!r} does not exist (a listener file or a folder of them)")
+                if not self._listener_files(given):
+                    raise ValueError(f"config {key}: the folder {given!r} holds no listener file (*.csv)")
                 sources[key] = given
             elif self.simulate:
                 sources[key] = self.simulated_dir
@@ -320,9 +322,9 @@ class Plan:
         raise ValueError("no evaluation variant holds the anchor cell")
 
     def simulation_judgements(self, n_shards: Callable[[str], int]) -> list[str]:
-        """What simulated listeners "hear": the filter judge's labels of the labelled
-        identification attempts and of the kit variant's evaluation attempts."""
-        judge = self.filter_judge
+        """What simulated listeners "hear": the first reporting (machine) judge's labels of
+        the identification attempts and of the kit variant's evaluation attempts."""
+        judge = self.report_judges[0]
         sample = self.sample_judgements(judge, n_shards("identification"))
         return sample + [
             f"{self.results}/judgements/{judge}/eval/{self.kit_variant.name}/{split}/shard{k}.parquet"

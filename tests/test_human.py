@@ -224,6 +224,9 @@ def test_the_plan_adds_cas_h_beside_the_ser_judge_and_reserves_the_name(tmp_path
     plan = Plan(config)
     assert all(v.judge != "human" for v in plan.variants.values()) and plan.human_targets() == ["results/human/kit"]
     # a lab's files may be the filter for every variant; then no extra CAS-H variant
+    config["success"]["human_labels"] = str(tmp_path)
+    with pytest.raises(ValueError, match="success.human_labels: the folder .* holds no listener file"):
+        Plan(config)
     labels = tmp_path / "answers.csv"
     labels.write_text("attempt_id,human_label\n")
     config["success"]["human_labels"] = str(labels)

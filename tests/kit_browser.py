@@ -127,3 +127,25 @@ def wait_for_file(folder: Path, pattern: str, timeout: float = 20) -> Path:
             return done[0]
         time.sleep(0.1)
     raise TimeoutError(f"no {pattern} downloaded into {folder}")
+
+
+def screenshot_kit(kit_dir: Path, out: Path, answers: tuple[str, ...] = ("A", "indecisive", "B", "A")) -> None:
+    """The README's picture: the kit's A/B page after a few answers, 860x540."""
+    browser = Browser(Path(tempfile.mkdtemp(prefix="esn-downloads-")))
+    try:
+        browser.call("Emulation.setDeviceMetricsOverride", width=860, height=540, deviceScaleFactor=1, mobile=False)
+        browser.open((Path(kit_dir) / "index.html").resolve().as_uri())
+        browser.js("localStorage.clear(); document.getElementById('listener').value = 'L07';"
+                   " document.getElementById('start').click()")
+        for answer in answers:
+            click_answer(browser, answer)
+        browser.wait("Array.from(document.querySelectorAll('audio')).every(a => a.duration > 0)")
+        browser.screenshot(Path(out))
+    finally:
+        browser.close()
+
+
+if __name__ == "__main__":  # python tests/kit_browser.py results/human/kit docs/listening_kit.png
+    import sys
+
+    screenshot_kit(Path(sys.argv[1]), Path(sys.argv[2]))

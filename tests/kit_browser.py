@@ -8,6 +8,7 @@ type a name, click answers, press the export button, catch the download, take a 
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import shutil
@@ -41,7 +42,8 @@ class Browser:
         port = self._port()
         pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
         page = next(p for p in pages if p["type"] == "page")
-        self.ws = connect(page["webSocketDebuggerUrl"], max_size=2**26, open_timeout=20)
+        self._stack = contextlib.ExitStack()  # connect() is a context manager (websockets >= 17 insists)
+        self.ws = self._stack.enter_context(connect(page["webSocketDebuggerUrl"], max_size=2**26, open_timeout=20))
         self.ids = itertools.count(1)
         self.call("Page.enable")
         self.call("Runtime.enable")
@@ -101,7 +103,7 @@ class Browser:
 
     def close(self) -> None:
         try:
-            self.ws.close()
+            self._stack.close()
         finally:
             self.proc.terminate()
             try:

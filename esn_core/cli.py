@@ -165,14 +165,14 @@ def _answer_files(paths: list[str]) -> list[Path]:
 
 
 def cmd_label_items(a) -> None:
-    from esn_core.human import choose_label_items, label_key
+    from esn_core.listening_kit import choose_label_items, label_key
 
     items = choose_label_items(_read(a.attempts, "attempts"), a.per_emotion, a.seed)
     _write(label_key(items, a.seed), a.out, "kit_key", task="label", per_emotion=a.per_emotion, seed=a.seed)
 
 
 def cmd_kit(a) -> None:
-    from esn_core.human import ab_key, choose_pairs, write_kit
+    from esn_core.listening_kit import ab_key, choose_pairs, write_kit
 
     labels = pl.from_arrow(io.read_table(a.label_key, "kit_key"))
     pairs = choose_pairs(_read(a.attempts, "attempts"), a.selector, a.pairs_per_emotion, a.seed)

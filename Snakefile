@@ -15,6 +15,7 @@ include: "workflow/rules/judge.smk"
 include: "workflow/rules/select.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/human.smk"
 
 
 rule all:
@@ -22,3 +23,4 @@ rule all:
     input:
         f"{RESULTS}/report.md",
         f"{RESULTS}/tables/table3_selectors.md",
+        PLAN.human_targets(),

@@ -145,12 +145,91 @@ def cmd_success(a) -> None:
 
     attempts = _read(a.attempts, "attempts")
     if a.human_labels:
-        labels = pl.read_csv(a.human_labels) if a.human_labels.endswith(".csv") else pl.read_parquet(a.human_labels)
+        labels = pl.from_arrow(io.read_table(a.human_labels, "human_labels"))
         table = human_success_table(attempts, labels, a.tau, a.cap, a.seed)
     else:
         table = success_table(attempts, _read(a.judgements, "judgements"), a.tau, a.cap, a.seed)
     log.info("success sets:\n%s", success_summary(table))
-    _write(table, a.out, "success", tau_wer=a.tau, cap=a.cap, seed=a.seed)
+    _write(table, a.out, "success", judge=a.judge, tau_wer=a.tau, cap=a.cap, seed=a.seed,
+           labels=a.human_labels or a.judgements)
+
+
+def _answer_files(paths: list[str]) -> list[Path]:
+    from esn_core.human import listener_files
+
+    files = [f for p in paths for f in listener_files(p)]
+    if not files:
+        raise FileNotFoundError(f"no listener files (*.csv) in {paths}")
+    log.info("listener files: %d (%s)", len(files), ", ".join(f.name for f in files[:5]) + (" ..." if len(files) > 5 else ""))
+    return files
+
+
+def cmd_label_items(a) -> None:
+    from esn_core.listening_kit import choose_label_items, label_key
+
+    items = choose_label_items(_read(a.attempts, "attempts"), a.per_emotion, a.seed)
+    _write(label_key(items, a.seed), a.out, "kit_key", task="label", per_emotion=a.per_emotion, seed=a.seed)
+
+
+def cmd_kit(a) -> None:
+    from esn_core.listening_kit import ab_key, choose_pairs, write_kit
+
+    labels = pl.from_arrow(io.read_table(a.label_key, "kit_key"))
+    pairs = choose_pairs(_read(a.attempts, "attempts"), a.selector, a.pairs_per_emotion, a.seed)
+    key = ab_key(pairs, labels, a.seed)
+    summary = write_kit(pl.concat([key, labels]), a.out_dir, audio_root=a.audio_root)
+    log.info("listening kit %s: %s", a.out_dir, json.dumps(summary))
+    _write(key, a.key, "kit_key", task="ab", kit=summary["kit"], selector=a.selector,
+           pairs_per_emotion=a.pairs_per_emotion, seed=a.seed)
+
+
+def cmd_simulate_listeners(a) -> None:
+    from esn_core.human import simulate_listeners
+
+    key = pl.concat([pl.from_arrow(io.read_table(p, "kit_key")) for p in (a.ab_key, a.label_key)])
+    judged = _read(a.judgements, "judgements")
+    heard = dict(judged.select("attempt_id", "label").iter_rows())
+    files = simulate_listeners(key, heard, a.listeners, a.noise, a.seed)
+    out = Path(a.out_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, frame in files.items():
+        frame.write_csv(tmp / f"{name}.csv")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("simulated %d listeners (noise %.2f) in %s", len(files), a.noise, out)
+
+
+def cmd_import_labels(a) -> None:
+    from esn_core.human import import_labels, read_answers
+
+    answers = read_answers(_answer_files(a.answers))
+    key = pl.from_arrow(io.read_table(a.label_key, "kit_key"))
+    attempt_ids = _read(a.attempts, "attempts")["attempt_id"].to_list()
+    labels = import_labels(answers, key, attempt_ids)
+    log.info("human labels: %d attempts labelled by %d listener(s); %d with no majority emotion",
+             labels.height, answers.filter(pl.col("task") == "label")["listener"].n_unique(),
+             labels["label"].null_count())
+    _write(labels, a.out, "human_labels", judge="human", files=sorted(set(answers["file"])))
+
+
+def cmd_import_ab(a) -> None:
+    from esn_core.human import ab_figure, ab_summary, import_ab, read_answers
+    from esn_core.plots import save_figure
+    from esn_core.report import write_frame
+
+    answers = import_ab(read_answers(_answer_files(a.answers)), pl.from_arrow(io.read_table(a.ab_key, "kit_key")))
+    _write(answers, a.out, "ab_answers", files=sorted(set(answers["file"])))
+    summary = ab_summary(answers, a.bootstrap, a.seed)
+    log.info("A/B preference:\n%s", summary)
+    title = (f"Fig. 8 — human A/B preference of the intervened clip: win / tie / loss % per emotion and average, "
+             f"95% bootstrap CIs over pairs and listeners (B={a.bootstrap})")
+    write_frame(summary, Path(a.table).parent, Path(a.table).stem, title,
+                {"n_boot": a.bootstrap, "seed": a.seed, "answers": a.out})
+    save_figure(ab_figure(summary), Path(a.figure).parent)
 
 
 def cmd_probs(a) -> None:
@@ -218,6 +297,10 @@ def cmd_collect(a) -> None:
 
     variant = json.loads(a.variant)
     attempts = _read(a.attempts, "attempts")
+    if variant.get("condition_suffix"):
+        # CAS-H's variant: same sources, seeds and model as the anchor's, so its baseline rows
+        # equal the anchor's; only its intervened rows join the anchor in the tables.
+        attempts = attempts.filter(pl.col("condition") != "baseline")
     judgements = _read(a.judgements, "judgements").filter(pl.col("judge").is_in(a.judges))
     joined = judgements.join(attempts, on="attempt_id", how="inner", validate="m:1")
     missing = attempts.height * len(a.judges) - joined.height
@@ -279,6 +362,10 @@ def cmd_report(a) -> None:
     from esn_core.report import markdown_report
 
     text = markdown_report(a.tables_dir, a.figures_dir)
+    if a.ab_table or Path(a.tables_dir, "table3_selectors.parquet").exists():
+        from esn_core.human import report_section
+
+        text += report_section(a.tables_dir, a.ab_table, a.ab_figure, link_base=Path(a.out).parent)
     with io.atomic_path(a.out) as tmp:
         tmp.write_text(text)
 
@@ -334,12 +421,58 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("success", help="success filter and capped success sets")
     s.add_argument("--attempts", nargs="+", required=True)
     s.add_argument("--judgements", nargs="+", required=True)
-    s.add_argument("--human-labels")
+    s.add_argument("--human-labels", help="imported human labels (table human_labels): the judge 'human'")
+    s.add_argument("--judge", default=None, help="the judge's name, recorded in the provenance")
     s.add_argument("--tau", type=float, required=True)
     s.add_argument("--cap", type=int, required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_success)
+
+    s = sub.add_parser("label-items", help="identification attempts offered to listeners for labelling")
+    s.add_argument("--attempts", nargs="+", required=True)
+    s.add_argument("--per-emotion", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_label_items)
+
+    s = sub.add_parser("kit", help="the listening kit (A/B pairs + label items) as a static folder")
+    s.add_argument("--attempts", nargs="+", required=True, help="the anchor variant's evaluation attempts")
+    s.add_argument("--label-key", required=True)
+    s.add_argument("--selector", required=True)
+    s.add_argument("--pairs-per-emotion", type=int, default=25)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--audio-root", default=".", help="folder the attempts' audio paths are relative to")
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--key", required=True, help="where the A/B key (kept out of the kit) is written")
+    s.set_defaults(func=cmd_kit)
+
+    s = sub.add_parser("simulate-listeners", help="listener files that follow a judge with noise (demo)")
+    s.add_argument("--ab-key", required=True)
+    s.add_argument("--label-key", required=True)
+    s.add_argument("--judgements", nargs="+", required=True)
+    s.add_argument("--listeners", type=int, default=20)
+    s.add_argument("--noise", type=float, default=0.2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out-dir", required=True)
+    s.set_defaults(func=cmd_simulate_listeners)
+
+    s = sub.add_parser("import-labels", help="listener label files -> human labels (CAS-H)")
+    s.add_argument("--answers", nargs="+", required=True, help="listener files or folders of them")
+    s.add_argument("--label-key", required=True)
+    s.add_argument("--attempts", nargs="+", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_import_labels)
+
+    s = sub.add_parser("import-ab", help="listener A/B files -> answers, Fig. 8 table and figure")
+    s.add_argument("--answers", nargs="+", required=True, help="listener files or folders of them")
+    s.add_argument("--ab-key", required=True)
+    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.add_argument("--table", required=True, help="<dir>/<name>.parquet (.csv and .md beside it)")
+    s.add_argument("--figure", required=True, help="<dir>/ab_preference.png (.svg beside it)")
+    s.set_defaults(func=cmd_import_ab)
 
     s = sub.add_parser("probs", help="activation probabilities over success sets")
     s.add_argument("--success", required=True)
@@ -395,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="Markdown summary of tables and figures")
     s.add_argument("--tables-dir", required=True)
     s.add_argument("--figures-dir", required=True)
+    s.add_argument("--ab-table", help="Fig. 8's table (fig8_ab.parquet), when listeners answered")
+    s.add_argument("--ab-figure", help="Fig. 8's figure (ab_preference.png)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_report)
     return p

@@ -111,6 +111,33 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "t": pa.int64(),
         "p": pa.float64(),
     },
+    # human evaluation (SPEC §7): the kit's key (which clip is which attempt), kept out of the kit
+    "kit_key": {
+        "task": pa.string(),
+        "item": pa.string(),
+        "clip": pa.string(),
+        "role": pa.string(),
+        "attempt_id": pa.string(),
+        "emotion": pa.string(),
+        "audio_path": pa.string(),
+        "set_id": pa.string(),
+    },
+    # imported human labels of identification attempts: the majority answer per attempt (CAS-H)
+    "human_labels": {
+        "attempt_id": pa.string(),
+        "label": pa.string(),
+        "n_answers": pa.int64(),
+        "n_majority": pa.int64(),
+    },
+    # imported A/B answers, one per (listener, pair): outcome of the intervened clip
+    "ab_answers": {
+        "listener": pa.string(),
+        "pair_id": pa.string(),
+        "emotion": pa.string(),
+        "outcome": pa.string(),
+        "file": pa.string(),
+        "row": pa.int64(),
+    },
     # a selector's masks (SPEC §5)
     "masks": {
         "emotion": pa.string(),

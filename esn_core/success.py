@@ -13,12 +13,16 @@ sets (``human_success_table``).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import polars as pl
 
 from esn_core.constants import EMOTIONS
 from esn_core.judges.labels import map_judge_label
 from esn_core.judges.wer import attempt_wer
+
+log = logging.getLogger(__name__)
 
 TAU_WER = 0.15
 CAP = 50
@@ -56,13 +60,34 @@ def human_success_table(
     cap: int | None = CAP,
     seed: int = 0,
 ) -> pl.DataFrame:
-    """``success_table`` with imported human labels (columns attempt_id, human_label) as judge.
+    """``success_table`` with imported human labels (columns attempt_id and human_label or
+    label) as the judge: CAS-H's sets (SPEC §3).
 
-    Humans usually label a subset: pass only the labelled attempts, since an attempt
-    without a label is an error here as it is for a machine judge.
+    Humans label a subset: an attempt without a label is not a success (its ``label`` is
+    null), and the count is logged. A label for an attempt that is not in ``attempts``, or a
+    label that names no emotion of E (a misspelling such as ``'angyr'``), is an error; a null
+    label or ``'unclear'`` is a heard-but-unclear attempt and fails the emotion check.
     """
-    _require_columns(human_labels, ("attempt_id", "human_label"), "human labels")
-    labels = human_labels.select("attempt_id", pl.col("human_label").alias("label"))
+    column = "human_label" if "human_label" in human_labels.columns else "label"
+    _require_columns(human_labels, ("attempt_id", column), "human labels")
+    labels = human_labels.select(pl.col("attempt_id").cast(pl.Utf8), pl.col(column).cast(pl.Utf8).alias("label"))
+    _require_unique_ids(labels, "human labels")
+    known = set(attempts["attempt_id"].cast(pl.Utf8).to_list())
+    unknown = labels.filter(~pl.col("attempt_id").is_in(list(known)))
+    if unknown.height:
+        raise ValueError(f"human labels: attempt {unknown['attempt_id'][0]!r} is not one of the attempts "
+                         f"({unknown.height} unknown id(s))")
+    bad = [(a, x) for a, x in labels.iter_rows()
+           if x is not None and x.strip().lower() != "unclear" and map_judge_label(x) is None]
+    if bad:
+        raise ValueError(f"human labels: attempt {bad[0][0]!r} has label {bad[0][1]!r}, not one of "
+                         f"{EMOTIONS} or 'unclear' ({len(bad)} such label(s))")
+    unlabelled = sorted(known - set(labels["attempt_id"].to_list()))
+    if unlabelled:
+        log.info("human labels: %d of %d attempts unlabelled (not successes), e.g. %r",
+                 len(unlabelled), len(known), unlabelled[0])
+        labels = pl.concat([labels, pl.DataFrame({"attempt_id": unlabelled, "label": [None] * len(unlabelled)},
+                                                 schema=labels.schema)])
     return _build(attempts, labels, "human labels", tau_wer, cap, seed)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import polars as pl
 
+from esn_core.human import HUMAN
 from esn_core.io import read_frame
 from esn_core.select import SELECTORS
 
@@ -40,6 +41,7 @@ class Variant:
     alpha: float
     selectors: tuple[str, ...]
     results: str
+    condition_suffix: str = ""  # "_h" for the CAS-H variant: its condition is "cas_h" in the tables
 
     @property
     def name(self) -> str:
@@ -57,9 +59,13 @@ class Variant:
     def mask_paths(self) -> list[str]:
         return [self.mask_path(s) for s in self.selectors]
 
+    def condition(self, selector: str) -> str:
+        """The selector's name in the tables: ``cas``, or ``cas_h`` on human-label masks."""
+        return f"{selector}{self.condition_suffix}"
+
     def mask_args(self) -> list[str]:
-        """``selector=path`` items of the evaluate command (the rule quotes each)."""
-        return [f"{s}={self.mask_path(s)}" for s in self.selectors]
+        """``condition=path`` items of the evaluate command (the rule quotes each)."""
+        return [f"{self.condition(s)}={self.mask_path(s)}" for s in self.selectors]
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -83,7 +89,12 @@ class Plan:
         # judges.available is a list (an override replaces it whole); looked up by name here
         self.judges = {entry["name"]: dict(entry) for entry in judges["available"]}
         self.filter_judge = judges["filter"]
-        self.report_judges = list(dict.fromkeys([judges["filter"], *judges["report"]]))
+        self._plan_human(config)
+        # human labels decide success sets only: evaluation audio is judged by machines
+        self.report_judges = [j for j in dict.fromkeys([judges["filter"], *judges["report"]]) if j != HUMAN]
+        if not self.report_judges:
+            raise ValueError("config judges.report: name a machine judge to judge the evaluation audio "
+                             "(judges.filter is 'human')")
         for name in self.report_judges:
             if name not in self.judges:
                 raise ValueError(f"config judges: {name!r} is used but not defined under judges.available")
@@ -122,6 +133,9 @@ class Plan:
             return Variant(**base)
 
         out = [make(group=g, selectors=selectors) for g in cfg["selection"]["groups"]]
+        if self.human_labels_source and self.filter_judge != HUMAN:
+            # CAS-H (Table 3): the anchor selector on human-label success sets, beside the SER's
+            out.append(make(judge=HUMAN, condition_suffix="_h"))
         out += [make(rate=float(r)) for r in cfg["selection"]["rates"] if float(r) != float(anchor["rate"])]
         out += [make(cap=int(c)) for c in cfg["success"]["caps"] if int(c) != int(anchor["cap"])]
         for entry in cfg["evaluation"]["interventions"]:
@@ -144,7 +158,7 @@ class Plan:
         records = {}
         for v in self.variants.values():
             for s in v.selectors:
-                records[v.mask_path(s)] = dict(selector=s, group=v.group, rate=v.rate, cap=v.cap, path=v.mask_path(s))
+                records[v.mask_path(s)] = dict(selector=v.condition(s), group=v.group, rate=v.rate, cap=v.cap, path=v.mask_path(s))
         return json.dumps(sorted(records.values(), key=lambda r: r["path"]))
 
     @property
@@ -174,6 +188,8 @@ class Plan:
         return [f"{self.results}/sample/{kind}/shard{k}.parquet" for k in range(n)]
 
     def sample_judgements(self, judge: str, n: int) -> list[str]:
+        if judge == HUMAN:
+            return [self.human_labels_table]
         return [f"{self.results}/judgements/{judge}/sample/shard{k}.parquet" for k in range(n)]
 
     def eval_shards(self, variant: str, n_shards: Callable[[str], int]) -> list[str]:
@@ -249,9 +265,101 @@ class Plan:
     def naturalness_json(self) -> str:
         return json.dumps(self.config["judges"].get("naturalness"))
 
-    def human_labels_arg(self) -> str:
-        path = self.config["success"].get("human_labels")
-        return f"--human-labels {shlex.quote(str(path))}" if path else ""
+    def human_labels_arg(self, judge: str) -> str:
+        return f"--human-labels {shlex.quote(self.human_labels_table)}" if judge == HUMAN else ""
+
+    def ab_report_args(self) -> str:
+        """The report's Fig. 8 arguments, when A/B answers exist."""
+        if not self.ab_source:
+            return ""
+        return f"--ab-table {shlex.quote(self.ab_table)} --ab-figure {shlex.quote(self.ab_figure)}"
+
+    # -- human evaluation (SPEC §7, paper §5.4) --------------------------------------
+    def _plan_human(self, config: dict[str, Any]) -> None:
+        """Where listener files come from: the lab's (config keys success.human_labels and
+        human.ab_results: a listener file or a folder of them), else, when human.simulate is
+        set, simulated listeners (the embedded default), else none (no CAS-H, no Fig. 8)."""
+        import os
+
+        human = config.get("human") or {}
+        self.human = human
+        self.simulate = human.get("simulate")
+        self.human_dir = f"{self.results}/human"
+        self.label_key = f"{self.human_dir}/label_key.parquet"
+        self.ab_key = f"{self.human_dir}/ab_key.parquet"
+        self.kit_dir = f"{self.human_dir}/kit"
+        self.simulated_dir = f"{self.human_dir}/simulated"
+        self.human_labels_table = f"{self.human_dir}/labels.parquet"
+        self.ab_table = f"{self.results}/tables/fig8_ab.parquet"
+        self.ab_figure = f"{self.results}/figures/human/ab_preference.png"
+        if HUMAN in self.judges:
+            raise ValueError(f"config judges.available: {HUMAN!r} is reserved for imported human labels "
+                             "(success.human_labels)")
+        sources = {}
+        for key, given in (("success.human_labels", config["success"].get("human_labels")),
+                           ("human.ab_results", human.get("ab_results"))):
+            if given:
+                if not os.path.exists(given):
+                    raise ValueError(f"config {key}: {given!r} does not exist (a listener file or a folder of them)")
+                if not self._listener_files(given):
+                    raise ValueError(f"config {key}: the folder {given!r} holds no listener file (*.csv)")
+                sources[key] = given
+            elif self.simulate:
+                sources[key] = self.simulated_dir
+        self.human_labels_source = sources.get("success.human_labels")
+        self.ab_source = sources.get("human.ab_results")
+        if self.filter_judge == HUMAN and not self.human_labels_source:
+            raise ValueError("config judges.filter: 'human' needs success.human_labels (listener files)")
+        if self.filter_judge == HUMAN and self.human_labels_source == self.simulated_dir:
+            raise ValueError("config judges.filter: 'human' with simulated listeners is circular (they follow the "
+                             "evaluation of the human masks); set success.human_labels or another filter")
+
+    @staticmethod
+    def _listener_files(source: str) -> list[str]:
+        from esn_core.human import listener_files
+
+        return [str(p) for p in listener_files(source)]
+
+    def human_label_inputs(self) -> list[str]:
+        """Inputs of the label import: the listener files themselves, so editing one reruns it."""
+        if self.human_labels_source == self.simulated_dir:
+            return [self.simulated_dir]
+        return self._listener_files(self.human_labels_source)
+
+    def ab_inputs(self) -> list[str]:
+        if self.ab_source == self.simulated_dir:
+            return [self.simulated_dir]
+        return self._listener_files(self.ab_source)
+
+    @property
+    def kit_variant(self) -> Variant:
+        """The evaluated variant the A/B pairs come from: the anchor cell (SPEC §7)."""
+        anchor = self.config["evaluation"]["anchor"]
+        for v in self.variants.values():
+            if (v.judge == self.filter_judge and v.group == anchor["group"] and anchor["selector"] in v.selectors
+                    and not v.condition_suffix):
+                return v
+        raise ValueError("no evaluation variant holds the anchor cell")
+
+    def simulation_judgements(self, n_shards: Callable[[str], int]) -> list[str]:
+        """What simulated listeners "hear": the first reporting (machine) judge's labels of
+        the identification attempts and of the kit variant's evaluation attempts."""
+        judge = self.report_judges[0]
+        sample = self.sample_judgements(judge, n_shards("identification"))
+        return sample + [
+            f"{self.results}/judgements/{judge}/eval/{self.kit_variant.name}/{split}/shard{k}.parquet"
+            for split in self.config["evaluation"]["splits"] for k in range(n_shards(split))
+        ]
+
+    def human_targets(self) -> list[str]:
+        """What `rule all` asks of the human part: the kit (when configured), Fig. 8 (when
+        answers exist); CAS-H comes in through Table 3's variants."""
+        out = []
+        if self.human.get("kit", False):
+            out.append(self.kit_dir)
+        if self.ab_source:
+            out.append(self.ab_figure)
+        return out
 
     def max_sources_arg(self) -> str:
         cap = self.config["evaluation"].get("max_sources")

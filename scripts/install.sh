@@ -9,12 +9,15 @@ SUDO=""
 # espeak-ng renders the demo corpus and the planted model's speech.
 apt_pkgs=""
 command -v espeak-ng >/dev/null 2>&1 || apt_pkgs="espeak-ng"
-# --test: a real single-node SLURM (slurm-wlm 22.05 + munge) for tests/test_slurm.py, which
-# starts and stops the daemons itself through scripts/slurm_local.sh (no systemd needed).
+# --test: Chromium for the listening-kit browser test, and a real single-node SLURM (slurm-wlm
+# 22.05 + munge) for tests/test_slurm.py, which starts and stops the daemons itself through
+# scripts/slurm_local.sh (no systemd needed).
 if [ "${1:-}" = "--test" ]; then
     { command -v sbatch && [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ]; } >/dev/null 2>&1 \
         || apt_pkgs="$apt_pkgs slurm-wlm"
     [ -x /usr/sbin/munged ] || apt_pkgs="$apt_pkgs munge"
+    # headless Chromium drives the listening kit in tests/test_human_workflow.py (DevTools protocol)
+    command -v chromium >/dev/null 2>&1 || apt_pkgs="$apt_pkgs chromium"
 fi
 if [ -n "$apt_pkgs" ]; then
     $SUDO apt-get update -qq

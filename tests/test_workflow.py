@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 import yaml
 
+from esn_core.corpus import SplitRule
 from esn_core.workflow import Plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ TINY = {
     "success": {"caps": [50]},
     "selection": {"selectors": ["cas", "random"], "groups": ["lm"], "rates": [0.0118]},
     "evaluation": {"max_sources": 2, "bootstrap": 50, "interventions": [{"method": "steer", "alphas": [1.0]}]},
+    "human": {"kit": False, "simulate": None},  # the human part has its own tiny run: test_human_workflow.py
 }
 
 
@@ -200,9 +202,12 @@ def test_workflow_runs_end_to_end_on_a_tiny_qwen2_5_omni(tmp_path):
     checkpoint = build_tiny_omni(tmp_path / "Qwen2.5-Omni-tiny")
     # Random weights never sound emotional, so success comes from imported human labels (the
     # CAS-H path of SPEC §3): every identification attempt "sounds" like its target.
+    # Labels name identification attempts only: a label for any other id is refused.
     labels = tmp_path / "human_labels.csv"
+    rule = SplitRule.for_demo(8)
+    roles = rule.speaker_roles(["0011", "0012", "0013"])
     rows = [f"{spk}_{i:06d}.{t},{t}" for spk in ("0011", "0012", "0013") for i in range(1, 9)
-            for t in ("happy", "angry", "sad", "surprise")]
+            for t in ("happy", "angry", "sad", "surprise") if rule.split_of(roles[spk], i) == "identification"]
     labels.write_text("attempt_id,human_label\n" + "\n".join(rows) + "\n")
     config = _config(
         model={"adapter": "qwen2_5_omni", "path": str(checkpoint), "batch_size": 16, "shard_sources": 16,
@@ -210,6 +215,7 @@ def test_workflow_runs_end_to_end_on_a_tiny_qwen2_5_omni(tmp_path):
                            "token2wav_steps": 2}},
         corpus={"demo": {"speakers": 3, "utterances": 8}},
         success={"tau_wer": 100.0, "human_labels": str(labels)},
+        judges={"filter": "human"},  # human labels decide every variant's success sets
         evaluation={"max_sources": 1, "bootstrap": 20},
     )
     workdir = _workdir(tmp_path / "wf", config)

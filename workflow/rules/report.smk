@@ -94,10 +94,12 @@ rule report_md:
     input:
         tables=rules.tables.output.main,
         figures=rules.figures.output.directory,
+        human=[PLAN.ab_table, PLAN.ab_figure] if PLAN.ab_source else [],
     output:
         f"{RESULTS}/report.md",
     params:
         tables_dir=lambda wc, input: os.path.dirname(input.tables),
+        human=PLAN.ab_report_args(),
     log:
         f"{RESULTS}/logs/report.log",
     threads: 1
@@ -108,4 +110,4 @@ rule report_md:
         "../../envs/stats.yaml"
     shell:
         "python -m esn_core.cli report --tables-dir {params.tables_dir:q} --figures-dir {input.figures:q}"
-        " --out {output:q} > {log:q} 2>&1"
+        " {params.human} --out {output:q} > {log:q} 2>&1"

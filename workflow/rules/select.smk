@@ -11,7 +11,7 @@ rule success:
         f"{RESULTS}/success/{{judge}}/tau{{tau}}/c{{cap}}.parquet",
     params:
         seed=config["seed"],
-        human=PLAN.human_labels_arg(),
+        human=lambda wc: PLAN.human_labels_arg(wc.judge),
     log:
         f"{RESULTS}/logs/success/{{judge}}/tau{{tau}}/c{{cap}}.log",
     threads: 1
@@ -22,7 +22,8 @@ rule success:
         "../../envs/stats.yaml"
     shell:
         "python -m esn_core.cli success --attempts {input.attempts:q} --judgements {input.judgements:q} {params.human}"
-        " --tau {wildcards.tau} --cap {wildcards.cap} --seed {params.seed} --out {output:q} > {log:q} 2>&1"
+        " --judge {wildcards.judge} --tau {wildcards.tau} --cap {wildcards.cap} --seed {params.seed} --out {output:q}"
+        " > {log:q} 2>&1"
 
 
 rule probs:

@@ -265,4 +265,6 @@ def test_reordering_the_selectors_plans_the_same_variants(tmp_path):
     proc, out = _snakemake(workdir, "-n", overrides=[{"selection": {"selectors": ["random", "lap", "lape", "mad",
                                                                                  "cas"]}}])
     assert proc.returncode == 0, out[-2000:]
-    assert _variants_planned(out) == shipped and len(shipped) == 6
+    # anchor on lm and synth, r, c, steer 2, deactivate, and CAS-H (the demo's simulated listeners)
+    assert _variants_planned(out) == shipped and len(shipped) == 7
+    assert any(v.startswith("human_") for v in shipped)

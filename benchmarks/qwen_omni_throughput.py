@@ -245,7 +245,7 @@ def check_lengths(sequences, prompt_len: int, attempts) -> None:
             raise RuntimeError(f"thinker made {made} tokens, expected {attempt.text_tokens}")
 
 
-def run_once(adapter, engine, mode, batches, args, steer_plans, timer) -> dict:
+def run_once(adapter, engine, mode, batches, steer_plans, timer) -> dict:
     """One timed pass over ``batches`` (a list of (inputs, attempts, seeds)) in one mode."""
     timer.reset()
     adapter.token2wav_tf32 = mode != "fp32"
@@ -365,13 +365,12 @@ def main(argv=None) -> int:
         runs = defaultdict(list)
         try:
             for _ in range(args.warmup):
-                run_once(adapter, engine, "off", batches[:1], args, steer_plans, timer)
+                run_once(adapter, engine, "off", batches[:1], steer_plans, timer)
             for repeat in range(args.repeats):
                 # Rotate the order, so that no mode always runs first (or after another).
                 shift = repeat % len(args.modes)
                 for mode in args.modes[shift:] + args.modes[:shift]:
-                    runs[mode].append(run_once(adapter, engine, mode, batches, args,
-                                               steer_plans, timer))
+                    runs[mode].append(run_once(adapter, engine, mode, batches, steer_plans, timer))
         except torch.OutOfMemoryError:
             print(f"| {batch} | {len(chosen)} | all | OOM | | | | | |")
             results.append({"batch": batch, "oom": True})

@@ -32,13 +32,17 @@ Design choices, each for a measured or specified reason:
 * ``steer`` and ``deactivate`` are linear in ``g``, so ``folded_down_proj`` offers them as a
   change of ``down_proj`` columns with an exact restore, for zero per-token cost.
 * Counts are taken on ``g`` as the model computes it, before the intervention rewrites it.
+* A decode step replayed as a CUDA graph (``models/graphed_decode``) runs no Python per
+  step: while it is recorded, each hook becomes tensor ops on ``GraphSlots`` (counts, row
+  validity and operands at fixed addresses), which the session fills before each replay
+  and adds to its own counts when it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
@@ -534,6 +538,8 @@ class _GroupState:
     eos: torch.Tensor | None = None
     eos_ids: tuple[int, ...] = ()
     calls: int = 0
+    # Captured decode steps this session replayed: id(slots) -> (slots, layers it covers).
+    graph_bindings: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.capture is not None:
@@ -588,8 +594,12 @@ class _GroupState:
         call costs about as much host time as the intervention itself.
         """
         if self.counter is not None:
-            return lambda x: self.on_activation(layer, function, x)
-        return self._intervening(layer, function)
+            hooked = lambda x: self.on_activation(layer, function, x)  # noqa: E731
+        else:
+            hooked = self._intervening(layer, function)
+        # What a captured decode step (``GraphSlots``) needs to stand in for this function.
+        hooked.esn_hook = (self, layer, function)
+        return hooked
 
     def _intervening(self, layer: int, function) -> Callable[[torch.Tensor], torch.Tensor]:
         """``function`` then the intervention. A decode step (one position per row) takes
@@ -642,6 +652,79 @@ class _GroupState:
         if self.operands is None or self.operands_for != (g.device, g.dtype):
             self.compile(g.device, g.dtype)
         return self.operands[layer].apply(g, inplace)
+
+    # -- captured decode steps (GraphSlots) ----------------------------------------
+    def graph_signature(self, layer: int):
+        """What a captured decode step must do at ``layer`` for this session, as a key:
+        (counts, method, touches the layer); ``None`` when a captured step cannot do it
+        (moments, or counting without a root that announces positions)."""
+        counting = self.counter is not None
+        if counting and (self.capture.moments or self.group.root is None):
+            return None
+        method = self.intervention.method if self.intervention is not None else None
+        touched = method is not None and self.decode_operands is not None \
+            and self.decode_operands[layer][0] is not None
+        if method is not None and self.decode_operands is None:
+            return None  # operands not compiled (non-float weights): the eager path compiles
+        return counting, method, touched
+
+    def bind_graph_slots(self, slots: GraphSlots, layers: Sequence[int]) -> None:
+        """At this session's first use of ``slots``: zeroed counts and its operands in."""
+        if id(slots) not in self.graph_bindings:
+            self.graph_bindings[id(slots)] = (slots, tuple(layers))
+            for layer in layers:
+                mlp = self.group.mlps[layer]
+                if self.counter is not None:
+                    slots.counts[mlp].zero_()
+                if mlp in slots.operands:
+                    slots.operands[mlp].copy_(self.decode_operands[layer][0])
+
+    def begin_graph_step(self, slots: GraphSlots, layers: Sequence[int]) -> None:
+        """Before a captured step replays: bound to ``slots``, this step's row validity in.
+
+        The root's pre-hook has already reserved an eager step-buffer slot for this step;
+        the captured step counts into ``slots`` instead, so the reservation is taken back.
+        """
+        self.bind_graph_slots(slots, layers)
+        if self.counter is None:
+            return
+        counter = self.counter
+        counter.filled -= 1
+        counter.slot = -1
+        valid = slots.valid[self.group.root]
+        if self.finished is None:
+            valid.fill_(True)
+            counter.T += 1
+        else:
+            torch.logical_not(self.finished, out=valid.view(self.finished.shape))
+            counter.T += valid.view(-1)
+
+    def static_activation(self, layer: int, function, slots: GraphSlots):
+        """The function a captured decode step runs at ``layer``: tensor ops on ``slots``
+        only (fixed addresses, no host work), counting then intervening as ``on_activation``."""
+        mlp = self.group.mlps[layer]
+        counts = slots.counts.get(mlp) if self.counter is not None else None
+        valid = slots.valid.get(self.group.root) if counts is not None else None
+        operand = slots.operands.get(mlp)
+        operation = _OPERATIONS[self.intervention.method][1] if operand is not None else None
+        zero = torch.zeros((), dtype=mlp.gate_proj.weight.dtype)
+
+        def captured(x: torch.Tensor) -> torch.Tensor:
+            g = function(x)
+            if counts is not None:
+                counts.add_(torch.gt(g, zero).logical_and_(valid))
+            return g if operation is None else operation(g, operand)
+
+        return captured
+
+    def collect_graph_counts(self) -> None:
+        """Add what the captured steps counted to this session's counts."""
+        if self.counter is None:
+            return
+        for slots, layers in self.graph_bindings.values():
+            for layer in layers:
+                self.counter.K[layer] += slots.counts[self.group.mlps[layer]][:, 0, :]
+        self.graph_bindings.clear()
 
     def compile(self, device, dtype) -> None:
         self.operands = compile_operands(self.intervention, self.group.layout, device, dtype)
@@ -747,6 +830,7 @@ class Session:
 
     def _collect(self) -> None:
         for name, state in self._states.items():
+            state.collect_graph_counts()
             if state.counter is not None and state.counter.K:
                 self._results[name] = state.counter.result()
 
@@ -847,6 +931,49 @@ class _Installation:
                 vars(mlp).pop("act_fn", None)
             else:
                 vars(mlp)["act_fn"] = outer
+
+
+# --------------------------------------------------------------------------- captured steps
+
+
+def installed_hook(mlp: nn.Module):
+    """``(state, layer, function)`` of the session hook on ``mlp``, or None (plain)."""
+    function = vars(mlp).get("act_fn")
+    return None if function is None else getattr(function, "esn_hook", False)
+
+
+class GraphSlots:
+    """The tensors a captured decode step (a CUDA graph) reads and writes, at fixed addresses.
+
+    A graph replays the kernels it recorded on the addresses it recorded, so what changes
+    between steps and sessions lives here, not in a session: per hooked MLP an int32
+    ``[B, 1, D]`` count and the intervention's ``[B, 1, D]`` operand, per group root the
+    step's ``[B, 1, 1]`` row validity. A session binds itself before each replay
+    (``_GroupState.bind_graph_step``) and adds the counts to its own when it ends.
+    """
+
+    def __init__(self, batch: int):
+        self.batch = batch
+        self.counts: dict[nn.Module, torch.Tensor] = {}
+        self.operands: dict[nn.Module, torch.Tensor] = {}
+        self.valid: dict[nn.Module, torch.Tensor] = {}
+
+    def allocate(self, state: _GroupState, layer: int, signature) -> None:
+        counting, method, touched = signature
+        mlp = state.group.mlps[layer]
+        weight = mlp.gate_proj.weight
+        shape = (self.batch, 1, mlp.gate_proj.out_features)
+        if counting:
+            self.counts[mlp] = torch.zeros(shape, dtype=torch.int32, device=weight.device)
+            root = state.group.root
+            if root not in self.valid:
+                self.valid[root] = torch.ones(self.batch, 1, 1, dtype=torch.bool, device=weight.device)
+        if touched:
+            self.operands[mlp] = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+
+    def reset_counts(self) -> None:
+        for counts in self.counts.values():
+            counts.zero_()
 
 
 def _padding_mask(attention_mask, seq: int, decoding: bool) -> torch.Tensor | None:

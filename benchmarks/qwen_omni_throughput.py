@@ -58,7 +58,8 @@ from transformers import LogitsProcessorList  # noqa: E402
 from workloads import ForcedLengths, describe, esd_like, fixed, spread  # noqa: E402
 
 from esn_core.hooks import Capture, HookEngine, Intervention
-from esn_core.models.qwen_omni import QwenOmniAdapter, audio_token_count
+from esn_core.models.graphed_decode import GraphedDecode
+from esn_core.models.qwen_omni import QwenOmniAdapter, audio_token_count, thinker_text_decoder
 
 MAJOR = int(transformers.__version__.split(".")[0])
 
@@ -245,9 +246,43 @@ def check_lengths(sequences, prompt_len: int, attempts) -> None:
             raise RuntimeError(f"thinker made {made} tokens, expected {attempt.text_tokens}")
 
 
-def run_once(adapter, engine, mode, batches, steer_plans, timer) -> dict:
+GRAPHS = "+graphs"  # a mode's suffix: decode steps replayed as CUDA graphs
+
+
+def graph_runners(model, mode: str) -> list[GraphedDecode]:
+    """What ``cuda_graphs`` installs (the thinker's text decoder and the talker's stack)."""
+    return [GraphedDecode(thinker_text_decoder(model.thinker), mode), GraphedDecode(model.talker.model, mode)]
+
+
+def check_graphs(adapter, engine, batch, graphed: list[GraphedDecode]) -> str:
+    """One capture run through the graphs against the same fixed-slot path run eagerly
+    (same static cache, same kernels): are tokens and counts identical?"""
+    inputs, attempts, seeds = batch
+    results = []
+    for runners in (graph_runners(adapter.model, "eager"), graphed):
+        adapter._graph_runners = runners
+        with engine.session(capture={"lm": Capture(), "synth": Capture()}) as session:
+            sequences, _ = adapter.generate(inputs, seeds, **forced_lengths(adapter, attempts))
+        results.append((sequences.cpu(), {g: session.counts(g) for g in ("lm", "synth")}))
+    (eager_seq, eager), (graph_seq, graphs) = results
+    parts = []
+    differing = (eager_seq != graph_seq).any(dim=0).nonzero().flatten()
+    parts.append("tokens identical" if differing.numel() == 0 else
+                 f"tokens differ from position {int(differing[0])} of {eager_seq.shape[1]}")
+    for g in eager:
+        k_diff = int((eager[g].K != graphs[g].K).sum())
+        parts.append(f"{g} T {'identical' if np.array_equal(eager[g].T, graphs[g].T) else 'DIFFER'}, "
+                     f"K {'identical' if k_diff == 0 else f'{k_diff} of {eager[g].K.size} differ'}")
+    replays = sum(r.stats.replays for r in graphed)
+    return (f"graphs vs the eager fixed-slot path on {len(attempts)} rows ({replays} graph "
+            f"replays): " + "; ".join(parts))
+
+
+def run_once(adapter, engine, mode, batches, steer_plans, timer, graphed=()) -> dict:
     """One timed pass over ``batches`` (a list of (inputs, attempts, seeds)) in one mode."""
     timer.reset()
+    adapter._graph_runners = list(graphed) if mode.endswith(GRAPHS) else []
+    mode = mode.removesuffix(GRAPHS)
     adapter.token2wav_tf32 = mode != "fp32"
     gc.collect()
     gc.disable()  # a collection inside one mode's run would be charged to that mode
@@ -296,6 +331,8 @@ def main(argv=None) -> int:
                         help="most rows per token2wav call (1 = per row, transformers' way)")
     parser.add_argument("--token2wav-ragged", choices=["on", "off"], default="on",
                         help="off: only rows of equal code length share a token2wav call")
+    parser.add_argument("--cuda-graphs", choices=["off", "on", "both"], default="off",
+                        help="decode steps as CUDA graphs (static caches); both: each mode twice")
     parser.add_argument("--rate", type=float, default=0.005, help="steer mask share of lm neurons")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size")
@@ -336,6 +373,11 @@ def main(argv=None) -> int:
     )
     engine = HookEngine(adapter.groups())
     timer = PartTimer(model, device)
+    graphed = graph_runners(model, "cuda" if device.startswith("cuda") else "eager") \
+        if args.cuda_graphs != "off" else []
+    if args.cuda_graphs != "off":
+        suffixed = [m + GRAPHS for m in args.modes]
+        args.modes = suffixed if args.cuda_graphs == "on" else args.modes + suffixed
     n_lm = engine.layout("lm").n_neurons
     rng = np.random.default_rng(0)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
@@ -366,11 +408,19 @@ def main(argv=None) -> int:
         try:
             for _ in range(args.warmup):
                 run_once(adapter, engine, "off", batches[:1], steer_plans, timer)
+            if graphed:
+                # Records the plain graphs (what a job pays once), then checks the counting ones.
+                started_graphs = time.perf_counter()
+                run_once(adapter, engine, "off" + GRAPHS, batches[:1], steer_plans, timer, graphed)
+                print(f"#   batch {batch}: first generate through the graphs {time.perf_counter() - started_graphs:.1f} s "
+                      f"({sum(r.stats.captures for r in graphed)} graphs so far, "
+                      f"{sum(r.stats.capture_seconds for r in graphed):.2f} s recording them)")
+                print("#   " + check_graphs(adapter, engine, batches[0], graphed), flush=True)
             for repeat in range(args.repeats):
                 # Rotate the order, so that no mode always runs first (or after another).
                 shift = repeat % len(args.modes)
                 for mode in args.modes[shift:] + args.modes[:shift]:
-                    runs[mode].append(run_once(adapter, engine, mode, batches, steer_plans, timer))
+                    runs[mode].append(run_once(adapter, engine, mode, batches, steer_plans, timer, graphed))
         except torch.OutOfMemoryError:
             print(f"| {batch} | {len(chosen)} | all | OOM | | | | | |")
             results.append({"batch": batch, "oom": True})
@@ -383,10 +433,11 @@ def main(argv=None) -> int:
                    for k in runs[mode][0] if not k.endswith("_steps")}
             per_hour = len(chosen) / med["total"] * 3600
             ratio = ""
-            if "off" in runs and mode != "off":
+            plain = "off" + (GRAPHS if mode.endswith(GRAPHS) else "")  # hooks vs the same decode
+            if plain in runs and mode != plain:
                 # Median of the repeat-by-repeat ratios: each pair ran back to back.
                 paired = statistics.median(
-                    r["total"] / o["total"] for r, o in zip(runs[mode], runs["off"]))
+                    r["total"] / o["total"] for r, o in zip(runs[mode], runs[plain]))
                 ratio = f" ({paired:.3f}x)"
             print(f"| {batch} | {len(chosen)} | {mode} | {med.get('thinker', 0):.2f} s | "
                   f"{med.get('talker', 0):.2f} s | {med.get('token2wav', 0):.2f} s "
@@ -397,17 +448,29 @@ def main(argv=None) -> int:
             results.append({"batch": batch, "attempts": len(chosen), "mode": mode, **med,
                             "utterances_per_hour": per_hour, "peak_gib": peak,
                             "step_ms": step_ms, "runs": runs[mode]})
-        if "off" in runs:
-            base = next(r["step_ms"] for r in results if r.get("batch") == batch and r.get("mode") == "off")
-            print("#   median decode step (ms), ratio to off: " + "; ".join(
-                f"{r['mode']} " + ", ".join(
-                    f"{name} {ms:.2f}" + (f" ({ms / base[name]:.3f}x)" if r["mode"] != "off" else "")
-                    for name, ms in r["step_ms"].items())
-                for r in results if r.get("batch") == batch and not r.get("oom")), flush=True)
-    off = {r["batch"]: r["utterances_per_hour"] for r in results if r.get("mode") == "off"}
-    if 1 in off and len(off) > 1:
-        print("# utterances/hour over the batch-1 loop (off, same run): " + ", ".join(
-            f"batch {b} {rate / off[1]:.1f}x" for b, rate in sorted(off.items()) if b != 1))
+        base = {r["mode"]: r["step_ms"] for r in results if r.get("batch") == batch and not r.get("oom")}
+        print("#   median decode step (ms), ratio to off of the same decode: " + "; ".join(
+            f"{mode} " + ", ".join(
+                f"{name} {ms:.2f}" + (f" ({ms / base[plain][name]:.3f}x)"
+                                      if (plain := "off" + (GRAPHS if mode.endswith(GRAPHS) else "")) in base
+                                      and mode != plain and name in base[plain] else "")
+                for name, ms in steps.items())
+            for mode, steps in base.items()), flush=True)
+        if graphed and "off" in base and "off" + GRAPHS in base:
+            print("#   graphs over eager decode, per step: " + ", ".join(
+                f"{name} {base['off'][name] / ms:.2f}x" for name, ms in base["off" + GRAPHS].items()
+                if name in base["off"]))
+    for plain in ("off", "off" + GRAPHS):
+        off = {r["batch"]: r["utterances_per_hour"] for r in results if r.get("mode") == plain}
+        if 1 in off and len(off) > 1:
+            print(f"# utterances/hour over the batch-1 loop ({plain}, same run): " + ", ".join(
+                f"batch {b} {rate / off[1]:.1f}x" for b, rate in sorted(off.items()) if b != 1))
+    eager_one = next((r["utterances_per_hour"] for r in results
+                      if r.get("mode") == "off" and r.get("batch") == 1), None)
+    if eager_one:
+        print("# utterances/hour over the eager batch-1 loop (same run): " + ", ".join(
+            f"batch {r['batch']} {r['mode']} {r['utterances_per_hour'] / eager_one:.1f}x"
+            for r in results if r.get("batch") != 1 and not r.get("oom")))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "argv": sys.argv, "torch": torch.__version__,

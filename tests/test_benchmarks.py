@@ -53,6 +53,21 @@ def test_hook_overhead_refuses_periods_longer_than_the_run_allows():
     assert "--alternate-periods 3: needs a period >= 2 and --new >= 6 (got --new 5)" in proc.stderr
 
 
+def test_qwen_omni_throughput_runs_each_mode_on_both_decodes_and_checks_the_graphs():
+    out = _run("benchmarks/qwen_omni_throughput.py", "--tiny", "--batches", "2", "--repeats", "1",
+               "--warmup", "0", "--min-attempts", "2", "--modes", "off", "capture",
+               "--token2wav-steps", "2", "--cuda-graphs", "both")
+    rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["off", "capture", "off+graphs", "capture+graphs"]
+    # hook ratios against the plain run of the same decode
+    assert re.search(r"\| 2 \| 2 \| capture\+graphs \|.*\([\d.]+x\)", out)
+    # CPU runs the fixed-slot path without recording: the check must find it identical
+    check = next(line for line in out.splitlines() if "graphs vs the eager fixed-slot path" in line)
+    assert "tokens identical; lm T identical, K identical; synth T identical, K identical" in check
+    assert re.search(r"\(([1-9]\d*) graph replays\)", check)
+    assert "graphs over eager decode, per step: thinker" in out
+
+
 def test_qwen_omni_throughput_reports_parts_modes_and_json(tmp_path):
     target = tmp_path / "omni.json"
     out = _run("benchmarks/qwen_omni_throughput.py", "--tiny", "--batches", "1", "3", "--repeats", "1",

@@ -294,6 +294,34 @@ def test_interventions_fire_on_both_groups_per_row(adapter, sources):
     assert not np.array_equal(synth_only[0].waveform, baseline[0].waveform)
 
 
+def test_cuda_graphs_option_gives_the_eager_decode_exactly(checkpoint, adapter, sources):
+    """``cuda_graphs``: thinker and talker decode on static caches through GraphedDecode
+    (its fixed-slot path; CPU records no graph) equal the default path in text, speech,
+    positions and counts, steered rows included."""
+    graphed = QwenOmniAdapter(checkpoint, dtype="float64", cuda_graphs=True, **SETTINGS)
+    reqs = requests(sources)
+    groups = adapter.groups()
+    n_lm, n_synth = (groups[g].layout.n_neurons for g in ("lm", "synth"))
+    empty = np.array([], dtype=np.int64)
+    plan = {
+        "lm": Intervention("steer", (np.arange(0, n_lm, 3), empty, empty), (2.0, 0.0, 0.0)),
+        "synth": Intervention("clamp", (empty, np.arange(1, n_synth, 4), empty), (0.0, 0.5, 0.0)),
+    }
+    for interventions in (None, plan):
+        expected, session = run(adapter, reqs, interventions=interventions)
+        got, graphed_session = run(graphed, reqs, interventions=interventions)
+        for b in range(len(reqs)):
+            assert_rows_equal(got[b], graphed_session, b, expected[b], _RowView(session, b))
+    thinker, talker = graphed._graph_runners
+    # every decode step of both stacks went through the fixed slots; prefills did not
+    assert thinker.stats.replays > 0 and talker.stats.replays > 0
+    # one recording per hook plan: the next batch reuses the caches and their recordings
+    assert thinker.stats.captures == talker.stats.captures == 2
+    run(graphed, reqs)
+    assert thinker.stats.captures == talker.stats.captures == 2
+    assert set(thinker.stats.reasons) == set(talker.stats.reasons) == {"not a decode step"}
+
+
 class _RowView:
     """A session seen as a one-row session of its row ``b`` (for assert_rows_equal)."""
 

@@ -74,7 +74,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from esn_core.hooks import MLPGroup, find_gated_mlps
+from esn_core.hooks import MLPGroup, _padding_mask, find_gated_mlps
+from esn_core.models.graphed_decode import GraphedDecode
 from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter
 from esn_core.models.ragged import key_padding, ragged_time_axis
 
@@ -352,6 +353,41 @@ def _talker_mask(module, args, kwargs):
     return args, kwargs
 
 
+# Static caches are made this many positions long at a time (one per batch size and job).
+CACHE_BUCKET = 256
+
+
+def _talker_static_mask(module, args, kwargs):
+    """The talker's masks on a static cache (``cuda_graphs``), in the forms its forward takes.
+
+    On a static cache ``generate`` hands the talker a dict of prepared 4-D masks, but the
+    talker's own forward counts each row's left padding from a 2-D mask at its prefill (to
+    set its RoPE deltas) and calls ``.to`` on the mask at every step. A prefill gets its
+    padding back, the 4-D mask's diagonal (``hooks._padding_mask``); a decode step gets the
+    prepared 4-D mask itself, which the decoder passes through unchanged (its shape does
+    not grow, so one recorded graph serves every step).
+    """
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, dict):
+        return None
+    ref = kwargs.get("inputs_embeds")
+    if ref is None:
+        ref = kwargs.get("input_ids")
+    if ref is None:
+        return None
+    if ref.shape[1] == 1:
+        prepared = [m for m in mask.values() if m is not None]
+        if len(prepared) != 1:
+            raise RuntimeError(f"the talker got {len(prepared)} prepared masks; expected one (full attention)")
+        kwargs["attention_mask"] = prepared[0]
+        return args, kwargs
+    padding = _padding_mask(mask, ref.shape[1], decoding=False)
+    if padding is None:
+        padding = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
+    kwargs["attention_mask"] = padding.to(torch.long)
+    return args, kwargs
+
+
 def _ids(value) -> list[int]:
     if value is None:
         return []
@@ -598,7 +634,10 @@ class QwenOmniAdapter(LALMAdapter):
     transformers does). ``token2wav_ragged``: rows of different code lengths share a call
     (padded and masked, see the module docstring); off = only equal lengths do. ``token2wav_tf32``:
     token2wav's float32 matrix products on TF32 tensor cores (its convolutions already
-    are, by torch's default); off = the global ``torch`` setting.
+    are, by torch's default); off = the global ``torch`` setting. ``cuda_graphs``: thinker
+    and talker decode steps on a static cache, replayed as CUDA graphs with the session's
+    hooks inside (``graphed_decode``); off = transformers' eager decode. On CPU the same
+    fixed-slot path runs without a graph.
     ``stop_token_ids``: extra ids that end the text answer (hooks stop counting there too).
     """
 
@@ -621,12 +660,13 @@ class QwenOmniAdapter(LALMAdapter):
         token2wav_batch_size: int = 16,
         token2wav_tf32: bool = True,
         token2wav_ragged: bool = True,
+        cuda_graphs: bool = False,
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self._configure(system_prompt, instruction_template, max_new_tokens,
                         talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids,
-                        token2wav_batch_size, token2wav_tf32, token2wav_ragged)
+                        token2wav_batch_size, token2wav_tf32, token2wav_ragged, cuda_graphs)
         from transformers import Qwen2_5OmniForConditionalGeneration
 
         self.path = resolve_checkpoint(path)
@@ -645,7 +685,8 @@ class QwenOmniAdapter(LALMAdapter):
                    stop_token_ids: Sequence[int] = (),
                    token2wav_batch_size: int = 16,
                    token2wav_tf32: bool = True,
-                   token2wav_ragged: bool = True) -> QwenOmniAdapter:
+                   token2wav_ragged: bool = True,
+                   cuda_graphs: bool = False) -> QwenOmniAdapter:
         """An adapter around a model already in memory (benchmarks with random weights).
 
         Without a ``processor`` there is no prompt building (``prepare``/``convert``), but
@@ -654,14 +695,15 @@ class QwenOmniAdapter(LALMAdapter):
         self = cls.__new__(cls)
         self._configure(system_prompt, instruction_template, max_new_tokens,
                         talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids,
-                        token2wav_batch_size, token2wav_tf32, token2wav_ragged)
+                        token2wav_batch_size, token2wav_tf32, token2wav_ragged, cuda_graphs)
         self.path = None
         self._attach(model, processor, speaker)
         return self
 
     def _configure(self, system_prompt, instruction_template, max_new_tokens,
                    talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids,
-                   token2wav_batch_size=16, token2wav_tf32=True, token2wav_ragged=True) -> None:
+                   token2wav_batch_size=16, token2wav_tf32=True, token2wav_ragged=True,
+                   cuda_graphs=False) -> None:
         if min(max_new_tokens, talker_max_new_tokens, batch_size, token2wav_batch_size) < 1 \
                 or token2wav_steps < 2:
             raise ValueError("max_new_tokens, talker_max_new_tokens, batch_size and "
@@ -676,6 +718,7 @@ class QwenOmniAdapter(LALMAdapter):
         self.token2wav_batch_size = int(token2wav_batch_size)
         self.token2wav_tf32 = bool(token2wav_tf32)
         self.token2wav_ragged = bool(token2wav_ragged)
+        self.cuda_graphs = bool(cuda_graphs)
         self.batch_size = int(batch_size) if _transformers_major() >= 5 else 1
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
 
@@ -693,6 +736,14 @@ class QwenOmniAdapter(LALMAdapter):
         first = next(model.thinker.parameters())
         self.device, self.dtype = first.device, first.dtype
         self._groups = self._find_groups()
+        self._graph_runners: list[GraphedDecode] = []
+        self._caches: dict[tuple[str, int], tuple] = {}  # (thinker|talker, batch) -> (length, StaticCache)
+        if self.cuda_graphs:
+            # Recorded graphs are kept across batches; on CPU the same fixed-slot path runs
+            # without a graph (tests), so the option means one thing on every device.
+            mode = "cuda" if self.device.type == "cuda" else "eager"
+            self._graph_runners = [GraphedDecode(thinker_text_decoder(model.thinker), mode),
+                                   GraphedDecode(model.talker.model, mode)]
 
     # -- groups ------------------------------------------------------------------------
     def _find_groups(self) -> dict[str, MLPGroup]:
@@ -772,6 +823,8 @@ class QwenOmniAdapter(LALMAdapter):
             return torch.empty(0)
 
         handles = [self.model.talker.register_forward_pre_hook(_talker_mask, with_kwargs=True)]
+        if self._graph_runners:
+            handles.append(self.model.talker.register_forward_pre_hook(_talker_static_mask, with_kwargs=True))
         patched = "forward" in vars(token2wav)  # an instance-level wrapper (timers, accelerate)
         previous = vars(token2wav).get("forward")
         devices = [self.device] if self.device.type == "cuda" else []
@@ -788,9 +841,14 @@ class QwenOmniAdapter(LALMAdapter):
                     talker_eos_token_id=list(self.talker_eos),
                     token2wav_num_steps=self.token2wav_steps,
                 )
+                if self._graph_runners:
+                    settings.update(self._static_caches(inputs["input_ids"].shape))
                 token2wav.forward = record
                 try:
-                    result = self.model.generate(**inputs, **{**settings, **overrides})
+                    with contextlib.ExitStack() as graphs:
+                        for runner in self._graph_runners:
+                            graphs.enter_context(runner)
+                        result = self.model.generate(**inputs, **{**settings, **overrides})
                 finally:
                     if patched:
                         token2wav.forward = previous
@@ -825,6 +883,35 @@ class QwenOmniAdapter(LALMAdapter):
             f"generate made {len(calls)} token2wav calls but returned audio of type "
             f"{type(audio).__name__}: unexpected transformers version"
         )
+
+    def _static_caches(self, shape) -> dict:
+        """``generate`` keywords that hand thinker and talker our own static KV caches.
+
+        A recorded graph reads the KV tensors where they were when it was recorded, and
+        transformers makes a new static cache per ``generate`` call: kept here per batch
+        size (lengths rounded up to ``CACHE_BUCKET``) and reset per call, one cache serves
+        every batch of a job, so its graphs are recorded once. transformers' own compile
+        stays off: our graphs carry the session's hooks.
+        """
+        from transformers import StaticCache
+
+        batch, prompt = int(shape[0]), int(shape[1])
+        # The talker's prefill is the thinker's prompt and answer, and then it speaks.
+        needed = {"thinker": prompt + self.max_new_tokens,
+                  "talker": prompt + self.max_new_tokens + self.talker_max_new_tokens + 2}
+        settings = {}
+        for part, length in needed.items():
+            made, cache = self._caches.get((part, batch), (0, None))
+            if made < length:
+                config = getattr(self.model, part).config.get_text_config(decoder=True)
+                length = CACHE_BUCKET * math.ceil(length / CACHE_BUCKET)
+                self._caches.pop((part, batch), None)  # free the old one before the new
+                cache = StaticCache(config=config, max_cache_len=length)
+                self._caches[(part, batch)] = (length, cache)
+            cache.reset()  # the talker reads "nothing cached yet" to know it is prefilling
+            settings[f"{part}_past_key_values"] = cache
+            settings[f"{part}_disable_compile"] = True
+        return settings
 
     def convert(self, requests: list[EVCRequest]) -> list[EVCOutput]:
         if not requests:

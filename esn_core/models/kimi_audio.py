@@ -1,0 +1,343 @@
+"""Kimi-Audio (Moonshot) behind the pipeline's interface: LM, audio inputs, step loop, groups.
+
+What this module does, each part our own code on transformers' classes:
+
+* **LM** (``kimi_modeling``): the 28 main layers (text head) and the 6 MIMO layers that
+  branch after layer 21 (audio-token head), rebuilt from ``Qwen2DecoderLayer`` under Kimi's
+  parameter names and loaded strictly (0 missing / 0 unexpected keys) from the checkpoint's
+  safetensors; SDPA attention, 2-D padding mask, per-row positions.
+* **Inputs**: the source is read at 16 kHz; ``whisper-large-v3/`` (transformers'
+  ``WhisperEncoder``) gives continuous features, 4 frames stacked per audio token, mixed in
+  through the LM's ``vq_adaptor``; the text instruction is tokenized by ``tiktoken`` on the
+  checkpoint's ``tiktoken.model`` with Kimi's special-token table (``kimi_tokens``).
+* **Generation** (``kimi_generate``): our batched two-stream loop with upstream's rules,
+  greedy text and audio sampling from one ``torch.Generator`` per row (seeded by the
+  request), so a batched row equals the row alone and one seed gives one output.
+* **Groups** (SPEC §1: the hooked gated MLPs ``g = act_fn(gate_proj(x))``): ``lm`` = the
+  MLPs of the 28 main layers; ``synth`` = the MLPs of the 6 MIMO layers, the only gated
+  MLPs on the speech path: the detokenizer's DiT uses plain fc1 → GELU → fc2 MLPs (no gate,
+  so no SPEC §1 hook site) and BigVGAN is convolutional. Both groups' position root is the
+  LM, called once per step with the audio stream as ``input_ids`` and the 2-D
+  ``attention_mask``; its end ids are the audio end tokens (``msg_end``, ``media_end``).
+
+Not yet here (the adapter says so instead of guessing): the discrete source tokens (GLM-4-
+Voice's WhisperVQ tokenizer) and speech output (flow-matching detokenizer + BigVGAN). Until
+they exist, ``convert`` raises and the adapter is not registered; ``prepare_tokens`` +
+``generate`` run on prompts whose audio tokens the caller supplies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from esn_core.hooks import MLPGroup, find_gated_mlps
+from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter
+from esn_core.models.kimi_generate import (
+    PromptBatch, RowResult, Sampling, generate_two_streams, pad_prompts,
+)
+from esn_core.models.kimi_modeling import KimiAudioLM, kimi_config, load_state, read_config
+from esn_core.models.kimi_tokens import KimiTokenizer, TwoStreams, evc_prompt
+
+HUB_ID = "moonshotai/Kimi-Audio-7B-Instruct"
+SOURCE_RATE = 16_000
+TOKEN_RATE = 12.5  # audio tokens per second (upstream's length cap: 12.5 × 120 tokens)
+CONFIG = "config.json"
+TIKTOKEN = "tiktoken.model"
+WHISPER_DIR = "whisper-large-v3"
+INSTRUCTION_TEMPLATE = (
+    "Repeat exactly the words spoken in this audio, word for word, and say them with the "
+    "emotion: {emotion}. Reply with the words only."
+)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+          "float64": torch.float64}
+
+
+class CheckpointError(FileNotFoundError):
+    """A Kimi-Audio checkpoint that is missing or incomplete; the message names the file."""
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def _weight_files(directory: Path, missing: list[str]) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{index} is not a safetensors index: {err}") from err
+        missing += [str(Path(directory.name) / s) for s in shards if not (directory / s).is_file()]
+        return [directory / s for s in shards]
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    missing.append(f"{directory.name}/model.safetensors (or model.safetensors.index.json and shards)")
+    return []
+
+
+def check_checkpoint(directory: str | os.PathLike) -> Path:
+    """``directory`` if it holds every file the adapter loads, else a ``CheckpointError``
+    naming each missing file (upstream's layout: LM config + safetensors, ``tiktoken.model``,
+    ``whisper-large-v3/``)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"Kimi-Audio checkpoint directory {directory} does not exist; "
+                              f"download {HUB_ID} there and set model path to it")
+    missing: list[str] = []
+    for name in (CONFIG, TIKTOKEN):
+        if not (directory / name).is_file():
+            missing.append(name)
+    _weight_files(directory, missing)
+    whisper = directory / WHISPER_DIR
+    if not (whisper / "config.json").is_file():
+        missing.append(f"{WHISPER_DIR}/config.json")
+    _weight_files(whisper, missing)
+    if missing:
+        raise CheckpointError(f"Kimi-Audio checkpoint at {directory} is incomplete: missing "
+                              f"{', '.join(missing)}")
+    return directory
+
+
+def read_safetensors(files: Sequence[Path]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(load_file(str(path)))
+    return state
+
+
+def load_lm(directory: Path, dtype: torch.dtype, device) -> KimiAudioLM:
+    """The LM from ``directory``'s config and weights, every key accounted for."""
+    config = read_config(directory / CONFIG)
+    with torch.device("meta"):
+        lm = KimiAudioLM(config)
+    lm = lm.to_empty(device="cpu")
+    lm.model.rotary_emb = type(lm.model.rotary_emb)(config)  # its buffer is computed, not loaded
+    load_state(lm, read_safetensors(_weight_files(directory, [])), str(directory))
+    return lm.to(device=device, dtype=dtype).eval()
+
+
+# --------------------------------------------------------------------------- audio inputs
+
+
+def load_source(path: str | os.PathLike, rate: int = SOURCE_RATE) -> np.ndarray:
+    """Mono float32 audio at ``rate`` (channels averaged, polyphase resampling)."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    try:
+        audio, source_rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
+    except Exception as err:  # soundfile's LibsndfileError and friends
+        raise ValueError(f"cannot read source audio {os.fspath(path)}: {err}") from err
+    audio = audio.mean(axis=1)
+    if source_rate != rate:
+        g = math.gcd(int(source_rate), int(rate))
+        audio = resample_poly(audio, rate // g, int(source_rate) // g).astype(np.float32)
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def audio_token_count(n_samples: int) -> int:
+    """Audio tokens (12.5 Hz) for ``n_samples`` at 16 kHz: upstream's ``(L - 1) // 1280 + 1``."""
+    return (int(n_samples) - 1) // 1280 + 1 if n_samples > 0 else 0
+
+
+class WhisperFeatures:
+    """Continuous source features: Whisper-large-v3's encoder output, 4 frames per token.
+
+    Upstream cuts the source into 30 s windows, pads each to 30 s (Whisper's fixed input),
+    keeps the first ``4 × tokens`` encoder frames of each and stacks them four at a time
+    (1280 × 4 = 5120 = the adaptor's input width).
+    """
+
+    WINDOW = 30 * SOURCE_RATE
+
+    def __init__(self, directory: Path, dtype: torch.dtype, device):
+        from transformers import WhisperConfig, WhisperFeatureExtractor
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        config = WhisperConfig.from_pretrained(directory)
+        self.extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins,
+                                                 sampling_rate=SOURCE_RATE)
+        state = read_safetensors(_weight_files(directory, []))
+        for prefix in ("model.encoder.", "encoder."):
+            if any(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                break
+        self.encoder = WhisperEncoder(config)
+        load_state(self.encoder, state, f"{directory} (Whisper encoder)")
+        self.encoder = self.encoder.to(device=device, dtype=dtype).eval()
+        self.dtype, self.device = dtype, device
+
+    @torch.no_grad()
+    def __call__(self, audio: np.ndarray) -> torch.Tensor:
+        """``[audio_token_count(len(audio)), 4 × d_model]`` on the encoder's device."""
+        pieces = []
+        for start in range(0, len(audio), self.WINDOW):
+            segment = audio[start:start + self.WINDOW]
+            tokens = audio_token_count(len(segment))
+            mel = self.extractor(segment, sampling_rate=SOURCE_RATE, padding="max_length",
+                                 return_tensors="pt").input_features
+            hidden = self.encoder(mel.to(self.device, self.dtype)).last_hidden_state[0]
+            frames = hidden[: 4 * tokens]
+            if frames.shape[0] < 4 * tokens:
+                raise ValueError(f"Whisper gave {frames.shape[0]} frames for {tokens} tokens")
+            pieces.append(frames.reshape(tokens, -1))
+        return torch.cat(pieces)
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+def check_template(template: str) -> str:
+    """An instruction template must name ``{emotion}`` and no other field."""
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    if fields != {"emotion"}:
+        raise ValueError(
+            f"instruction_template must contain the field {{emotion}} and no other, got {sorted(fields)}"
+        )
+    return template
+
+
+@dataclass
+class Generated:
+    """One row's answer: its text, its audio codes (0-based, the detokenizer's input)."""
+
+    text: str
+    codes: list[int]
+    n_positions: int
+    ended: bool
+
+
+class KimiAudioAdapter(LALMAdapter):
+    """Kimi-Audio: EVC prompts in, text and audio codes out, hookable ``lm``/``synth`` groups.
+
+    ``path``: a local checkpoint in upstream's layout (see ``check_checkpoint``). ``dtype``:
+    the LM's and Whisper's weights (default bfloat16 on CUDA, float32 on CPU).
+    ``max_tokens``: upstream's cap on prompt + answer (12.5 × 120 = 1500 positions).
+    ``audio_temperature`` / ``audio_top_k`` / ``audio_delay``: upstream's audio sampling
+    (0.8, 10) and text-to-audio delay (6 steps).
+    """
+
+    name = "kimi_audio"
+
+    def __init__(self, path: str | os.PathLike, device: str | None = None,
+                 dtype: str | None = None, instruction_template: str | None = None,
+                 max_tokens: int = int(TOKEN_RATE * 120), audio_temperature: float = 0.8,
+                 audio_top_k: int = 10, audio_delay: int = 6, batch_size: int = 8):
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.path = check_checkpoint(path)
+        self.tokenizer = KimiTokenizer(self.path / TIKTOKEN)
+        lm = load_lm(self.path, DTYPES[dtype], device)
+        self.whisper = WhisperFeatures(self.path / WHISPER_DIR, DTYPES[dtype], device)
+        self._attach(lm, instruction_template, max_tokens,
+                     Sampling(audio_temperature, audio_top_k, audio_delay), batch_size)
+
+    @classmethod
+    def from_config(cls, fields: dict, tokenizer: KimiTokenizer | None = None, *,
+                    device: str = "cpu", dtype: str = "float32", seed: int = 0,
+                    max_tokens: int = int(TOKEN_RATE * 120),
+                    sampling: Sampling = Sampling(), batch_size: int = 8) -> KimiAudioAdapter:
+        """A random-weight LM of the shapes in ``fields`` (config.json keys), for benchmarks.
+
+        Without a tokenizer there is no prompt text, but ``generate`` and ``groups`` work
+        on ``TwoStreams`` prompts the caller builds.
+        """
+        self = cls.__new__(cls)
+        self.path, self.tokenizer, self.whisper = None, tokenizer, None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            lm = KimiAudioLM(kimi_config(fields))
+        lm = lm.to(device=device, dtype=DTYPES[dtype]).eval()
+        self._attach(lm, None, max_tokens, sampling, batch_size)
+        return self
+
+    def _attach(self, lm: KimiAudioLM, instruction_template, max_tokens, sampling, batch_size):
+        if max_tokens < 1 or batch_size < 1:
+            raise ValueError("max_tokens and batch_size must be >= 1")
+        self.lm = lm
+        self.config = lm.config
+        self.sampling = sampling
+        self.max_tokens = int(max_tokens)
+        self.batch_size = int(batch_size)
+        self.instruction_template = check_template(
+            INSTRUCTION_TEMPLATE if instruction_template is None else instruction_template)
+        first = next(lm.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        if self.tokenizer is not None:
+            self.ids = self.tokenizer.ids
+            if self.tokenizer.vocab_size > self.config.kimia_token_offset:
+                raise ValueError(f"{TIKTOKEN}: text vocabulary of {self.tokenizer.vocab_size} "
+                                 f"overlaps the audio tokens at {self.config.kimia_token_offset}")
+            if (self.ids.media_begin, self.ids.media_end) != (
+                    self.config.kimia_media_begin, self.config.kimia_media_end):
+                raise ValueError("config.json's kimia_media_begin/end do not match the "
+                                 f"tokenizer's special table ({self.ids.media_begin}, "
+                                 f"{self.ids.media_end})")
+        else:
+            from esn_core.models.kimi_tokens import SpecialIds, special_table
+
+            base = self.config.kimia_media_begin - 18  # the table's layout, from the config
+            self.ids = SpecialIds.from_table({t: base + i for i, t in enumerate(special_table())})
+        ends = self.ids.audio_ends
+        self._groups = {
+            "lm": MLPGroup(find_gated_mlps(lm.model.layers), root=lm, eos_token_ids=ends),
+            "synth": MLPGroup(find_gated_mlps(lm.model.mimo_layers), root=lm, eos_token_ids=ends),
+        }
+        expect = (self.config.num_hidden_layers, self.config.kimia_mimo_layers)
+        found = (len(self._groups["lm"].mlps), len(self._groups["synth"].mlps))
+        if found != expect:
+            raise RuntimeError(f"found {found} main/MIMO gated MLPs, config says {expect}")
+
+    def groups(self) -> dict[str, MLPGroup]:
+        return dict(self._groups)
+
+    # -- prompts -----------------------------------------------------------------------
+    def instruction(self, target_emotion: str) -> str:
+        return self.instruction_template.format(emotion=target_emotion)
+
+    def prompt(self, target_emotion: str, audio_codes: Sequence[int]) -> TwoStreams:
+        """One attempt's two streams; ``audio_codes``: the source's 0-based VQ codes."""
+        if self.tokenizer is None:
+            raise RuntimeError("this adapter was built without a tokenizer: no prompts")
+        offset = self.config.kimia_token_offset
+        audio = [offset + int(c) for c in audio_codes]
+        return evc_prompt(self.ids, self.tokenizer.encode(self.instruction(target_emotion)), audio)
+
+    def batch(self, prompts: list[TwoStreams], features: list[torch.Tensor | None]) -> PromptBatch:
+        return pad_prompts(prompts, features, self.ids.pad, self.device, self.dtype)
+
+    # -- generation --------------------------------------------------------------------
+    def generate(self, batch: PromptBatch, seeds: Sequence[int]) -> list[Generated]:
+        """The step loop on ``batch``; row ``b`` samples from a generator seeded ``seeds[b]``."""
+        lengths = batch.lengths
+        caps = [self.max_tokens - n for n in lengths]
+        results = generate_two_streams(self.lm, batch, self.ids, list(seeds), caps, self.sampling)
+        return [self._answer(r, n) for r, n in zip(results, lengths)]
+
+    def _answer(self, result: RowResult, prompt_length: int) -> Generated:
+        offset = self.config.kimia_token_offset
+        codes = [t - offset for t in result.audio_tokens if t >= offset]
+        text_ids = [t for t in result.text_tokens if t < offset]
+        text = self.tokenizer.decode(text_ids).strip() if self.tokenizer is not None else ""
+        # SPEC §1's T: prompt positions plus every generated step fed back (the last is not).
+        n_positions = prompt_length + max(result.steps - 1, 0)
+        return Generated(text, codes, n_positions, result.ended)
+
+    def convert(self, requests: list[EVCRequest]) -> list[EVCOutput]:
+        raise NotImplementedError(
+            "Kimi-Audio speech output is not implemented yet: the WhisperVQ source tokenizer "
+            "and the flow-matching detokenizer + BigVGAN vocoder are still to be ported "
+            "(issue 14); only prompts, generation (text + audio codes) and the hook groups work"
+        )

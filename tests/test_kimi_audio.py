@@ -23,7 +23,7 @@ from esn_core.models.kimi_generate import Sampling
 from esn_core.models.kimi_modeling import attention_bias, load_state
 from esn_core.models.kimi_tokens import N_SPECIAL, KimiTokenizer, evc_prompt
 
-SEEDS = [11, 12, 13]
+SEEDS = [10, 11, 12]  # with these the tiny model caps row 0 and ends rows 1 and 2 early
 EMOTIONS = ["happy", "sad", "angry"]
 
 
@@ -51,9 +51,8 @@ def inputs(adapter, tmp_path_factory):
     """Three EVC prompts of different lengths with their Whisper features."""
     sources = write_sources(tmp_path_factory.mktemp("kimi_src"))
     features = [adapter.whisper(load_source(p)) for p in sources]
-    # Stand-in VQ codes (the WhisperVQ tokenizer is not ported yet): one per feature row.
-    prompts = [adapter.prompt(e, [(7 * i + b) % 48 for i in range(f.shape[0])])
-               for b, (f, e) in enumerate(zip(features, EMOTIONS))]
+    prompts = [adapter.prompt(e, adapter.vq(load_source(p)))
+               for p, e in zip(sources, EMOTIONS)]
     return prompts, features
 
 
@@ -264,9 +263,8 @@ def test_steering_changes_the_row_it_masks_and_the_session_exit_restores(adapter
     empty = np.array([], dtype=np.int64)
     plan = {group: Intervention("steer", (np.arange(n), empty, empty), (4.0, 0.0, 0.0))}
     steered, _ = run(adapter, inputs, interventions=plan)
+    # (The audio tokens are fed back, so a synth-only change reaches the text too.)
     assert steered[0].codes != baseline[0].codes
-    if group == "synth":  # the branch feeds only the audio head
-        assert steered[0].text == baseline[0].text
     for r in (1, 2):  # empty masks: untouched rows
         assert (steered[r].text, steered[r].codes) == (baseline[r].text, baseline[r].codes)
     after = generate(adapter, inputs)
@@ -278,7 +276,8 @@ def test_steering_changes_the_row_it_masks_and_the_session_exit_restores(adapter
 
 @pytest.mark.parametrize("part", [
     "config.json", "tiktoken.model", "model.safetensors", "whisper-large-v3/config.json",
-    "whisper-large-v3/model.safetensors",
+    "whisper-large-v3/model.safetensors", "glm-4-voice-tokenizer/config.json",
+    "glm-4-voice-tokenizer/preprocessor_config.json", "glm-4-voice-tokenizer/model.safetensors",
 ])
 def test_a_missing_part_of_the_checkpoint_is_named(checkpoint, tmp_path, part):
     copy = tmp_path / "ckpt"
@@ -319,3 +318,70 @@ def test_from_config_builds_a_random_model_of_any_shape_for_benchmarks(checkpoin
 def test_convert_says_speech_output_is_not_ported_yet(adapter):
     with pytest.raises(NotImplementedError, match="detokenizer"):
         adapter.convert([])
+
+
+# --------------------------------------------------------------------------- source tokens
+
+
+def test_vq_mask_is_block_causal_over_real_frames():
+    from esn_core.models.kimi_vq import block_causal
+
+    allowed = block_causal(torch.tensor([[1, 1, 1, 1, 1, 0]]), 2, False, torch.float32)[0, 0] == 0
+    expected = [
+        [1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0],  # a block sees itself (future included)...
+        [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0],  # ... and every block before it
+        [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1],  # a padded key is blocked, save for itself
+    ]
+    assert allowed.int().tolist() == expected
+    causal = block_causal(torch.ones(1, 3), None, True, torch.float32)[0, 0] == 0
+    assert causal.int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+
+
+def test_causal_convolution_never_sees_the_future():
+    from esn_core.models.kimi_vq import CausalConv1d
+
+    torch.manual_seed(0)
+    conv = CausalConv1d(3, 4, kernel_size=3, stride=2, padding=1)
+    x = torch.randn(1, 3, 12)
+    y = x.clone()
+    y[..., 7:] += 5.0
+    a, b = conv(x), conv(y)
+    assert a.shape[-1] == 6  # stride 2 over 12 frames
+    torch.testing.assert_close(a[..., :4], b[..., :4])  # outputs 0..3 read frames <= 6
+    assert not torch.allclose(a[..., 4:], b[..., 4:])
+
+
+def test_vq_codes_are_the_nearest_codebook_rows_one_per_80_ms(adapter):
+    vq = adapter.vq.model
+    audio = (0.3 * np.sin(np.arange(20_000) / 7.0)).astype(np.float32)
+    seen = {}
+    handle = vq.layers[-1].register_forward_hook(
+        lambda m, i, o: seen.__setitem__("x", o[0] if isinstance(o, tuple) else o))
+    try:
+        codes = adapter.vq(audio)
+    finally:
+        handle.remove()
+    assert len(codes) == audio_token_count(audio.size) == 16
+    pooled = vq._pooled(seen["x"])[0, : len(codes)]
+    nearest = torch.cdist(pooled, vq.codebook.weight.to(pooled.dtype)).argmin(dim=1)
+    assert codes == nearest.tolist()
+    assert len(adapter.vq(np.zeros(31 * 16_000, dtype=np.float32))) == 375 + 13
+
+
+def test_prepare_reads_each_source_into_one_prompt_row(adapter, tmp_path):
+    from esn_core.models.base import EVCRequest
+
+    sources = write_sources(tmp_path)
+    requests = [EVCRequest(f"a{i}", str(p), "t", "spk", e, 5 + i)
+                for i, (p, e) in enumerate(zip(sources, EMOTIONS))]
+    batch = adapter.prepare(requests)
+    for b, request in enumerate(requests):
+        codes, features = adapter.source_inputs(request.source_path)
+        expected = adapter.prompt(request.target_emotion, codes)
+        n = len(expected)
+        assert batch.lengths[b] == n
+        assert batch.audio[b, -n:].tolist() == expected.audio
+        assert int(batch.continuous[b].sum()) == len(codes) == features.shape[0]
+    (tmp_path / "empty.wav").write_bytes(b"not audio")
+    with pytest.raises(ValueError, match="empty.wav"):
+        adapter.prepare([EVCRequest("x", str(tmp_path / "empty.wav"), "t", "s", "sad", 1)])

@@ -4,7 +4,7 @@
 a dict of tensors named here, not from our module's ``state_dict``, so loading it checks the
 names), ``tiktoken.model`` (a byte-level BPE: the 256 bytes and the prefixes of a few
 words), ``whisper-large-v3/`` (a real transformers ``WhisperModel`` with random weights,
-saved by ``save_pretrained``). Shapes are shrunk so a batch generates in about a second on
+saved by ``save_pretrained``), ``glm-4-voice-tokenizer/`` (GLM-4-Voice's WhisperVQ layout). Shapes are shrunk so a batch generates in about a second on
 two CPU cores; the token layout keeps the real one: the special table right after the base
 vocabulary, the audio tokens after the text vocabulary.
 """
@@ -141,6 +141,39 @@ def write_whisper(directory: Path, seed: int = 0) -> None:
     WhisperModel(config).save_pretrained(directory)
 
 
+VQ_LAYERS, VQ_POSITION, VQ_CODES = 3, 2, 40
+
+
+def write_vq_tokenizer(directory: Path, seed: int = 0) -> None:
+    """GLM-4-Voice's tokenizer layout: a Whisper checkpoint (``model.encoder.*``, more
+    layers than the quantizer uses, final norm, decoder) plus the VQ config fields and
+    ``codebook`` / ``embed_positions2``; ``preprocessor_config.json`` for the features."""
+    from safetensors.torch import save_file
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    config = WhisperConfig(
+        d_model=WHISPER_D, encoder_layers=VQ_LAYERS, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=128,
+        max_source_positions=1500, max_target_positions=32, vocab_size=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )
+    config.update(dict(
+        pooling_kernel_size=4, pooling_type="avg", pooling_position=VQ_POSITION,
+        quantize_position=VQ_POSITION, quantize_vocab_size=VQ_CODES,
+        quantize_causal_block_size=200, quantize_causal_encoder=False,
+        encoder_causal_attention=False, encoder_causal_convolution=True,
+    ))
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    WhisperFeatureExtractor(feature_size=128).save_pretrained(directory)
+    torch.manual_seed(seed + 1)
+    state = {f"model.{k}": v for k, v in WhisperModel(config).state_dict().items()}
+    g = torch.Generator().manual_seed(seed + 2)
+    state["model.encoder.codebook.weight"] = torch.randn(VQ_CODES, WHISPER_D, generator=g)
+    state["model.encoder.embed_positions2.weight"] = torch.randn(375, WHISPER_D, generator=g)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+
+
 def build_checkpoint(directory: Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
@@ -151,6 +184,7 @@ def build_checkpoint(directory: Path, seed: int = 0) -> Path:
     (directory / "config.json").write_text(json.dumps(fields, indent=2))
     save_file(lm_state(fields, seed), str(directory / "model.safetensors"))
     write_whisper(directory / "whisper-large-v3", seed)
+    write_vq_tokenizer(directory / "glm-4-voice-tokenizer", seed)
     return directory
 
 

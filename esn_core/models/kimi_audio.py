@@ -20,10 +20,12 @@ What this module does, each part our own code on transformers' classes:
   LM, called once per step with the audio stream as ``input_ids`` and the 2-D
   ``attention_mask``; its end ids are the audio end tokens (``msg_end``, ``media_end``).
 
-Not yet here (the adapter says so instead of guessing): the discrete source tokens (GLM-4-
-Voice's WhisperVQ tokenizer) and speech output (flow-matching detokenizer + BigVGAN). Until
-they exist, ``convert`` raises and the adapter is not registered; ``prepare_tokens`` +
-``generate`` run on prompts whose audio tokens the caller supplies.
+* **Source tokens** (``kimi_vq``): GLM-4-Voice's WhisperVQ encoder, rebuilt on transformers'
+  Whisper layers, gives the source's discrete codes (12.5 Hz, one per Whisper row).
+
+Not yet here (the adapter says so instead of guessing): speech output (the flow-matching
+detokenizer + BigVGAN). Until it exists, ``convert`` raises and the adapter is not
+registered; ``prepare`` + ``generate`` give each request's text and audio codes.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from esn_core.models.kimi_generate import (
 )
 from esn_core.models.kimi_modeling import KimiAudioLM, kimi_config, load_state, read_config
 from esn_core.models.kimi_tokens import KimiTokenizer, TwoStreams, evc_prompt
+from esn_core.models.kimi_vq import SourceTokenizer
 
 HUB_ID = "moonshotai/Kimi-Audio-7B-Instruct"
 SOURCE_RATE = 16_000
@@ -53,6 +56,7 @@ TOKEN_RATE = 12.5  # audio tokens per second (upstream's length cap: 12.5 × 120
 CONFIG = "config.json"
 TIKTOKEN = "tiktoken.model"
 WHISPER_DIR = "whisper-large-v3"
+VQ_DIR = "glm-4-voice-tokenizer"  # upstream fetches THUDM/glm-4-voice-tokenizer: put it here
 INSTRUCTION_TEMPLATE = (
     "Repeat exactly the words spoken in this audio, word for word, and say them with the "
     "emotion: {emotion}. Reply with the words only."
@@ -86,7 +90,8 @@ def _weight_files(directory: Path, missing: list[str]) -> list[Path]:
 def check_checkpoint(directory: str | os.PathLike) -> Path:
     """``directory`` if it holds every file the adapter loads, else a ``CheckpointError``
     naming each missing file (upstream's layout: LM config + safetensors, ``tiktoken.model``,
-    ``whisper-large-v3/``)."""
+    ``whisper-large-v3/``; plus ``glm-4-voice-tokenizer/``, which upstream downloads on
+    its own)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"Kimi-Audio checkpoint directory {directory} does not exist; "
@@ -100,6 +105,11 @@ def check_checkpoint(directory: str | os.PathLike) -> Path:
     if not (whisper / "config.json").is_file():
         missing.append(f"{WHISPER_DIR}/config.json")
     _weight_files(whisper, missing)
+    vq = directory / VQ_DIR
+    for name in ("config.json", "preprocessor_config.json"):
+        if not (vq / name).is_file():
+            missing.append(f"{VQ_DIR}/{name}")
+    _weight_files(vq, missing)
     if missing:
         raise CheckpointError(f"Kimi-Audio checkpoint at {directory} is incomplete: missing "
                               f"{', '.join(missing)}")
@@ -241,6 +251,7 @@ class KimiAudioAdapter(LALMAdapter):
         self.tokenizer = KimiTokenizer(self.path / TIKTOKEN)
         lm = load_lm(self.path, DTYPES[dtype], device)
         self.whisper = WhisperFeatures(self.path / WHISPER_DIR, DTYPES[dtype], device)
+        self.vq = SourceTokenizer(self.path / VQ_DIR, device)
         self._attach(lm, instruction_template, max_tokens,
                      Sampling(audio_temperature, audio_top_k, audio_delay), batch_size)
 
@@ -255,7 +266,7 @@ class KimiAudioAdapter(LALMAdapter):
         on ``TwoStreams`` prompts the caller builds.
         """
         self = cls.__new__(cls)
-        self.path, self.tokenizer, self.whisper = None, tokenizer, None
+        self.path, self.tokenizer, self.whisper, self.vq = None, tokenizer, None, None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             lm = KimiAudioLM(kimi_config(fields))
@@ -315,6 +326,28 @@ class KimiAudioAdapter(LALMAdapter):
         audio = [offset + int(c) for c in audio_codes]
         return evc_prompt(self.ids, self.tokenizer.encode(self.instruction(target_emotion)), audio)
 
+    def source_inputs(self, path: str | os.PathLike) -> tuple[list[int], torch.Tensor]:
+        """A source's VQ codes and its Whisper features (one row per code)."""
+        if self.vq is None or self.whisper is None:
+            raise RuntimeError("this adapter was built without its audio encoders")
+        audio = load_source(path)
+        if audio.size == 0:
+            raise ValueError(f"source audio {os.fspath(path)} is empty")
+        codes, features = self.vq(audio), self.whisper(audio)
+        if len(codes) != features.shape[0]:
+            raise RuntimeError(f"{os.fspath(path)}: {len(codes)} VQ codes but "
+                               f"{features.shape[0]} Whisper rows")
+        return codes, features
+
+    def prepare(self, requests: Sequence[EVCRequest]) -> PromptBatch:
+        """One left-padded batch of EVC prompts (instruction, then the source audio)."""
+        prompts, features = [], []
+        for request in requests:
+            codes, feats = self.source_inputs(request.source_path)
+            prompts.append(self.prompt(request.target_emotion, codes))
+            features.append(feats)
+        return self.batch(prompts, features)
+
     def batch(self, prompts: list[TwoStreams], features: list[torch.Tensor | None]) -> PromptBatch:
         return pad_prompts(prompts, features, self.ids.pad, self.device, self.dtype)
 
@@ -337,7 +370,7 @@ class KimiAudioAdapter(LALMAdapter):
 
     def convert(self, requests: list[EVCRequest]) -> list[EVCOutput]:
         raise NotImplementedError(
-            "Kimi-Audio speech output is not implemented yet: the WhisperVQ source tokenizer "
-            "and the flow-matching detokenizer + BigVGAN vocoder are still to be ported "
-            "(issue 14); only prompts, generation (text + audio codes) and the hook groups work"
+            "Kimi-Audio speech output is not implemented yet: the flow-matching detokenizer "
+            "and the BigVGAN vocoder are still to be ported (issue 14); prepare + generate "
+            "give text and audio codes, and the hook groups work"
         )

@@ -30,7 +30,6 @@ registered; ``prepare`` + ``generate`` give each request's text and audio codes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import string
@@ -47,82 +46,21 @@ from esn_core.models.kimi_generate import (
     PromptBatch, RowResult, Sampling, generate_two_streams, pad_prompts,
 )
 from esn_core.models.kimi_modeling import KimiAudioLM, kimi_config, load_state, read_config
+from esn_core.models.kimi_checkpoint import (  # noqa: F401 (CheckpointError: re-exported)
+    CONFIG, TIKTOKEN, VQ_DIR, WHISPER_DIR, CheckpointError, check_checkpoint, read_safetensors,
+    weight_files,
+)
 from esn_core.models.kimi_tokens import KimiTokenizer, TwoStreams, evc_prompt
 from esn_core.models.kimi_vq import SourceTokenizer
 
-HUB_ID = "moonshotai/Kimi-Audio-7B-Instruct"
 SOURCE_RATE = 16_000
 TOKEN_RATE = 12.5  # audio tokens per second (upstream's length cap: 12.5 × 120 tokens)
-CONFIG = "config.json"
-TIKTOKEN = "tiktoken.model"
-WHISPER_DIR = "whisper-large-v3"
-VQ_DIR = "glm-4-voice-tokenizer"  # upstream fetches THUDM/glm-4-voice-tokenizer: put it here
 INSTRUCTION_TEMPLATE = (
     "Repeat exactly the words spoken in this audio, word for word, and say them with the "
     "emotion: {emotion}. Reply with the words only."
 )
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
           "float64": torch.float64}
-
-
-class CheckpointError(FileNotFoundError):
-    """A Kimi-Audio checkpoint that is missing or incomplete; the message names the file."""
-
-
-# --------------------------------------------------------------------------- checkpoint
-
-
-def _weight_files(directory: Path, missing: list[str]) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{index} is not a safetensors index: {err}") from err
-        missing += [str(Path(directory.name) / s) for s in shards if not (directory / s).is_file()]
-        return [directory / s for s in shards]
-    if (directory / "model.safetensors").is_file():
-        return [directory / "model.safetensors"]
-    missing.append(f"{directory.name}/model.safetensors (or model.safetensors.index.json and shards)")
-    return []
-
-
-def check_checkpoint(directory: str | os.PathLike) -> Path:
-    """``directory`` if it holds every file the adapter loads, else a ``CheckpointError``
-    naming each missing file (upstream's layout: LM config + safetensors, ``tiktoken.model``,
-    ``whisper-large-v3/``; plus ``glm-4-voice-tokenizer/``, which upstream downloads on
-    its own)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"Kimi-Audio checkpoint directory {directory} does not exist; "
-                              f"download {HUB_ID} there and set model path to it")
-    missing: list[str] = []
-    for name in (CONFIG, TIKTOKEN):
-        if not (directory / name).is_file():
-            missing.append(name)
-    _weight_files(directory, missing)
-    whisper = directory / WHISPER_DIR
-    if not (whisper / "config.json").is_file():
-        missing.append(f"{WHISPER_DIR}/config.json")
-    _weight_files(whisper, missing)
-    vq = directory / VQ_DIR
-    for name in ("config.json", "preprocessor_config.json"):
-        if not (vq / name).is_file():
-            missing.append(f"{VQ_DIR}/{name}")
-    _weight_files(vq, missing)
-    if missing:
-        raise CheckpointError(f"Kimi-Audio checkpoint at {directory} is incomplete: missing "
-                              f"{', '.join(missing)}")
-    return directory
-
-
-def read_safetensors(files: Sequence[Path]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        state.update(load_file(str(path)))
-    return state
 
 
 def load_lm(directory: Path, dtype: torch.dtype, device) -> KimiAudioLM:
@@ -132,7 +70,7 @@ def load_lm(directory: Path, dtype: torch.dtype, device) -> KimiAudioLM:
         lm = KimiAudioLM(config)
     lm = lm.to_empty(device="cpu")
     lm.model.rotary_emb = type(lm.model.rotary_emb)(config)  # its buffer is computed, not loaded
-    load_state(lm, read_safetensors(_weight_files(directory, [])), str(directory))
+    load_state(lm, read_safetensors(weight_files(directory, [])), str(directory))
     return lm.to(device=device, dtype=dtype).eval()
 
 
@@ -177,7 +115,7 @@ class WhisperFeatures:
         config = WhisperConfig.from_pretrained(directory)
         self.extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins,
                                                  sampling_rate=SOURCE_RATE)
-        state = read_safetensors(_weight_files(directory, []))
+        state = read_safetensors(weight_files(directory, []))
         for prefix in ("model.encoder.", "encoder."):
             if any(k.startswith(prefix) for k in state):
                 state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from esn_core.models.kimi_checkpoint import read_safetensors, weight_files
 from esn_core.models.kimi_modeling import load_state
 
 SOURCE_RATE = 16_000
@@ -129,8 +130,6 @@ class SourceTokenizer:
     def __init__(self, directory: Path, device):
         from transformers import WhisperConfig, WhisperFeatureExtractor
 
-        from esn_core.models.kimi_audio import _weight_files, read_safetensors
-
         directory = Path(directory)
         config = WhisperConfig.from_pretrained(directory)
         for key in ("quantize_position", "quantize_vocab_size"):
@@ -138,7 +137,7 @@ class SourceTokenizer:
                 raise ValueError(f"{directory / 'config.json'} has no {key}: not a WhisperVQ tokenizer")
         self.extractor = WhisperFeatureExtractor.from_pretrained(directory)
         state = {}
-        for name, tensor in read_safetensors(_weight_files(directory, [])).items():
+        for name, tensor in read_safetensors(weight_files(directory, [])).items():
             if not name.startswith("model.encoder."):
                 continue
             name = name[len("model.encoder."):]

@@ -385,3 +385,15 @@ def test_prepare_reads_each_source_into_one_prompt_row(adapter, tmp_path):
     (tmp_path / "empty.wav").write_bytes(b"not audio")
     with pytest.raises(ValueError, match="empty.wav"):
         adapter.prepare([EVCRequest("x", str(tmp_path / "empty.wav"), "t", "s", "sad", 1)])
+
+
+def test_from_config_builds_the_7b_shape_without_weights_in_memory():
+    fields = dict(vocab_size=168448, hidden_size=3584, intermediate_size=18944,
+                  num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                  rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=8192)
+    adapter = KimiAudioAdapter.from_config(fields, device="meta", dtype="bfloat16")
+    groups = adapter.groups()
+    assert groups["lm"].layout.layer_sizes == (18944,) * 28
+    assert groups["synth"].layout.layer_sizes == (18944,) * 6  # Kimi's defaults: 6 MIMO layers
+    assert adapter.lm.model.branch == 21 and adapter.ids.msg_end == 151645
+    assert adapter.lm.lm_head.weight.shape == (168448, 3584)

@@ -205,10 +205,14 @@ class KimiAudioAdapter(LALMAdapter):
         """
         self = cls.__new__(cls)
         self.path, self.tokenizer, self.whisper, self.vq = None, tokenizer, None, None
-        with torch.random.fork_rng(devices=[]):
+        device = torch.device(device)
+        # Built on the target device (a 7B model need not pass through host memory), with
+        # the caller's RNG left as it was.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            lm = KimiAudioLM(kimi_config(fields))
-        lm = lm.to(device=device, dtype=DTYPES[dtype]).eval()
+            with torch.device(device):
+                lm = KimiAudioLM(kimi_config(fields))
+        lm = lm.to(dtype=DTYPES[dtype]).eval()
         self._attach(lm, None, max_tokens, sampling, batch_size)
         return self
 

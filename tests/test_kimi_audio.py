@@ -278,6 +278,8 @@ def test_steering_changes_the_row_it_masks_and_the_session_exit_restores(adapter
     "config.json", "tiktoken.model", "model.safetensors", "whisper-large-v3/config.json",
     "whisper-large-v3/model.safetensors", "glm-4-voice-tokenizer/config.json",
     "glm-4-voice-tokenizer/preprocessor_config.json", "glm-4-voice-tokenizer/model.safetensors",
+    "audio_detokenizer/config.yaml", "audio_detokenizer/model.pt", "vocoder/config.json",
+    "vocoder/model.pt",
 ])
 def test_a_missing_part_of_the_checkpoint_is_named(checkpoint, tmp_path, part):
     copy = tmp_path / "ckpt"
@@ -315,78 +317,6 @@ def test_from_config_builds_a_random_model_of_any_shape_for_benchmarks(checkpoin
         KimiAudioAdapter.from_config({**fields, "kimia_mimo_transformer_from_layer_index": 5})
 
 
-def test_convert_says_speech_output_is_not_ported_yet(adapter):
-    with pytest.raises(NotImplementedError, match="detokenizer"):
-        adapter.convert([])
-
-
-# --------------------------------------------------------------------------- source tokens
-
-
-def test_vq_mask_is_block_causal_over_real_frames():
-    from esn_core.models.kimi_vq import block_causal
-
-    allowed = block_causal(torch.tensor([[1, 1, 1, 1, 1, 0]]), 2, False, torch.float32)[0, 0] == 0
-    expected = [
-        [1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0],  # a block sees itself (future included)...
-        [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0],  # ... and every block before it
-        [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1],  # a padded key is blocked, save for itself
-    ]
-    assert allowed.int().tolist() == expected
-    causal = block_causal(torch.ones(1, 3), None, True, torch.float32)[0, 0] == 0
-    assert causal.int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
-
-
-def test_causal_convolution_never_sees_the_future():
-    from esn_core.models.kimi_vq import CausalConv1d
-
-    torch.manual_seed(0)
-    conv = CausalConv1d(3, 4, kernel_size=3, stride=2, padding=1)
-    x = torch.randn(1, 3, 12)
-    y = x.clone()
-    y[..., 7:] += 5.0
-    a, b = conv(x), conv(y)
-    assert a.shape[-1] == 6  # stride 2 over 12 frames
-    torch.testing.assert_close(a[..., :4], b[..., :4])  # outputs 0..3 read frames <= 6
-    assert not torch.allclose(a[..., 4:], b[..., 4:])
-
-
-def test_vq_codes_are_the_nearest_codebook_rows_one_per_80_ms(adapter):
-    vq = adapter.vq.model
-    audio = (0.3 * np.sin(np.arange(20_000) / 7.0)).astype(np.float32)
-    seen = {}
-    handle = vq.layers[-1].register_forward_hook(
-        lambda m, i, o: seen.__setitem__("x", o[0] if isinstance(o, tuple) else o))
-    try:
-        codes = adapter.vq(audio)
-    finally:
-        handle.remove()
-    assert len(codes) == audio_token_count(audio.size) == 16
-    pooled = vq._pooled(seen["x"])[0, : len(codes)]
-    nearest = torch.cdist(pooled, vq.codebook.weight.to(pooled.dtype)).argmin(dim=1)
-    assert codes == nearest.tolist()
-    assert len(adapter.vq(np.zeros(31 * 16_000, dtype=np.float32))) == 375 + 13
-
-
-def test_prepare_reads_each_source_into_one_prompt_row(adapter, tmp_path):
-    from esn_core.models.base import EVCRequest
-
-    sources = write_sources(tmp_path)
-    requests = [EVCRequest(f"a{i}", str(p), "t", "spk", e, 5 + i)
-                for i, (p, e) in enumerate(zip(sources, EMOTIONS))]
-    batch = adapter.prepare(requests)
-    for b, request in enumerate(requests):
-        codes, features = adapter.source_inputs(request.source_path)
-        expected = adapter.prompt(request.target_emotion, codes)
-        n = len(expected)
-        assert batch.lengths[b] == n
-        assert batch.audio[b, -n:].tolist() == expected.audio
-        assert int(batch.continuous[b].sum()) == len(codes) == features.shape[0]
-    (tmp_path / "empty.wav").write_bytes(b"not audio")
-    with pytest.raises(ValueError, match="empty.wav"):
-        adapter.prepare([EVCRequest("x", str(tmp_path / "empty.wav"), "t", "s", "sad", 1)])
-
-
 def test_from_config_builds_the_7b_shape_without_weights_in_memory():
     fields = dict(vocab_size=168448, hidden_size=3584, intermediate_size=18944,
                   num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
@@ -397,3 +327,111 @@ def test_from_config_builds_the_7b_shape_without_weights_in_memory():
     assert groups["synth"].layout.layer_sizes == (18944,) * 6  # Kimi's defaults: 6 MIMO layers
     assert adapter.lm.model.branch == 21 and adapter.ids.msg_end == 151645
     assert adapter.lm.lm_head.weight.shape == (168448, 3584)
+
+
+# --------------------------------------------------------------------------- speech
+
+
+def test_detokenizer_names_load_exactly(checkpoint):
+    from esn_core.models.kimi_detokenizer import load_dit
+
+    saved = torch.load(checkpoint / "audio_detokenizer" / "model.pt", weights_only=True)["state_dict"]
+    dit = load_dit(checkpoint / "audio_detokenizer", "cpu", torch.float32)
+    state = dit.state_dict()
+    assert {f"speech_model.{k}" for k in state} == set(saved)
+    assert all(torch.equal(state[k[len("speech_model."):]], v) for k, v in saved.items())
+
+
+def test_a_chunk_drops_its_look_ahead_and_leaves_its_keys_as_the_next_prefix(adapter):
+    from esn_core.models.kimi_detokenizer import Streaming
+
+    dit = adapter.detokenizer.dit
+    stream = Streaming(dit, steps=4, look_ahead=48, max_kv_tokens=100)
+    codes = torch.arange(120) % 48
+    g = torch.Generator().manual_seed(0)
+    mel = stream.chunk(codes, g, final=False)
+    assert mel.shape == (72, 80) and stream.start == 72
+    assert torch.equal(stream.tail, codes[-48:])
+    assert all(k.shape[1] == 72 and v.shape[1] == 72 for k, v in stream.prefix)
+    second = stream.chunk(codes, torch.Generator().manual_seed(1), final=False)
+    assert second.shape == (120, 80)  # the 48 redone frames + 120 new - 48 held back
+    assert all(k.shape[1] == 100 for k, _ in stream.prefix)  # trimmed to max_kv_tokens
+    # The prefix matters: the same chunk (same redone tail, same noise) after a different
+    # first chunk comes out different.
+    runs = []
+    for first in (codes, (codes + 5) % 48):
+        stream = Streaming(dit, steps=4, look_ahead=48, max_kv_tokens=100)
+        stream.chunk(first, torch.Generator().manual_seed(0), final=False)
+        stream.tail = codes[-48:]
+        runs.append(stream.chunk(codes, torch.Generator().manual_seed(1), final=True))
+    assert runs[0].shape == runs[1].shape == (168, 80)  # final: nothing held back
+    assert not torch.allclose(runs[0], runs[1])
+
+
+def test_vocoder_hand_over_cross_fades_with_a_hamming_window(adapter):
+    from esn_core.models.kimi_detokenizer import FRAME_SAMPLES, Detokenizer
+
+    class Hold(torch.nn.Module):  # each mel frame's first bin, held for one frame
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, mel):
+            return mel[:, :1, :].repeat_interleave(FRAME_SAMPLES, dim=2)
+
+    det = Detokenizer(adapter.detokenizer.dit, Hold())
+    first = torch.arange(8.0)[:, None].repeat(1, 80)
+    out, pre_mel, pre_wav = det._vocode(first, None, None, final=False)
+    assert out.shape[0] == 4 * FRAME_SAMPLES and torch.equal(pre_mel, first[4:])
+    assert torch.equal(pre_wav, torch.arange(4.0, 8.0).repeat_interleave(FRAME_SAMPLES))
+    second = 10 + torch.arange(8.0)[:, None].repeat(1, 80)
+    out2, pre_mel2, pre_wav2 = det._vocode(second, pre_mel, pre_wav, final=False)
+    wav = torch.cat([first[4:, 0], second[:, 0]]).repeat_interleave(FRAME_SAMPLES)
+    n = 2 * pre_wav.shape[0]
+    window = torch.hamming_window(n)
+    expected = wav[:n].clone()
+    expected[: n // 2] = pre_wav[: n // 2] * window[n // 2:] + wav[: n // 2] * window[: n // 2]
+    torch.testing.assert_close(out2, expected)
+    assert torch.equal(pre_wav2, wav[n:]) and torch.equal(pre_mel2, second[-4:])
+    final, _, _ = det._vocode(second, pre_mel, pre_wav, final=True)
+    assert torch.equal(final, wav)  # the last chunk comes back whole
+
+
+def test_speech_length_follows_the_codes_and_the_seed_drives_the_noise(adapter):
+    det = adapter.detokenizer
+    one_frame = det._wave(torch.zeros(1, 80)).shape[0]
+    extra = one_frame - 480  # what the vocoder's convolutions add to any length
+    for n in (5, 30, 45, 75):
+        codes = [(7 * i) % 48 for i in range(n)]
+        wave = det(codes, torch.Generator().manual_seed(3))
+        assert wave.shape[0] == n * 4 * 480 + extra, n  # no frame lost or doubled at a seam
+    codes = list(range(40))
+    a = det(codes, torch.Generator().manual_seed(3))
+    assert torch.equal(a, det(codes, torch.Generator().manual_seed(3)))
+    assert not torch.equal(a, det(codes, torch.Generator().manual_seed(4)))
+
+
+def test_convert_gives_text_16k_speech_and_batched_rows_equal_single_runs(adapter, tmp_path):
+    from esn_core.models.base import EVCRequest
+
+    sources = write_sources(tmp_path)
+    requests = [EVCRequest(f"a{i}", str(p), "t", "spk", e, s)
+                for i, (p, e, s) in enumerate(zip(sources, EMOTIONS, SEEDS))]
+    outputs = adapter.convert(requests)
+    assert [o.attempt_id for o in outputs] == ["a0", "a1", "a2"]
+    rows = adapter.generate(adapter.prepare(requests), SEEDS)
+    for out, row, request in zip(outputs, rows, requests):
+        assert out.sample_rate == 16_000 and out.n_positions == row.n_positions
+        assert out.decoded_text == row.text
+        assert out.waveform.shape[0] == pytest.approx(len(row.codes) * 1280, abs=2)  # 80 ms a code
+        assert np.array_equal(out.waveform, adapter.speak(row.codes, request.seed))
+        (alone,) = adapter.convert([request])
+        assert np.array_equal(alone.waveform, out.waveform) and alone.decoded_text == out.decoded_text
+    assert adapter.convert([]) == []
+
+
+def test_registry_builds_the_adapter(checkpoint):
+    from esn_core.models.base import load_adapter
+
+    adapter = load_adapter("kimi_audio", path=str(checkpoint), device="cpu", max_tokens=60)
+    assert isinstance(adapter, KimiAudioAdapter) and adapter.dtype == torch.float32

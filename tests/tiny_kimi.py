@@ -4,7 +4,8 @@
 a dict of tensors named here, not from our module's ``state_dict``, so loading it checks the
 names), ``tiktoken.model`` (a byte-level BPE: the 256 bytes and the prefixes of a few
 words), ``whisper-large-v3/`` (a real transformers ``WhisperModel`` with random weights,
-saved by ``save_pretrained``), ``glm-4-voice-tokenizer/`` (GLM-4-Voice's WhisperVQ layout). Shapes are shrunk so a batch generates in about a second on
+saved by ``save_pretrained``), ``glm-4-voice-tokenizer/`` (GLM-4-Voice's WhisperVQ layout), ``audio_detokenizer/``
+(the flow-matching DiT, tensors named by hand) and ``vocoder/`` (PyPI's BigVGAN). Shapes are shrunk so a batch generates in about a second on
 two CPU cores; the token layout keeps the real one: the special table right after the base
 vocabulary, the audio tokens after the text vocabulary.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +176,71 @@ def write_vq_tokenizer(directory: Path, seed: int = 0) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
 
 
+DIT_HIDDEN, DIT_HEADS, DIT_DEPTH = 16, 2, 2
+
+
+def dit_config() -> dict:
+    return {"model": {"dit": {
+        "input_size": 80, "semantic_vocab_size": AUDIO_CODES, "hidden_size": DIT_HIDDEN,
+        "depth": DIT_DEPTH, "num_heads": DIT_HEADS, "mlp_ratio": 2.0, "ffn_type": "vanilla_mlp",
+        "position_embedding_type": "sincos", "max_seq_len": 4096, "use_rope": True,
+        "rope_params": {"max_position_embeddings": 4096, "rope_base": 10000.0,
+                        "rope_interpolation_factor": 1.0},
+    }}, "normalize_mel": False, "mel_mean": None, "mel_std": None}
+
+
+def dit_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The detokenizer's tensors under upstream's names (``speech_model.`` + DiTPrefix)."""
+    g = torch.Generator().manual_seed(seed + 3)
+    h = DIT_HIDDEN
+    shapes = {
+        "t_embedder.mlp.0": (h, 256), "t_embedder.mlp.2": (h, h), "input_linear": (h, 80),
+        "final_layer.linear": (80, h), "final_layer.adaLN_modulation.1": (2 * h, h),
+    }
+    for i in range(DIT_DEPTH):
+        shapes.update({
+            f"blocks.{i}.attn.qkv": (3 * h, h), f"blocks.{i}.attn.proj": (h, h),
+            f"blocks.{i}.mlp.fc1": (2 * h, h), f"blocks.{i}.mlp.fc2": (h, 2 * h),
+            f"blocks.{i}.adaLN_modulation.1": (6 * h, h),
+        })
+    state = {}
+    for name, (out, inp) in shapes.items():
+        state[f"speech_model.{name}.weight"] = torch.randn(out, inp, generator=g) / math.sqrt(inp)
+        state[f"speech_model.{name}.bias"] = 0.1 * torch.randn(out, generator=g)
+    state["speech_model.semantic_token_embedding.weight"] = torch.randn(AUDIO_CODES + 1, h, generator=g)
+    state["speech_model.position_embedding._float_tensor"] = torch.zeros(1)
+    return state
+
+
+def vocoder_config() -> dict:
+    return {
+        "num_mels": 80, "upsample_rates": [8, 6, 5, 2], "upsample_kernel_sizes": [16, 12, 10, 4],
+        "upsample_initial_channel": 32, "resblock": "1", "resblock_kernel_sizes": [3],
+        "resblock_dilation_sizes": [[1, 3]], "activation": "snakebeta", "snake_logscale": True,
+        "use_tanh_at_final": False, "use_bias_at_final": False, "sampling_rate": 24000,
+        "hop_size": 480, "n_fft": 1920, "win_size": 1920, "fmin": 0, "fmax": None,
+    }
+
+
+def write_speech_decoder(directory: Path, seed: int = 0) -> None:
+    """``audio_detokenizer/`` (config.yaml, model.pt) and ``vocoder/`` (config.json,
+    model.pt with a ``generator`` state dict of PyPI's BigVGAN)."""
+    import yaml
+    from bigvgan.bigvgan import BigVGAN
+    from bigvgan.env import AttrDict
+
+    detok = directory / "audio_detokenizer"
+    detok.mkdir(parents=True, exist_ok=True)
+    (detok / "config.yaml").write_text(yaml.safe_dump(dit_config()))
+    torch.save({"state_dict": dit_state(seed)}, detok / "model.pt")
+    vocoder_dir = directory / "vocoder"
+    vocoder_dir.mkdir(parents=True, exist_ok=True)
+    (vocoder_dir / "config.json").write_text(json.dumps(vocoder_config()))
+    torch.manual_seed(seed + 4)
+    vocoder = BigVGAN(AttrDict(vocoder_config()), use_cuda_kernel=False)
+    torch.save({"generator": vocoder.state_dict()}, vocoder_dir / "model.pt")
+
+
 def build_checkpoint(directory: Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
@@ -185,6 +252,7 @@ def build_checkpoint(directory: Path, seed: int = 0) -> Path:
     save_file(lm_state(fields, seed), str(directory / "model.safetensors"))
     write_whisper(directory / "whisper-large-v3", seed)
     write_vq_tokenizer(directory / "glm-4-voice-tokenizer", seed)
+    write_speech_decoder(directory, seed)
     return directory
 
 

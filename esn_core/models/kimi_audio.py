@@ -23,9 +23,14 @@ What this module does, each part our own code on transformers' classes:
 * **Source tokens** (``kimi_vq``): GLM-4-Voice's WhisperVQ encoder, rebuilt on transformers'
   Whisper layers, gives the source's discrete codes (12.5 Hz, one per Whisper row).
 
-Not yet here (the adapter says so instead of guessing): speech output (the flow-matching
-detokenizer + BigVGAN). Until it exists, ``convert`` raises and the adapter is not
-registered; ``prepare`` + ``generate`` give each request's text and audio codes.
+* **Speech** (``kimi_detokenizer``): upstream's chunked flow-matching DiT (30-code chunks,
+  12-code look-ahead, Euler steps, prefix keys/values between chunks) in our code with SDPA,
+  then PyPI's BigVGAN without its CUDA kernel, Hamming cross-fades between chunks; 24 kHz
+  resampled to 16 kHz for judging. Each row's noise comes from a generator seeded with its
+  request's seed, so a row's waveform depends only on its codes and seed.
+
+Rows are generated together (one step loop per batch) and decoded to speech one row at a
+time (upstream's detokenizer is one stream per call).
 """
 
 from __future__ import annotations
@@ -47,13 +52,15 @@ from esn_core.models.kimi_generate import (
 )
 from esn_core.models.kimi_modeling import KimiAudioLM, kimi_config, load_state, read_config
 from esn_core.models.kimi_checkpoint import (  # noqa: F401 (CheckpointError: re-exported)
-    CONFIG, TIKTOKEN, VQ_DIR, WHISPER_DIR, CheckpointError, check_checkpoint, read_safetensors,
-    weight_files,
+    CONFIG, DETOKENIZER_DIR, TIKTOKEN, VOCODER_DIR, VQ_DIR, WHISPER_DIR, CheckpointError,
+    check_checkpoint, read_safetensors, weight_files,
 )
+from esn_core.models.kimi_detokenizer import Detokenizer, load_dit, load_vocoder
 from esn_core.models.kimi_tokens import KimiTokenizer, TwoStreams, evc_prompt
 from esn_core.models.kimi_vq import SourceTokenizer
 
 SOURCE_RATE = 16_000
+OUTPUT_RATE = 24_000  # BigVGAN's rate
 TOKEN_RATE = 12.5  # audio tokens per second (upstream's length cap: 12.5 × 120 tokens)
 INSTRUCTION_TEMPLATE = (
     "Repeat exactly the words spoken in this audio, word for word, and say them with the "
@@ -93,6 +100,17 @@ def load_source(path: str | os.PathLike, rate: int = SOURCE_RATE) -> np.ndarray:
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
+def to_16k(wave: np.ndarray, rate: int = OUTPUT_RATE) -> np.ndarray:
+    """The vocoder's waveform at 16 kHz for judging, clipped to [-1, 1]."""
+    from scipy.signal import resample_poly
+
+    wave = np.asarray(wave, dtype=np.float64).reshape(-1)
+    if rate != SOURCE_RATE and wave.size:
+        g = math.gcd(int(rate), SOURCE_RATE)
+        wave = resample_poly(wave, SOURCE_RATE // g, int(rate) // g)
+    return np.clip(wave, -1.0, 1.0).astype(np.float32)
+
+
 def audio_token_count(n_samples: int) -> int:
     """Audio tokens (12.5 Hz) for ``n_samples`` at 16 kHz: upstream's ``(L - 1) // 1280 + 1``."""
     return (int(n_samples) - 1) // 1280 + 1 if n_samples > 0 else 0
@@ -113,6 +131,7 @@ class WhisperFeatures:
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
         config = WhisperConfig.from_pretrained(directory)
+        config._attn_implementation = "sdpa"
         self.extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins,
                                                  sampling_rate=SOURCE_RATE)
         state = read_safetensors(weight_files(directory, []))
@@ -166,13 +185,16 @@ class Generated:
 
 
 class KimiAudioAdapter(LALMAdapter):
-    """Kimi-Audio: EVC prompts in, text and audio codes out, hookable ``lm``/``synth`` groups.
+    """Kimi-Audio: EVC prompts in, decoded text and 16 kHz speech out, ``lm``/``synth`` groups.
 
     ``path``: a local checkpoint in upstream's layout (see ``check_checkpoint``). ``dtype``:
-    the LM's and Whisper's weights (default bfloat16 on CUDA, float32 on CPU).
+    the LM's, Whisper's and the speech decoder's weights (default bfloat16 on CUDA, float32
+    on CPU; the VQ tokenizer runs in float32).
     ``max_tokens``: upstream's cap on prompt + answer (12.5 × 120 = 1500 positions).
     ``audio_temperature`` / ``audio_top_k`` / ``audio_delay``: upstream's audio sampling
-    (0.8, 10) and text-to-audio delay (6 steps).
+    (0.8, 10) and text-to-audio delay (6 steps). ``detokenizer_steps``: Euler points of
+    each flow-matching chunk (upstream: 30). ``batch_size``: rows per ``convert`` call the
+    workflow should send.
     """
 
     name = "kimi_audio"
@@ -180,7 +202,8 @@ class KimiAudioAdapter(LALMAdapter):
     def __init__(self, path: str | os.PathLike, device: str | None = None,
                  dtype: str | None = None, instruction_template: str | None = None,
                  max_tokens: int = int(TOKEN_RATE * 120), audio_temperature: float = 0.8,
-                 audio_top_k: int = 10, audio_delay: int = 6, batch_size: int = 8):
+                 audio_top_k: int = 10, audio_delay: int = 6, batch_size: int = 8,
+                 detokenizer_steps: int = 30):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
         if dtype not in DTYPES:
@@ -190,6 +213,11 @@ class KimiAudioAdapter(LALMAdapter):
         lm = load_lm(self.path, DTYPES[dtype], device)
         self.whisper = WhisperFeatures(self.path / WHISPER_DIR, DTYPES[dtype], device)
         self.vq = SourceTokenizer(self.path / VQ_DIR, device)
+        self.detokenizer = Detokenizer(
+            load_dit(self.path / DETOKENIZER_DIR, device, DTYPES[dtype]),
+            load_vocoder(self.path / VOCODER_DIR, device, DTYPES[dtype]),
+            steps=int(detokenizer_steps),
+        )
         self._attach(lm, instruction_template, max_tokens,
                      Sampling(audio_temperature, audio_top_k, audio_delay), batch_size)
 
@@ -205,6 +233,7 @@ class KimiAudioAdapter(LALMAdapter):
         """
         self = cls.__new__(cls)
         self.path, self.tokenizer, self.whisper, self.vq = None, tokenizer, None, None
+        self.detokenizer = None
         device = torch.device(device)
         # Built on the target device (a 7B model need not pass through host memory), with
         # the caller's RNG left as it was.
@@ -310,9 +339,21 @@ class KimiAudioAdapter(LALMAdapter):
         n_positions = prompt_length + max(result.steps - 1, 0)
         return Generated(text, codes, n_positions, result.ended)
 
+    def speak(self, codes: Sequence[int], seed: int) -> np.ndarray:
+        """The 16 kHz waveform of one row's audio codes; its noise from its own seed."""
+        if self.detokenizer is None:
+            raise RuntimeError("this adapter was built without its speech decoder")
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        wave = self.detokenizer(list(codes), generator)
+        return to_16k(wave.cpu().numpy(), OUTPUT_RATE)
+
     def convert(self, requests: list[EVCRequest]) -> list[EVCOutput]:
-        raise NotImplementedError(
-            "Kimi-Audio speech output is not implemented yet: the flow-matching detokenizer "
-            "and the BigVGAN vocoder are still to be ported (issue 14); prepare + generate "
-            "give text and audio codes, and the hook groups work"
-        )
+        if not requests:
+            return []
+        rows = self.generate(self.prepare(requests), [r.seed for r in requests])
+        return [
+            EVCOutput(attempt_id=request.attempt_id, decoded_text=row.text,
+                      waveform=self.speak(row.codes, request.seed), sample_rate=SOURCE_RATE,
+                      n_positions=row.n_positions)
+            for request, row in zip(requests, rows)
+        ]

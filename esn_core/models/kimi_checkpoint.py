@@ -20,6 +20,8 @@ CONFIG = "config.json"
 TIKTOKEN = "tiktoken.model"
 WHISPER_DIR = "whisper-large-v3"
 VQ_DIR = "glm-4-voice-tokenizer"
+DETOKENIZER_DIR = "audio_detokenizer"
+VOCODER_DIR = "vocoder"
 
 
 class CheckpointError(FileNotFoundError):
@@ -49,7 +51,7 @@ def weight_files(directory: Path, missing: list[str]) -> list[Path]:
 def check_checkpoint(directory: str | os.PathLike) -> Path:
     """``directory`` if it holds every file the adapter loads, else a ``CheckpointError``
     naming each missing file (upstream's layout: LM config + safetensors, ``tiktoken.model``,
-    ``whisper-large-v3/``; plus ``glm-4-voice-tokenizer/``, which upstream downloads on
+    ``whisper-large-v3/``, ``audio_detokenizer/``, ``vocoder/``; plus ``glm-4-voice-tokenizer/``, which upstream downloads on
     its own)."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -69,6 +71,10 @@ def check_checkpoint(directory: str | os.PathLike) -> Path:
         if not (vq / name).is_file():
             missing.append(f"{VQ_DIR}/{name}")
     weight_files(vq, missing)
+    for part, name in ((DETOKENIZER_DIR, "config.yaml"), (DETOKENIZER_DIR, "model.pt"),
+                       (VOCODER_DIR, "config.json"), (VOCODER_DIR, "model.pt")):
+        if not (directory / part / name).is_file():
+            missing.append(f"{part}/{name}")
     if missing:
         raise CheckpointError(f"Kimi-Audio checkpoint at {directory} is incomplete: missing "
                               f"{', '.join(missing)}")

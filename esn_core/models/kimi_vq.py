@@ -132,6 +132,7 @@ class SourceTokenizer:
 
         directory = Path(directory)
         config = WhisperConfig.from_pretrained(directory)
+        config._attn_implementation = "sdpa"
         for key in ("quantize_position", "quantize_vocab_size"):
             if getattr(config, key, None) is None:
                 raise ValueError(f"{directory / 'config.json'} has no {key}: not a WhisperVQ tokenizer")

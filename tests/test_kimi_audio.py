@@ -435,3 +435,15 @@ def test_registry_builds_the_adapter(checkpoint):
 
     adapter = load_adapter("kimi_audio", path=str(checkpoint), device="cpu", max_tokens=60)
     assert isinstance(adapter, KimiAudioAdapter) and adapter.dtype == torch.float32
+
+
+def test_a_cap_below_the_prompt_is_an_error_not_an_empty_answer(adapter, inputs):
+    prompts, features = inputs
+    batch = adapter.batch(prompts[:1], features[:1])
+    saved = adapter.max_tokens
+    try:
+        adapter.max_tokens = batch.lengths[0]
+        with pytest.raises(ValueError, match=f"max_tokens={batch.lengths[0]} leaves no room"):
+            adapter.generate(batch, [1])
+    finally:
+        adapter.max_tokens = saved

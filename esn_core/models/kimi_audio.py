@@ -327,6 +327,9 @@ class KimiAudioAdapter(LALMAdapter):
         """The step loop on ``batch``; row ``b`` samples from a generator seeded ``seeds[b]``."""
         lengths = batch.lengths
         caps = [self.max_tokens - n for n in lengths]
+        if min(caps) < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} leaves no room for an answer after "
+                             f"a prompt of {max(lengths)} positions (source too long?)")
         results = generate_two_streams(self.lm, batch, self.ids, list(seeds), caps, self.sampling)
         return [self._answer(r, n) for r, n in zip(results, lengths)]
 

@@ -447,3 +447,11 @@ def test_a_cap_below_the_prompt_is_an_error_not_an_empty_answer(adapter, inputs)
             adapter.generate(batch, [1])
     finally:
         adapter.max_tokens = saved
+
+
+def test_rotary_frequencies_stay_float32_in_a_low_precision_model(checkpoint):
+    lm = load_lm(checkpoint, torch.bfloat16, "cpu")
+    assert lm.lm_head.weight.dtype == torch.bfloat16
+    assert lm.model.rotary_emb.inv_freq.dtype == torch.float32
+    reference = 1.0 / (1e6 ** (torch.arange(0, 8, 2).float() / 8))  # head_dim 8, theta 1e6
+    torch.testing.assert_close(lm.model.rotary_emb.inv_freq, reference)

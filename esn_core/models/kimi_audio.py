@@ -75,10 +75,10 @@ def load_lm(directory: Path, dtype: torch.dtype, device) -> KimiAudioLM:
     config = read_config(directory / CONFIG)
     with torch.device("meta"):
         lm = KimiAudioLM(config)
-    lm = lm.to_empty(device="cpu")
-    lm.model.rotary_emb = type(lm.model.rotary_emb)(config)  # its buffer is computed, not loaded
+    # Allocated once, on the device and in the dtype it runs in; the weights are copied in.
+    lm = lm.to(dtype=dtype).to_empty(device=device).place(device, dtype)
     load_state(lm, read_safetensors(weight_files(directory, [])), str(directory))
-    return lm.to(device=device, dtype=dtype).eval()
+    return lm.eval()
 
 
 # --------------------------------------------------------------------------- audio inputs
@@ -241,7 +241,7 @@ class KimiAudioAdapter(LALMAdapter):
             torch.manual_seed(seed)
             with torch.device(device):
                 lm = KimiAudioLM(kimi_config(fields))
-        lm = lm.to(dtype=DTYPES[dtype]).eval()
+        lm = lm.place(device, DTYPES[dtype]).eval()
         self._attach(lm, None, max_tokens, sampling, batch_size)
         return self
 

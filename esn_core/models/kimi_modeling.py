@@ -207,6 +207,14 @@ class KimiAudioLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mimo_output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
+    def place(self, device, dtype) -> KimiAudioLM:
+        """Weights to ``device``/``dtype``; the rotary frequencies recomputed there in float32
+        (a cast would round them to ``dtype``)."""
+        self.to(device=device, dtype=dtype)
+        with torch.device(device):
+            self.model.rotary_emb = type(self.model.rotary_emb)(self.config)
+        return self
+
     def forward(self, input_ids, text_input_ids, attention_mask, position_ids, cache=None,
                 continuous_features=None, is_continuous_mask=None, last_only: bool = True):
         """``(text_logits, audio_logits)``; ``[B, V]`` of the last position if ``last_only``.

@@ -10,24 +10,23 @@ What this module does, each part our own code on transformers' classes:
   ``WhisperEncoder``) gives continuous features, 4 frames stacked per audio token, mixed in
   through the LM's ``vq_adaptor``; the text instruction is tokenized by ``tiktoken`` on the
   checkpoint's ``tiktoken.model`` with Kimi's special-token table (``kimi_tokens``).
+* **Source tokens** (``kimi_vq``): GLM-4-Voice's WhisperVQ encoder, rebuilt on transformers'
+  Whisper layers, gives the source's discrete codes (12.5 Hz, one per Whisper row).
 * **Generation** (``kimi_generate``): our batched two-stream loop with upstream's rules,
   greedy text and audio sampling from one ``torch.Generator`` per row (seeded by the
   request), so a batched row equals the row alone and one seed gives one output.
+* **Speech** (``kimi_detokenizer``): upstream's chunked flow-matching DiT (30-code chunks,
+  12-code look-ahead, Euler steps, prefix keys/values between chunks) in our code with SDPA,
+  then PyPI's BigVGAN without its CUDA kernel, Hamming cross-fades between chunks; 24 kHz
+  resampled to 16 kHz for judging. Each row's noise comes from a generator seeded with its
+  request's seed (a generator of its own, apart from the sampling one), so a row's
+  waveform depends only on its codes and seed.
 * **Groups** (SPEC §1: the hooked gated MLPs ``g = act_fn(gate_proj(x))``): ``lm`` = the
   MLPs of the 28 main layers; ``synth`` = the MLPs of the 6 MIMO layers, the only gated
   MLPs on the speech path: the detokenizer's DiT uses plain fc1 → GELU → fc2 MLPs (no gate,
   so no SPEC §1 hook site) and BigVGAN is convolutional. Both groups' position root is the
   LM, called once per step with the audio stream as ``input_ids`` and the 2-D
   ``attention_mask``; its end ids are the audio end tokens (``msg_end``, ``media_end``).
-
-* **Source tokens** (``kimi_vq``): GLM-4-Voice's WhisperVQ encoder, rebuilt on transformers'
-  Whisper layers, gives the source's discrete codes (12.5 Hz, one per Whisper row).
-
-* **Speech** (``kimi_detokenizer``): upstream's chunked flow-matching DiT (30-code chunks,
-  12-code look-ahead, Euler steps, prefix keys/values between chunks) in our code with SDPA,
-  then PyPI's BigVGAN without its CUDA kernel, Hamming cross-fades between chunks; 24 kHz
-  resampled to 16 kHz for judging. Each row's noise comes from a generator seeded with its
-  request's seed, so a row's waveform depends only on its codes and seed.
 
 Rows are generated together (one step loop per batch) and decoded to speech one row at a
 time (upstream's detokenizer is one stream per call).

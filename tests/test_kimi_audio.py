@@ -455,3 +455,42 @@ def test_rotary_frequencies_stay_float32_in_a_low_precision_model(checkpoint):
     assert lm.model.rotary_emb.inv_freq.dtype == torch.float32
     reference = 1.0 / (1e6 ** (torch.arange(0, 8, 2).float() / 8))  # head_dim 8, theta 1e6
     torch.testing.assert_close(lm.model.rotary_emb.inv_freq, reference)
+
+
+def test_both_heads_equal_transformers_qwen2_stacks_built_from_the_same_tensors(adapter):
+    """An independent reference: transformers' own ``Qwen2ForCausalLM``, fed the summed
+    stream embeddings, gives the text logits from the main stack and the audio logits
+    from the first ``BRANCH + 1`` main layers followed by the MIMO layers."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    lm = adapter.lm
+    state = {k: v.float() for k, v in lm.state_dict().items()}
+    fields = {k: getattr(lm.config, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+        "num_key_value_heads", "rms_norm_eps", "max_position_embeddings")}
+    fields.update(rope_theta=1000000.0,  # transformers 4.x reads this, 5.x the parameters
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+
+    def reference(layers: list[str], norm: str, head: str):
+        model = Qwen2ForCausalLM(Qwen2Config(**fields, num_hidden_layers=len(layers),
+                                             tie_word_embeddings=False)).eval()
+        ref = {"model.embed_tokens.weight": state["model.embed_tokens.weight"],
+               "model.norm.weight": state[norm], "lm_head.weight": state[head]}
+        for i, prefix in enumerate(layers):
+            ref.update({f"model.layers.{i}.{k[len(prefix) + 1:]}": v
+                        for k, v in state.items() if k.startswith(prefix + ".")})
+        model.load_state_dict(ref, strict=True)
+        return model.double()
+
+    main = [f"model.layers.{i}" for i in range(MAIN_LAYERS)]
+    branch = main[: BRANCH + 1] + [f"model.mimo_layers.{i}" for i in range(MIMO_LAYERS)]
+    text_ref = reference(main, "model.norm.weight", "lm_head.weight")
+    audio_ref = reference(branch, "model.mimo_norm.weight", "mimo_output.weight")
+    g = torch.Generator().manual_seed(0)
+    audio_ids, text_ids = torch.randint(0, 400, (1, 9), generator=g), torch.randint(0, 400, (1, 9), generator=g)
+    mask = torch.ones(1, 9, dtype=torch.long)
+    text, audio = lm(audio_ids, text_ids, mask, torch.arange(9)[None], last_only=False)
+    embeds = lm.model.embed(audio_ids, text_ids)
+    with torch.no_grad():
+        torch.testing.assert_close(text, text_ref(inputs_embeds=embeds).logits)
+        torch.testing.assert_close(audio, audio_ref(inputs_embeds=embeds).logits)

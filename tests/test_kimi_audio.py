@@ -494,3 +494,8 @@ def test_both_heads_equal_transformers_qwen2_stacks_built_from_the_same_tensors(
     with torch.no_grad():
         torch.testing.assert_close(text, text_ref(inputs_embeds=embeds).logits)
         torch.testing.assert_close(audio, audio_ref(inputs_embeds=embeds).logits)
+
+
+def test_a_row_without_audio_codes_speaks_an_empty_waveform_not_padding(adapter):
+    wave = adapter.speak([], seed=1)
+    assert wave.dtype == np.float32 and wave.size == 0

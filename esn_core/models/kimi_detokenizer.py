@@ -339,8 +339,12 @@ def load_dit(directory: Path, device, dtype) -> DiT:
 
 def load_vocoder(directory: Path, device, dtype) -> nn.Module:
     """``vocoder/config.json`` + ``model.pt`` (``generator``) into PyPI's BigVGAN, CPU-safe."""
-    from bigvgan.bigvgan import BigVGAN
-    from bigvgan.env import AttrDict
+    try:
+        from bigvgan.bigvgan import BigVGAN
+        from bigvgan.env import AttrDict
+    except ImportError as err:
+        raise ImportError(f"Kimi-Audio's vocoder needs PyPI's bigvgan ({err}): "
+                          "pip install --no-deps bigvgan==2.4.1 (scripts/install.sh does)") from err
 
     h = AttrDict(json.loads((directory / "config.json").read_text()))
     if int(math.prod(h.upsample_rates)) != FRAME_SAMPLES:

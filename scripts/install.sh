@@ -30,3 +30,7 @@ python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
 python -m pip install -q -e ".${extra}"
+# Kimi-Audio's vocoder class (esn_core/models/kimi_detokenizer.py). --no-deps: at inference it
+# needs only torch, huggingface_hub and librosa (all here already); its declared training
+# deps (pesq, nnAudio, auraloss, tensorboard, ninja) are not used.
+python -m pip install -q --no-deps "bigvgan==2.4.1"

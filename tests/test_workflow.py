@@ -229,6 +229,36 @@ def test_workflow_runs_end_to_end_on_a_tiny_qwen2_5_omni(tmp_path):
     assert set(table3["selector"]) == {"cas", "random"}
 
 
+def test_workflow_runs_end_to_end_on_a_tiny_kimi_audio(tmp_path):
+    """Kimi-Audio through the whole workflow (random weights: success from human labels)."""
+    from tiny_kimi import build_checkpoint
+
+    checkpoint = build_checkpoint(tmp_path / "Kimi-Audio-tiny")
+    labels = tmp_path / "human_labels.csv"
+    rule = SplitRule.for_demo(8)
+    roles = rule.speaker_roles(["0011", "0012", "0013"])
+    rows = [f"{spk}_{i:06d}.{t},{t}" for spk in ("0011", "0012", "0013") for i in range(1, 9)
+            for t in ("happy", "angry", "sad", "surprise") if rule.split_of(roles[spk], i) == "identification"]
+    labels.write_text("attempt_id,human_label\n" + "\n".join(rows) + "\n")
+    config = _config(
+        model={"adapter": "kimi_audio", "path": str(checkpoint), "batch_size": 16, "shard_sources": 16,
+               "options": {"dtype": "float32", "max_tokens": 120, "detokenizer_steps": 2}},
+        corpus={"demo": {"speakers": 3, "utterances": 8}},
+        success={"tau_wer": 100.0, "human_labels": str(labels)},
+        judges={"filter": "human"},
+        evaluation={"max_sources": 1, "bootstrap": 20},
+    )
+    workdir = _workdir(tmp_path / "wf", config)
+    proc = _snakemake(workdir, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    results = workdir / "results"
+    attempts = pl.read_parquet(results / "sample/attempts/shard0.parquet")
+    counts = pl.read_parquet(next((results / "sample/counts/synth").glob("shard*.parquet")))
+    assert attempts.height == counts.height > 0 and (attempts["n_positions"] > 0).all()
+    table3 = pl.read_parquet(results / "tables/table3_selectors.parquet")
+    assert set(table3["selector"]) == {"cas", "random"}
+
+
 def test_outputs_are_readable_by_collaborators_under_the_umask(finished):
     umask = os.umask(0o022)
     os.umask(umask)

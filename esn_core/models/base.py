@@ -79,6 +79,7 @@ class LALMAdapter(ABC):
 _REGISTRY: dict[str, str] = {
     "planted": "esn_core.models.planted:PlantedAdapter",
     "qwen2_5_omni": "esn_core.models.qwen_omni:QwenOmniAdapter",
+    "kimi_audio": "esn_core.models.kimi_audio:KimiAudioAdapter",
 }
 
 

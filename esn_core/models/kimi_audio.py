@@ -1,0 +1,361 @@
+"""Kimi-Audio (Moonshot) behind the pipeline's interface: LM, audio inputs, step loop, groups.
+
+What this module does, each part our own code on transformers' classes:
+
+* **LM** (``kimi_modeling``): the 28 main layers (text head) and the 6 MIMO layers that
+  branch after layer 21 (audio-token head), rebuilt from ``Qwen2DecoderLayer`` under Kimi's
+  parameter names and loaded strictly (0 missing / 0 unexpected keys) from the checkpoint's
+  safetensors; SDPA attention, 2-D padding mask, per-row positions.
+* **Inputs**: the source is read at 16 kHz; ``whisper-large-v3/`` (transformers'
+  ``WhisperEncoder``) gives continuous features, 4 frames stacked per audio token, mixed in
+  through the LM's ``vq_adaptor``; the text instruction is tokenized by ``tiktoken`` on the
+  checkpoint's ``tiktoken.model`` with Kimi's special-token table (``kimi_tokens``).
+* **Source tokens** (``kimi_vq``): GLM-4-Voice's WhisperVQ encoder, rebuilt on transformers'
+  Whisper layers, gives the source's discrete codes (12.5 Hz, one per Whisper row).
+* **Generation** (``kimi_generate``): our batched two-stream loop with upstream's rules,
+  greedy text and audio sampling from one ``torch.Generator`` per row (seeded by the
+  request), so a batched row equals the row alone and one seed gives one output.
+* **Speech** (``kimi_detokenizer``): upstream's chunked flow-matching DiT (30-code chunks,
+  12-code look-ahead, Euler steps, prefix keys/values between chunks) in our code with SDPA,
+  then PyPI's BigVGAN without its CUDA kernel, Hamming cross-fades between chunks; 24 kHz
+  resampled to 16 kHz for judging. Each row's noise comes from a generator seeded with its
+  request's seed (a generator of its own, apart from the sampling one), so a row's
+  waveform depends only on its codes and seed.
+* **Groups** (SPEC §1: the hooked gated MLPs ``g = act_fn(gate_proj(x))``): ``lm`` = the
+  MLPs of the 28 main layers; ``synth`` = the MLPs of the 6 MIMO layers, the only gated
+  MLPs on the speech path: the detokenizer's DiT uses plain fc1 → GELU → fc2 MLPs (no gate,
+  so no SPEC §1 hook site) and BigVGAN is convolutional. Both groups' position root is the
+  LM, called once per step with the audio stream as ``input_ids`` and the 2-D
+  ``attention_mask``; its end ids are the audio end tokens (``msg_end``, ``media_end``).
+
+Rows are generated together (one step loop per batch) and decoded to speech one row at a
+time (upstream's detokenizer is one stream per call).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from esn_core.hooks import MLPGroup, find_gated_mlps
+from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter
+from esn_core.models.kimi_generate import (
+    PromptBatch, RowResult, Sampling, generate_two_streams, pad_prompts,
+)
+from esn_core.models.kimi_modeling import KimiAudioLM, kimi_config, load_state, read_config
+from esn_core.models.kimi_checkpoint import (  # noqa: F401 (CheckpointError: re-exported)
+    CONFIG, DETOKENIZER_DIR, TIKTOKEN, VOCODER_DIR, VQ_DIR, WHISPER_DIR, CheckpointError,
+    check_checkpoint, read_safetensors, weight_files,
+)
+from esn_core.models.kimi_detokenizer import Detokenizer, load_dit, load_vocoder
+from esn_core.models.kimi_tokens import KimiTokenizer, TwoStreams, evc_prompt
+from esn_core.models.kimi_vq import SourceTokenizer
+
+SOURCE_RATE = 16_000
+OUTPUT_RATE = 24_000  # BigVGAN's rate
+TOKEN_RATE = 12.5  # audio tokens per second (upstream's length cap: 12.5 × 120 tokens)
+INSTRUCTION_TEMPLATE = (
+    "Repeat exactly the words spoken in this audio, word for word, and say them with the "
+    "emotion: {emotion}. Reply with the words only."
+)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+          "float64": torch.float64}
+
+
+def load_lm(directory: Path, dtype: torch.dtype, device) -> KimiAudioLM:
+    """The LM from ``directory``'s config and weights, every key accounted for."""
+    config = read_config(directory / CONFIG)
+    with torch.device("meta"):
+        lm = KimiAudioLM(config)
+    # Allocated once, on the device and in the dtype it runs in; the weights are copied in.
+    lm = lm.to(dtype=dtype).to_empty(device=device).place(device, dtype)
+    load_state(lm, read_safetensors(weight_files(directory, [])), str(directory))
+    return lm.eval()
+
+
+# --------------------------------------------------------------------------- audio inputs
+
+
+def load_source(path: str | os.PathLike, rate: int = SOURCE_RATE) -> np.ndarray:
+    """Mono float32 audio at ``rate`` (channels averaged, polyphase resampling)."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    try:
+        audio, source_rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
+    except Exception as err:  # soundfile's LibsndfileError and friends
+        raise ValueError(f"cannot read source audio {os.fspath(path)}: {err}") from err
+    audio = audio.mean(axis=1)
+    if source_rate != rate:
+        g = math.gcd(int(source_rate), int(rate))
+        audio = resample_poly(audio, rate // g, int(source_rate) // g).astype(np.float32)
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def to_16k(wave: np.ndarray, rate: int = OUTPUT_RATE) -> np.ndarray:
+    """The vocoder's waveform at 16 kHz for judging, clipped to [-1, 1]."""
+    from scipy.signal import resample_poly
+
+    wave = np.asarray(wave, dtype=np.float64).reshape(-1)
+    if rate != SOURCE_RATE and wave.size:
+        g = math.gcd(int(rate), SOURCE_RATE)
+        wave = resample_poly(wave, SOURCE_RATE // g, int(rate) // g)
+    return np.clip(wave, -1.0, 1.0).astype(np.float32)
+
+
+def audio_token_count(n_samples: int) -> int:
+    """Audio tokens (12.5 Hz) for ``n_samples`` at 16 kHz: upstream's ``(L - 1) // 1280 + 1``."""
+    return (int(n_samples) - 1) // 1280 + 1 if n_samples > 0 else 0
+
+
+class WhisperFeatures:
+    """Continuous source features: Whisper-large-v3's encoder output, 4 frames per token.
+
+    Upstream cuts the source into 30 s windows, pads each to 30 s (Whisper's fixed input),
+    keeps the first ``4 × tokens`` encoder frames of each and stacks them four at a time
+    (1280 × 4 = 5120 = the adaptor's input width).
+    """
+
+    WINDOW = 30 * SOURCE_RATE
+
+    def __init__(self, directory: Path, dtype: torch.dtype, device):
+        from transformers import WhisperConfig, WhisperFeatureExtractor
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        config = WhisperConfig.from_pretrained(directory)
+        config._attn_implementation = "sdpa"
+        self.extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins,
+                                                 sampling_rate=SOURCE_RATE)
+        state = read_safetensors(weight_files(directory, []))
+        for prefix in ("model.encoder.", "encoder."):
+            if any(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                break
+        self.encoder = WhisperEncoder(config)
+        load_state(self.encoder, state, f"{directory} (Whisper encoder)")
+        self.encoder = self.encoder.to(device=device, dtype=dtype).eval()
+        self.dtype, self.device = dtype, device
+
+    @torch.no_grad()
+    def __call__(self, audio: np.ndarray) -> torch.Tensor:
+        """``[audio_token_count(len(audio)), 4 × d_model]`` on the encoder's device."""
+        pieces = []
+        for start in range(0, len(audio), self.WINDOW):
+            segment = audio[start:start + self.WINDOW]
+            tokens = audio_token_count(len(segment))
+            mel = self.extractor(segment, sampling_rate=SOURCE_RATE, padding="max_length",
+                                 return_tensors="pt").input_features
+            hidden = self.encoder(mel.to(self.device, self.dtype)).last_hidden_state[0]
+            frames = hidden[: 4 * tokens]
+            if frames.shape[0] < 4 * tokens:
+                raise ValueError(f"Whisper gave {frames.shape[0]} frames for {tokens} tokens")
+            pieces.append(frames.reshape(tokens, -1))
+        return torch.cat(pieces)
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+def check_template(template: str) -> str:
+    """An instruction template must name ``{emotion}`` and no other field."""
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    if fields != {"emotion"}:
+        raise ValueError(
+            f"instruction_template must contain the field {{emotion}} and no other, got {sorted(fields)}"
+        )
+    return template
+
+
+@dataclass
+class Generated:
+    """One row's answer: its text, its audio codes (0-based, the detokenizer's input)."""
+
+    text: str
+    codes: list[int]
+    n_positions: int
+    ended: bool
+
+
+class KimiAudioAdapter(LALMAdapter):
+    """Kimi-Audio: EVC prompts in, decoded text and 16 kHz speech out, ``lm``/``synth`` groups.
+
+    ``path``: a local checkpoint in upstream's layout (see ``check_checkpoint``). ``dtype``:
+    the LM's, Whisper's and the speech decoder's weights (default bfloat16 on CUDA, float32
+    on CPU; the VQ tokenizer runs in float32).
+    ``max_tokens``: upstream's cap on prompt + answer (12.5 × 120 = 1500 positions).
+    ``audio_temperature`` / ``audio_top_k`` / ``audio_delay``: upstream's audio sampling
+    (0.8, 10) and text-to-audio delay (6 steps). ``detokenizer_steps``: Euler points of
+    each flow-matching chunk (upstream: 30). ``batch_size``: rows per ``convert`` call the
+    workflow should send.
+    """
+
+    name = "kimi_audio"
+
+    def __init__(self, path: str | os.PathLike, device: str | None = None,
+                 dtype: str | None = None, instruction_template: str | None = None,
+                 max_tokens: int = int(TOKEN_RATE * 120), audio_temperature: float = 0.8,
+                 audio_top_k: int = 10, audio_delay: int = 6, batch_size: int = 8,
+                 detokenizer_steps: int = 30):
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.path = check_checkpoint(path)
+        self.tokenizer = KimiTokenizer(self.path / TIKTOKEN)
+        lm = load_lm(self.path, DTYPES[dtype], device)
+        self.whisper = WhisperFeatures(self.path / WHISPER_DIR, DTYPES[dtype], device)
+        self.vq = SourceTokenizer(self.path / VQ_DIR, device)
+        self.detokenizer = Detokenizer(
+            load_dit(self.path / DETOKENIZER_DIR, device, DTYPES[dtype]),
+            load_vocoder(self.path / VOCODER_DIR, device, DTYPES[dtype]),
+            steps=int(detokenizer_steps),
+        )
+        self._attach(lm, instruction_template, max_tokens,
+                     Sampling(audio_temperature, audio_top_k, audio_delay), batch_size)
+
+    @classmethod
+    def from_config(cls, fields: dict, tokenizer: KimiTokenizer | None = None, *,
+                    device: str = "cpu", dtype: str = "float32", seed: int = 0,
+                    max_tokens: int = int(TOKEN_RATE * 120),
+                    sampling: Sampling = Sampling(), batch_size: int = 8) -> KimiAudioAdapter:
+        """A random-weight LM of the shapes in ``fields`` (config.json keys), for benchmarks.
+
+        Without a tokenizer there is no prompt text, but ``generate`` and ``groups`` work
+        on ``TwoStreams`` prompts the caller builds.
+        """
+        self = cls.__new__(cls)
+        self.path, self.tokenizer, self.whisper, self.vq = None, tokenizer, None, None
+        self.detokenizer = None
+        device = torch.device(device)
+        # Built on the target device (a 7B model need not pass through host memory), with
+        # the caller's RNG left as it was.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            with torch.device(device):
+                lm = KimiAudioLM(kimi_config(fields))
+        lm = lm.place(device, DTYPES[dtype]).eval()
+        self._attach(lm, None, max_tokens, sampling, batch_size)
+        return self
+
+    def _attach(self, lm: KimiAudioLM, instruction_template, max_tokens, sampling, batch_size):
+        if max_tokens < 1 or batch_size < 1:
+            raise ValueError("max_tokens and batch_size must be >= 1")
+        self.lm = lm
+        self.config = lm.config
+        self.sampling = sampling
+        self.max_tokens = int(max_tokens)
+        self.batch_size = int(batch_size)
+        self.instruction_template = check_template(
+            INSTRUCTION_TEMPLATE if instruction_template is None else instruction_template)
+        first = next(lm.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        if self.tokenizer is not None:
+            self.ids = self.tokenizer.ids
+            if self.tokenizer.vocab_size > self.config.kimia_token_offset:
+                raise ValueError(f"{TIKTOKEN}: text vocabulary of {self.tokenizer.vocab_size} "
+                                 f"overlaps the audio tokens at {self.config.kimia_token_offset}")
+            if (self.ids.media_begin, self.ids.media_end) != (
+                    self.config.kimia_media_begin, self.config.kimia_media_end):
+                raise ValueError("config.json's kimia_media_begin/end do not match the "
+                                 f"tokenizer's special table ({self.ids.media_begin}, "
+                                 f"{self.ids.media_end})")
+        else:
+            from esn_core.models.kimi_tokens import SpecialIds, special_table
+
+            base = self.config.kimia_media_begin - 18  # the table's layout, from the config
+            self.ids = SpecialIds.from_table({t: base + i for i, t in enumerate(special_table())})
+        ends = self.ids.audio_ends
+        self._groups = {
+            "lm": MLPGroup(find_gated_mlps(lm.model.layers), root=lm, eos_token_ids=ends),
+            "synth": MLPGroup(find_gated_mlps(lm.model.mimo_layers), root=lm, eos_token_ids=ends),
+        }
+        expect = (self.config.num_hidden_layers, self.config.kimia_mimo_layers)
+        found = (len(self._groups["lm"].mlps), len(self._groups["synth"].mlps))
+        if found != expect:
+            raise RuntimeError(f"found {found} main/MIMO gated MLPs, config says {expect}")
+
+    def groups(self) -> dict[str, MLPGroup]:
+        return dict(self._groups)
+
+    # -- prompts -----------------------------------------------------------------------
+    def instruction(self, target_emotion: str) -> str:
+        return self.instruction_template.format(emotion=target_emotion)
+
+    def prompt(self, target_emotion: str, audio_codes: Sequence[int]) -> TwoStreams:
+        """One attempt's two streams; ``audio_codes``: the source's 0-based VQ codes."""
+        if self.tokenizer is None:
+            raise RuntimeError("this adapter was built without a tokenizer: no prompts")
+        offset = self.config.kimia_token_offset
+        audio = [offset + int(c) for c in audio_codes]
+        return evc_prompt(self.ids, self.tokenizer.encode(self.instruction(target_emotion)), audio)
+
+    def source_inputs(self, path: str | os.PathLike) -> tuple[list[int], torch.Tensor]:
+        """A source's VQ codes and its Whisper features (one row per code)."""
+        if self.vq is None or self.whisper is None:
+            raise RuntimeError("this adapter was built without its audio encoders")
+        audio = load_source(path)
+        if audio.size == 0:
+            raise ValueError(f"source audio {os.fspath(path)} is empty")
+        codes, features = self.vq(audio), self.whisper(audio)
+        if len(codes) != features.shape[0]:
+            raise RuntimeError(f"{os.fspath(path)}: {len(codes)} VQ codes but "
+                               f"{features.shape[0]} Whisper rows")
+        return codes, features
+
+    def prepare(self, requests: Sequence[EVCRequest]) -> PromptBatch:
+        """One left-padded batch of EVC prompts (instruction, then the source audio)."""
+        prompts, features = [], []
+        for request in requests:
+            codes, feats = self.source_inputs(request.source_path)
+            prompts.append(self.prompt(request.target_emotion, codes))
+            features.append(feats)
+        return self.batch(prompts, features)
+
+    def batch(self, prompts: list[TwoStreams], features: list[torch.Tensor | None]) -> PromptBatch:
+        return pad_prompts(prompts, features, self.ids.pad, self.device, self.dtype)
+
+    # -- generation --------------------------------------------------------------------
+    def generate(self, batch: PromptBatch, seeds: Sequence[int]) -> list[Generated]:
+        """The step loop on ``batch``; row ``b`` samples from a generator seeded ``seeds[b]``."""
+        lengths = batch.lengths
+        caps = [self.max_tokens - n for n in lengths]
+        if min(caps) < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} leaves no room for an answer after "
+                             f"a prompt of {max(lengths)} positions (source too long?)")
+        results = generate_two_streams(self.lm, batch, self.ids, list(seeds), caps, self.sampling)
+        return [self._answer(r, n) for r, n in zip(results, lengths)]
+
+    def _answer(self, result: RowResult, prompt_length: int) -> Generated:
+        offset = self.config.kimia_token_offset
+        codes = [t - offset for t in result.audio_tokens if t >= offset]
+        text_ids = [t for t in result.text_tokens if t < offset]
+        text = self.tokenizer.decode(text_ids).strip() if self.tokenizer is not None else ""
+        # SPEC §1's T: prompt positions plus every generated step fed back (the last is not).
+        n_positions = prompt_length + max(result.steps - 1, 0)
+        return Generated(text, codes, n_positions, result.ended)
+
+    def speak(self, codes: Sequence[int], seed: int) -> np.ndarray:
+        """The 16 kHz waveform of one row's audio codes; its noise from its own seed."""
+        if self.detokenizer is None:
+            raise RuntimeError("this adapter was built without its speech decoder")
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        wave = self.detokenizer(list(codes), generator)
+        return to_16k(wave.cpu().numpy(), OUTPUT_RATE)
+
+    def convert(self, requests: list[EVCRequest]) -> list[EVCOutput]:
+        if not requests:
+            return []
+        rows = self.generate(self.prepare(requests), [r.seed for r in requests])
+        return [
+            EVCOutput(attempt_id=request.attempt_id, decoded_text=row.text,
+                      waveform=self.speak(row.codes, request.seed), sample_rate=SOURCE_RATE,
+                      n_positions=row.n_positions)
+            for request, row in zip(requests, rows)
+        ]

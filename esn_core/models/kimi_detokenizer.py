@@ -1,0 +1,357 @@
+"""Kimi-Audio's speech decoder: a flow-matching DiT over audio codes, then BigVGAN.
+
+Our rebuild of upstream's streaming detokenizer, under the parameter names of its
+``audio_detokenizer/model.pt`` (``speech_model.*`` in its ``state_dict``) and with SDPA in
+place of flash-attn:
+
+* **DiT** (``DiT``): codes (×4 upsampled to 50 Hz mel frames) are embedded and added to
+  the timestep embedding as the condition ``c``; each block is adaLN-Zero (shift / scale /
+  gate from ``c``), full self-attention over the current chunk and the cached keys and
+  values of the chunks before it, and a plain ``fc1 → GELU(tanh) → fc2`` MLP: no gate, so
+  no SPEC §1 hook site (``g = act_fn(gate_proj(x))`` does not exist here). The sincos
+  position embedding counts 1, 2, ... within each call (upstream builds it from the
+  non-zero position ids); RoPE, when the config enables it, uses absolute positions.
+* **Chunks** (``Streaming.chunk``): each chunk starts from Gaussian noise drawn from the
+  row's generator and takes ``steps - 1`` Euler steps over ``linspace(0, 1, steps)``
+  (torchdyn's Euler on that span, as upstream calls it). The last ``look_ahead`` frames of a
+  non-final chunk are dropped and re-generated at the start of the next one; the kept
+  frames are re-encoded once at t = 0.999 and their keys/values become the prefix the next
+  chunk attends to (at most ``max_kv_tokens`` of them). Past 4096 positions the prefix and
+  positions restart, as upstream does.
+* **Vocoder** (``Detokenizer``): BigVGAN (PyPI ``bigvgan``, its torch activations: no CUDA
+  kernel) turns each chunk's mel, with the previous chunk's held-back half, into 24 kHz
+  audio; consecutive pieces are cross-faded with a Hamming window; the final chunk is
+  returned whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from esn_core.models.kimi_modeling import load_state
+
+FRAME_SAMPLES = 480  # 24 kHz samples per 50 Hz mel frame (upstream hard-codes it)
+MAX_POSITIONS = 4096
+MEL_BINS = 80
+
+
+def sincos_table(n: int, dim: int) -> torch.Tensor:
+    """Sinusoidal rows ``[n, dim]`` (sin half, then cos half), row 0 zero (the padding row)."""
+    half = dim // 2
+    scale = math.log(10000) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float) * -scale)
+    angles = torch.arange(n, dtype=torch.float)[:, None] * freqs[None]
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2:
+        table = torch.cat([table, torch.zeros(n, 1)], dim=1)
+    table[0] = 0
+    return table
+
+
+def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None].to(t.device)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int, features: int = 256):
+        super().__init__()
+        self.features = features
+        self.mlp = nn.Sequential(nn.Linear(features, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_features(t, self.features).to(self.mlp[0].weight.dtype))
+
+
+class SincosPositions(nn.Module):
+    """Upstream's sinusoidal embedding: positions counted over the non-zero ids of a call."""
+
+    def __init__(self, dim: int, size: int):
+        super().__init__()
+        self.dim = dim
+        self.table = sincos_table(size, dim)
+        # An empty persistent buffer of upstream's (its dtype/device anchor): in the state dict.
+        self.register_buffer("_float_tensor", torch.FloatTensor(1))
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        real = (position_ids != 0).long()
+        index = torch.cumsum(real, dim=1) * real
+        if int(index.max()) >= self.table.shape[0]:
+            self.table = sincos_table(int(index.max()) + 1, self.dim)
+        table = self.table.to(device=position_ids.device, dtype=self._float_tensor.dtype)
+        return table[index]
+
+
+def rope_table(dim: int, end: int, theta: float, interpolation: float) -> torch.Tensor:
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    t = torch.arange(end).float() / float(interpolation)
+    return torch.polar(torch.ones(end, dim // 2), torch.outer(t, freqs))
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """``x``: ``[B, N, H, D]``; ``freqs``: ``[B, N, D/2]`` complex; adjacent pairs rotate."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs[:, :, None]).flatten(3).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope=None, prefix=None):
+        """Attention of ``x`` over ``prefix`` (cached ``(k, v)``) and itself; returns the
+        output and this call's full ``(k, v)`` (prefix included)."""
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).unbind(2)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if prefix is not None:
+            k, v = torch.cat([prefix[0], k], dim=1), torch.cat([prefix[1], v], dim=1)
+        out = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1)), (k, v)
+
+
+class Mlp(nn.Module):
+    """timm's plain MLP: fc1 → GELU(tanh) → fc2 (no gate)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.act = nn.GELU(approximate="tanh")
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, rope=None, prefix=None):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=2)
+        attended, kv = self.attn(modulate(self.norm1(x), shift1, scale1), rope, prefix)
+        x = x + gate1 * attended
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x, kv
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=2)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """The velocity network, from the ``model.dit`` section of ``audio_detokenizer/config.yaml``."""
+
+    def __init__(self, dit: dict):
+        super().__init__()
+        if dit.get("ffn_type", "conv1d_conv1d") != "vanilla_mlp":
+            raise ValueError(f"DiT ffn_type {dit.get('ffn_type')!r}: only 'vanilla_mlp' exists upstream")
+        hidden, heads = dit["hidden_size"], dit["num_heads"]
+        self.t_embedder = TimestepEmbedder(hidden)
+        # One extra row: upstream's classifier-free-guidance token.
+        self.semantic_token_embedding = nn.Embedding(dit["semantic_vocab_size"] + 1, hidden)
+        self.input_linear = nn.Linear(dit["input_size"], hidden)
+        kind = dit["position_embedding_type"]
+        if kind == "sincos":
+            self.position_embedding = SincosPositions(hidden, dit["max_seq_len"] + 1)
+        elif kind == "learnable":
+            self.position_embedding = nn.Embedding(dit["max_seq_len"] + 1, hidden)
+        elif kind == "skip":
+            self.position_embedding = None
+        else:
+            raise ValueError(f"DiT position_embedding_type {kind!r} is not sincos/learnable/skip")
+        self.rope = None
+        if dit.get("use_rope", False):
+            params = dit.get("rope_params", {})
+            table = rope_table(hidden // heads, params.get("max_position_embeddings", 4096),
+                               params.get("rope_base", 10000.0),
+                               params.get("rope_interpolation_factor", 1.0))
+            self.rope = table[: dit["max_seq_len"]]
+        self.blocks = nn.ModuleList(DiTBlock(hidden, heads, dit["mlp_ratio"]) for _ in range(dit["depth"]))
+        self.final_layer = FinalLayer(hidden, dit["input_size"])
+
+    def forward(self, x, positions, t, codes, prefix=None):
+        """Velocity at ``x`` ``[1, N, 80]``; ``prefix``: per-block cached ``(k, v)`` or None.
+        Returns the velocity and each block's ``(k, v)`` of this call (prefix included)."""
+        h = self.input_linear(x)
+        if self.position_embedding is not None:
+            h = h + self.position_embedding(positions).to(h.dtype)
+        rope = None if self.rope is None else self.rope.to(x.device)[positions]
+        c = self.t_embedder(t)[:, None] + self.semantic_token_embedding(codes)
+        kvs = []
+        for i, block in enumerate(self.blocks):
+            h, kv = block(h, c, rope, None if prefix is None else prefix[i])
+            kvs.append(kv)
+        return self.final_layer(h, c), kvs
+
+
+class Streaming:
+    """One row's chunked flow matching: prefix keys/values and positions between chunks."""
+
+    def __init__(self, dit: DiT, steps: int = 30, look_ahead: int = 48, max_kv_tokens: int = 900):
+        if steps < 2:
+            raise ValueError("the detokenizer needs at least 2 Euler points (steps >= 2)")
+        self.dit, self.steps, self.look_ahead, self.max_kv = dit, steps, look_ahead, max_kv_tokens
+        self.prefix = None
+        self.start = 0
+        self.tail: torch.Tensor | None = None  # the look-ahead codes to redo next chunk
+
+    def reset_positions(self) -> None:
+        self.prefix, self.start = None, 0
+
+    def _velocity(self, x, codes, t: float):
+        positions = torch.arange(self.start, self.start + x.shape[1], device=x.device)[None]
+        # The network's timestep is t × 1000 truncated, in float32 as upstream computes it.
+        steps = (torch.tensor([t], dtype=torch.float32) * 1000).long().to(x.device)
+        return self.dit(x, positions, steps, codes, self.prefix)
+
+    def chunk(self, codes: torch.Tensor, generator: torch.Generator, final: bool) -> torch.Tensor:
+        """Mel frames ``[n, 80]`` of ``codes`` (50 Hz, already upsampled)."""
+        if self.tail is not None:
+            codes = torch.cat([self.tail, codes])
+        codes = codes[None]
+        dtype = self.dit.input_linear.weight.dtype
+        x = torch.randn(codes.shape[1], MEL_BINS, generator=generator,
+                        device=generator.device).to(codes.device, dtype)[None]
+        times = torch.linspace(0, 1, self.steps).tolist()
+        kvs = None
+        for t0, t1 in zip(times[:-1], times[1:]):
+            v, kvs = self._velocity(x, codes, t0)
+            x = x + (t1 - t0) * v
+        ahead = 0 if final else self.look_ahead
+        if ahead:
+            self.tail = codes[0, -ahead:]
+            x = x[:, :-ahead]
+            # The kept frames, nearly clean, are what the next chunk attends to.
+            _, kvs = self._velocity(x, codes[:, :-ahead], 0.999)
+        self.prefix = [(k[:, -self.max_kv:], v[:, -self.max_kv:]) for k, v in kvs]
+        self.start += x.shape[1]
+        return x[0]
+
+
+class Detokenizer:
+    """Audio codes → 24 kHz waveform, as upstream's ``detokenize_audio`` chunks them."""
+
+    def __init__(self, dit: DiT, vocoder: nn.Module, chunk_tokens: int = 30, upsample: int = 4,
+                 look_ahead_tokens: int = 12, steps: int = 30, max_kv_tokens: int = 900):
+        self.dit, self.vocoder = dit, vocoder
+        self.chunk_tokens, self.upsample = chunk_tokens, upsample
+        self.look_ahead = look_ahead_tokens * upsample
+        self.steps, self.max_kv = steps, max_kv_tokens
+
+    @torch.no_grad()
+    def __call__(self, codes: list[int], generator: torch.Generator) -> torch.Tensor:
+        device = self.dit.input_linear.weight.device
+        if not codes:
+            return torch.zeros(0)
+        codes_t = torch.tensor(codes, dtype=torch.long, device=device)
+        stream = Streaming(self.dit, self.steps, self.look_ahead, self.max_kv)
+        pieces, pre_mel, pre_wav = [], None, None
+        starts = list(range(0, len(codes), self.chunk_tokens))
+        for i, start in enumerate(starts):
+            final = i == len(starts) - 1
+            chunk = codes_t[start:start + self.chunk_tokens].repeat_interleave(self.upsample)
+            mel = stream.chunk(chunk, generator, final)
+            piece, pre_mel, pre_wav = self._vocode(mel, pre_mel, pre_wav, final)
+            pieces.append(piece)
+            n = mel.shape[0]
+            if not final and stream.start + 2 * n > MAX_POSITIONS:
+                stream.reset_positions()
+        return torch.cat(pieces).float()
+
+    def _wave(self, mel: torch.Tensor) -> torch.Tensor:
+        weight = next(self.vocoder.parameters())
+        return self.vocoder(mel.T[None].to(weight.dtype))[0, 0]
+
+    def _vocode(self, mel, pre_mel, pre_wav, final):
+        """Upstream's hand-over between chunks: the first returns half its audio and keeps
+        the rest; later ones re-vocode the kept mel with the new one and cross-fade."""
+        n = mel.shape[0]
+        if pre_mel is None:
+            wav = self._wave(mel)
+            if final:
+                return wav, None, None
+            half = FRAME_SAMPLES * n // 2
+            return wav[:half], mel[(-n) // 2:], wav[-half:]
+        wav = self._wave(torch.cat([pre_mel, mel]))
+        if final:
+            return wav, None, None
+        kept = pre_wav.shape[0]
+        out_len = 2 * kept if wav.shape[0] > 2 * kept else wav.shape[0] // 2
+        out = wav[:out_len].clone()
+        window = torch.hamming_window(out_len, device=wav.device, dtype=wav.dtype)
+        h = out_len // 2
+        out[:h] = pre_wav[:h] * window[-h:] + out[:h] * window[:h]
+        rest = wav.shape[0] - out_len
+        return out, mel[-(rest // FRAME_SAMPLES):], wav[-rest:]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_dit(directory: Path, device, dtype) -> DiT:
+    """``audio_detokenizer/config.yaml`` + ``model.pt`` (``state_dict`` → ``speech_model.*``)."""
+    import yaml
+
+    config = yaml.safe_load((directory / "config.yaml").read_text())
+    try:
+        dit_config = config["model"]["dit"]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{directory / 'config.yaml'} has no model.dit section") from err
+    if config.get("normalize_mel"):
+        raise ValueError(f"{directory / 'config.yaml'}: normalize_mel is on; upstream's released "
+                         "detokenizer has it off and this rebuild does not apply mel statistics")
+    state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    state = {k[len("speech_model."):]: v for k, v in state.items() if k.startswith("speech_model.")}
+    dit = DiT(dit_config)
+    load_state(dit, state, str(directory / "model.pt"))
+    return dit.to(device=device, dtype=dtype).eval()
+
+
+def load_vocoder(directory: Path, device, dtype) -> nn.Module:
+    """``vocoder/config.json`` + ``model.pt`` (``generator``) into PyPI's BigVGAN, CPU-safe."""
+    try:
+        from bigvgan.bigvgan import BigVGAN
+        from bigvgan.env import AttrDict
+    except ImportError as err:
+        raise ImportError(f"Kimi-Audio's vocoder needs PyPI's bigvgan ({err}): "
+                          "pip install --no-deps bigvgan==2.4.1 (scripts/install.sh does)") from err
+
+    h = AttrDict(json.loads((directory / "config.json").read_text()))
+    if int(math.prod(h.upsample_rates)) != FRAME_SAMPLES:
+        raise ValueError(f"{directory / 'config.json'}: upsample_rates multiply to "
+                         f"{math.prod(h.upsample_rates)}, the detokenizer's frames are {FRAME_SAMPLES}")
+    vocoder = BigVGAN(h, use_cuda_kernel=False)
+    state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+    load_state(vocoder, state.get("generator", state), str(directory / "model.pt"))
+    vocoder.remove_weight_norm()
+    return vocoder.to(device=device, dtype=dtype).eval()

@@ -34,7 +34,6 @@ time (upstream's detokenizer is one stream per call).
 
 from __future__ import annotations
 
-import math
 import os
 import string
 from collections.abc import Sequence
@@ -45,6 +44,8 @@ import numpy as np
 import torch
 
 from esn_core.hooks import MLPGroup, find_gated_mlps
+from esn_core.models import audio as audio_io
+from esn_core.models.audio import load_source
 from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter
 from esn_core.models.kimi_generate import (
     PromptBatch, RowResult, Sampling, generate_two_streams, pad_prompts,
@@ -83,31 +84,9 @@ def load_lm(directory: Path, dtype: torch.dtype, device) -> KimiAudioLM:
 # --------------------------------------------------------------------------- audio inputs
 
 
-def load_source(path: str | os.PathLike, rate: int = SOURCE_RATE) -> np.ndarray:
-    """Mono float32 audio at ``rate`` (channels averaged, polyphase resampling)."""
-    import soundfile as sf
-    from scipy.signal import resample_poly
-
-    try:
-        audio, source_rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
-    except Exception as err:  # soundfile's LibsndfileError and friends
-        raise ValueError(f"cannot read source audio {os.fspath(path)}: {err}") from err
-    audio = audio.mean(axis=1)
-    if source_rate != rate:
-        g = math.gcd(int(source_rate), int(rate))
-        audio = resample_poly(audio, rate // g, int(source_rate) // g).astype(np.float32)
-    return np.ascontiguousarray(audio, dtype=np.float32)
-
-
 def to_16k(wave: np.ndarray, rate: int = OUTPUT_RATE) -> np.ndarray:
     """The vocoder's waveform at 16 kHz for judging, clipped to [-1, 1]."""
-    from scipy.signal import resample_poly
-
-    wave = np.asarray(wave, dtype=np.float64).reshape(-1)
-    if rate != SOURCE_RATE and wave.size:
-        g = math.gcd(int(rate), SOURCE_RATE)
-        wave = resample_poly(wave, SOURCE_RATE // g, int(rate) // g)
-    return np.clip(wave, -1.0, 1.0).astype(np.float32)
+    return audio_io.to_16k(wave, rate)
 
 
 def audio_token_count(n_samples: int) -> int:

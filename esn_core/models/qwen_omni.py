@@ -76,6 +76,8 @@ from torch import nn
 
 from esn_core.hooks import MLPGroup, _padding_mask, find_gated_mlps
 from esn_core.models.graphed_decode import GraphedDecode
+from esn_core.models import audio as audio_io
+from esn_core.models.audio import load_source
 from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter
 from esn_core.models.ragged import key_padding, ragged_time_axis
 
@@ -189,28 +191,9 @@ def check_checkpoint(directory: Path, repo_id: str = HUB_ID) -> Path:
 # --------------------------------------------------------------------------- processing
 
 
-def load_source(path: str | os.PathLike, rate: int = SOURCE_RATE) -> np.ndarray:
-    """Mono float32 audio at ``rate`` (channels averaged, polyphase resampling)."""
-    import soundfile as sf
-    from scipy.signal import resample_poly
-
-    audio, source_rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
-    audio = audio.mean(axis=1)
-    if source_rate != rate:
-        g = math.gcd(int(source_rate), int(rate))
-        audio = resample_poly(audio, rate // g, int(source_rate) // g).astype(np.float32)
-    return np.ascontiguousarray(audio, dtype=np.float32)
-
-
 def to_16k(wave: np.ndarray, rate: int = OUTPUT_RATE) -> np.ndarray:
     """token2wav's waveform at 16 kHz for judging, clipped to [-1, 1]."""
-    from scipy.signal import resample_poly
-
-    wave = np.asarray(wave, dtype=np.float64).reshape(-1)
-    if rate != SOURCE_RATE and wave.size:
-        g = math.gcd(int(rate), SOURCE_RATE)
-        wave = resample_poly(wave, SOURCE_RATE // g, int(rate) // g)
-    return np.clip(wave, -1.0, 1.0).astype(np.float32)
+    return audio_io.to_16k(wave, rate)
 
 
 def audio_token_count(feature_lengths: torch.Tensor) -> torch.Tensor:

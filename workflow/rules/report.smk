@@ -115,6 +115,7 @@ rule report_md:
 
 # Several models: Tables 2 and 3 side by side, Fig. 9 with one panel per model (each its own
 # layer count) and a report with each model's headline. Removing a model reruns only this.
+# The tables' .md stand for their Parquet twins, which the same per-model job writes.
 if RUN.cross_model:
 
     rule cross_model:

@@ -21,6 +21,4 @@ include: "workflow/rules/human.smk"
 rule all:
     default_target: True
     input:
-        f"{RESULTS}/report.md",
-        f"{RESULTS}/tables/table3_selectors.md",
-        PLAN.human_targets(),
+        RUN.targets(),

@@ -80,7 +80,7 @@ def cmd_corpus(a) -> None:
 def cmd_plant(a) -> None:
     from esn_core.models.planted import plant_model, planted_ground_truth
 
-    model = plant_model(a.seed)
+    model = plant_model(a.seed, n_layers=a.layers)
     model.save_pretrained(a.out)
     io.write_table(planted_ground_truth(model), Path(a.out) / "ground_truth.parquet", "masks",
                    {"seed": a.seed, "model": "planted"})
@@ -370,6 +370,29 @@ def cmd_report(a) -> None:
         tmp.write_text(text)
 
 
+def _named_paths(items: list[str], flag: str) -> dict[str, str]:
+    """``name=path`` items -> {name: path}, in the order given."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"{flag}: {item!r} is not name=path")
+        if name in out:
+            raise SystemExit(f"{flag}: model {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def cmd_cross_model(a) -> None:
+    from esn_core.cross_model import write_cross_model
+
+    tables = _named_paths(a.tables, "--tables")
+    masks = _named_paths(a.masks, "--masks")
+    if list(tables) != list(masks):
+        raise SystemExit(f"--tables names {list(tables)} and --masks names {list(masks)} differ")
+    write_cross_model(tables, masks, json.loads(a.anchor), a.out_dir, a.figure, a.report)
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -393,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("plant", help="plant and save the demo LALM with known emotion neurons")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--layers", type=int, default=8, help="decoder layers (config plant_layers)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_plant)
 
@@ -524,6 +548,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "figures":
             s.add_argument("--headline", required=True)
         s.set_defaults(func=func)
+
+    s = sub.add_parser("cross-model", help="Tables 2-3, Fig. 9 and the report across several models")
+    s.add_argument("--tables", nargs="+", required=True, help="name=tables_dir per model (config order)")
+    s.add_argument("--masks", nargs="+", required=True, help="name=anchor mask table per model")
+    s.add_argument("--anchor", required=True)
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--figure", required=True)
+    s.add_argument("--report", required=True)
+    s.set_defaults(func=cmd_cross_model)
 
     s = sub.add_parser("report", help="Markdown summary of tables and figures")
     s.add_argument("--tables-dir", required=True)

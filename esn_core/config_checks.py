@@ -31,7 +31,7 @@ def check_config(config: Mapping[str, Any]) -> None:
     """Raise ``ConfigError`` listing every problem (key path: what is wrong)."""
     problems = [
         *_check_corpus(config["corpus"]),
-        *_check_model(config["model"]),
+        *_check_models(config),
         *_check_judges(config["judges"]),
         *_check_interventions(config["evaluation"]["interventions"]),
     ]
@@ -52,13 +52,30 @@ def _check_corpus(corpus: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def _check_model(model: Mapping[str, Any]) -> list[str]:
+def _check_models(config: Mapping[str, Any]) -> list[str]:
+    """``model`` or every ``models.<name>`` entry."""
+    if config.get("models") is not None:
+        if config.get("model") is not None:
+            return ["models: give either model: (one LALM) or models: (several), not both; an override that "
+                    "adds models: to the shipped config sets model: null"]
+        if not config["models"]:
+            return ["models: name at least one model"]
+        return [p for name, entry in config["models"].items() for p in _check_model(entry, f"models.{name}")]
+    if config.get("model") is None:
+        return ["model: required (one LALM), or models: (several)"]
+    return _check_model(config["model"])
+
+
+def _check_model(model: Mapping[str, Any], where: str = "model") -> list[str]:
     problems = []
     adapter, path = model["adapter"], model.get("path")
     if path and _looks_local(str(path)) and not Path(os.path.expanduser(str(path))).exists():
-        problems.append(f"model.path: {path!r} does not exist")
+        problems.append(f"{where}.path: {path!r} does not exist")
     if adapter != "planted" and not path:
-        problems.append(f"model.path: required for adapter {adapter!r}")
+        problems.append(f"{where}.path: required for adapter {adapter!r}")
+    if model.get("plant_layers") is not None and (adapter != "planted" or path):
+        problems.append(f"{where}.plant_layers: only for adapter 'planted' without a path (the model planted "
+                        "under results/)")
     options = model.get("options") or {}
     factory = source_literal("esn_core.models.base", "_REGISTRY").get(adapter)
     if factory is None:
@@ -68,9 +85,9 @@ def _check_model(model: Mapping[str, Any]) -> list[str]:
         return problems
     for key in options:
         if key == "path":
-            problems.append("model.options.path: give the checkpoint as model.path")
+            problems.append(f"{where}.options.path: give the checkpoint as {where}.path")
         elif key not in accepted:
-            problems.append(f"model.options.{key}: not a keyword argument of {factory.split(':')[1]} "
+            problems.append(f"{where}.options.{key}: not a keyword argument of {factory.split(':')[1]} "
                             f"(adapter {adapter!r}); it takes {sorted(accepted - {'path'})}")
     return problems
 

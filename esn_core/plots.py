@@ -176,13 +176,43 @@ def grouped_bars(
 
 def layer_heatmap(counts: pl.DataFrame, title: str) -> tuple[Figure, np.ndarray]:
     """Selected neurons per (emotion, layer), layer on x (Fig. 9); returns the count matrix."""
+    matrix, emotions = layer_matrix(counts)
+    n_layers = matrix.shape[1]
+    fig = _figure(min(18.0, 2.5 + 0.45 * n_layers), 1.4 + 0.5 * len(emotions))
+    ax = fig.subplots()
+    image = _draw_layer_counts(ax, matrix, emotions)
+    fig.colorbar(image, ax=ax, label="selected neurons")
+    fig.suptitle(title)
+    return fig, matrix
+
+
+def layer_matrix(counts: pl.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """(emotion x layer) selected-neuron counts of a ``layer_counts`` table, and the emotions."""
     emotions = order_emotions(counts["emotion"].to_list())
     n_layers = int(counts["layer"].max()) + 1
     matrix = np.zeros((len(emotions), n_layers), dtype=np.int64)
     for r in counts.iter_rows(named=True):
         matrix[emotions.index(r["emotion"]), r["layer"]] += r["count"]
-    fig = _figure(min(18.0, 2.5 + 0.45 * n_layers), 1.4 + 0.5 * len(emotions))
-    ax = fig.subplots()
+    return matrix, emotions
+
+
+def layer_panels(counts: Mapping[str, pl.DataFrame], title: str) -> tuple[Figure, dict[str, np.ndarray]]:
+    """Fig. 9 across models: one panel per model (stacked), each over its own layers."""
+    matrices = {name: layer_matrix(c) for name, c in counts.items()}
+    widest = max(m.shape[1] for m, _ in matrices.values())
+    height = sum(1.0 + 0.5 * len(e) for _, e in matrices.values()) + 0.6
+    fig = _figure(min(18.0, 2.5 + 0.45 * widest), height)
+    axes = fig.subplots(len(matrices), 1, squeeze=False)[:, 0]
+    for ax, (name, (matrix, emotions)) in zip(axes, matrices.items()):
+        image = _draw_layer_counts(ax, matrix, emotions)
+        ax.set_title(f"{name} ({matrix.shape[1]} layers)", fontsize=10)
+        fig.colorbar(image, ax=ax, label="selected neurons")
+    fig.suptitle(title)
+    return fig, {name: m for name, (m, _) in matrices.items()}
+
+
+def _draw_layer_counts(ax, matrix: np.ndarray, emotions: Sequence[str]):
+    n_layers = matrix.shape[1]
     image = ax.imshow(matrix, cmap=COUNT_CMAP, aspect="auto", vmin=0)
     if n_layers <= 40:
         top = matrix.max() or 1
@@ -193,9 +223,7 @@ def layer_heatmap(counts: pl.DataFrame, title: str) -> tuple[Figure, np.ndarray]
     ax.set_yticks(range(len(emotions)), emotions)
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("mask emotion")
-    fig.colorbar(image, ax=ax, label="selected neurons")
-    fig.suptitle(title)
-    return fig, matrix
+    return image
 
 
 # ---------------------------------------------------------------------------- figure set

@@ -781,16 +781,9 @@ def markdown_report(tables_dir, figures_dir, link_base=None) -> str:
                   f"TEST-UNSEEN, 95% paired-bootstrap CIs over source utterances (B={prov.get('n_boot')}).", ""]
     if t3_path.exists() and anc is not None:
         t3 = read_frame(t3_path)
-        row = t3.filter(pl.col("selector") == anc.selector)
-        if row.height:
-            r = row.row(0, named=True)
-            lines += ["## Headline: anchor intervention", "", "| judge | self | cross | gap |", "|---|---|---|---|"]
-            for judge in judges:
-                s = judge_slug(judge)
-                cells = [_ci_text(r, f"{stat}_{s}") for stat in STATISTICS]
-                lines.append(f"| {judge} | " + " | ".join(cells) + " |")
-            lines += ["", f"WER {_fmt('wer_pct', r['wer_pct'])}% (Δ {_fmt('wer_delta_pp', r['wer_delta_pp'])} pp), "
-                          f"MOS {_fmt('mos_mean', r['mos_mean'])} (Δ {_fmt('mos_delta', r['mos_delta'])}).", ""]
+        headline = headline_lines(t3, anc, judges)
+        if headline:
+            lines += ["## Headline: anchor intervention", "", *headline]
         lines += ["## Selectors (Table 3)", "", markdown_table(t3)]
     if t2_path.exists():
         t2 = read_frame(t2_path).filter(pl.col("split") == POOLED)
@@ -812,6 +805,22 @@ def markdown_report(tables_dir, figures_dir, link_base=None) -> str:
             text = caption.read_text(encoding="utf-8").strip().splitlines()[0] if caption.exists() else fig.stem
             lines += [f"![{fig.stem}]({target.as_posix()})", "", f"*{text}*", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def headline_lines(table3: pl.DataFrame, anc: Anchor, judges: Sequence[str]) -> list[str]:
+    """The anchor selector's self / cross / gap per judge with CIs, then WER and MOS; [] when
+    Table 3 has no row for it."""
+    row = table3.filter(pl.col("selector") == anc.selector)
+    if not row.height:
+        return []
+    r = row.row(0, named=True)
+    lines = ["| judge | self | cross | gap |", "|---|---|---|---|"]
+    for judge in judges:
+        s = judge_slug(judge)
+        cells = [_ci_text(r, f"{stat}_{s}") for stat in STATISTICS]
+        lines.append(f"| {judge} | " + " | ".join(cells) + " |")
+    return lines + ["", f"WER {_fmt('wer_pct', r['wer_pct'])}% (Δ {_fmt('wer_delta_pp', r['wer_delta_pp'])} pp), "
+                        f"MOS {_fmt('mos_mean', r['mos_mean'])} (Δ {_fmt('mos_delta', r['mos_delta'])}).", ""]
 
 
 FIGURE_ORDER: tuple[str, ...] = (

@@ -74,16 +74,51 @@ class Variant:
         return json.dumps(d, sort_keys=True)
 
 
-class Plan:
-    """Config -> paths, variants and command-line arguments for the rules."""
+LALM_DIR = "lalm"  # results/lalm/<name>/: one model's tree in the `models:` form
 
-    def __init__(self, config: dict[str, Any]):
+
+def model_entries(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """name -> model entry, in config order. The single ``model:`` form is one entry named
+    after its adapter; its paths stay where they always were (directly under results/)."""
+    if is_multi(config):
+        if config.get("model") is not None:
+            raise ValueError("config: give either model: (one LALM) or models: (several), not both; an override "
+                             "that adds models: to the shipped config sets model: null")
+        return {str(name): dict(entry) for name, entry in config["models"].items()}
+    if config.get("model") is None:
+        raise ValueError("config: model: (one LALM) or models: (several) is required")
+    return {str(config["model"]["adapter"]): dict(config["model"])}
+
+
+def is_multi(config: dict[str, Any]) -> bool:
+    """The ``models:`` form (even with one entry): each model's tree under results/lalm/<name>/."""
+    return config.get("models") is not None
+
+
+class Plan:
+    """Config -> paths, variants and command-line arguments for the rules of one model."""
+
+    def __init__(self, config: dict[str, Any], model: str | None = None):
         self.config = config
-        self.results = str(config["results"]).rstrip("/")
-        model = config["model"]
+        entries = model_entries(config)
+        if model is None:
+            if len(entries) != 1:
+                raise ValueError(f"config models: {sorted(entries)}: name the model to plan")
+            model = next(iter(entries))
+        if model not in entries:
+            raise KeyError(f"config models: no model {model!r}; have {list(entries)}")
+        self.model_name = model
+        self.model = entries[model]
+        self.multi = is_multi(config)
+        # shared by every model: the corpus and the judges calibrated on it
+        self.shared = str(config["results"]).rstrip("/")
+        self.results = f"{self.shared}/{LALM_DIR}/{model}" if self.multi else self.shared
+        model = self.model
         self.gpus = int(model.get("gpus", 1))
         self.model_mem_mb = int(model.get("mem_mb", 16000))
         self.model_runtime_min = int(model.get("runtime_min", 240))
+        self.threads = int(model.get("threads", 1))
+        self.plant_layers = model.get("plant_layers")
         self.capture_groups = list(dict.fromkeys(config["capture"]["groups"]))
         judges = config["judges"]
         # judges.available is a list (an override replaces it whole); looked up by name here
@@ -174,7 +209,7 @@ class Plan:
     # -- shards --------------------------------------------------------------------
     def n_shards(self, manifest_path: str, split: str) -> int:
         n = self.n_sources(manifest_path, split)
-        return max(1, math.ceil(n / int(self.config["model"]["shard_sources"])))
+        return max(1, math.ceil(n / int(self.model["shard_sources"])))
 
     def n_sources(self, manifest_path: str, split: str) -> int:
         frame = read_frame(manifest_path, "manifest", columns=["split", "emotion"])
@@ -215,37 +250,42 @@ class Plan:
         if corpus["source"] == "demo":
             demo = corpus["demo"]
             return (
-                f"--source demo --demo-tree {shlex.quote(self.results + '/corpus/demo_esd')}"
+                f"--source demo --demo-tree {shlex.quote(self.shared + '/corpus/demo_esd')}"
                 f" --demo-speakers {demo['speakers']} --demo-utterances {demo['utterances']}"
                 f" --seed {self.config['seed']}{spk}"
             )
         return (
             f"--source esd --esd-root {shlex.quote(str(corpus['esd_root']))}"
-            f" --cache-dir {shlex.quote(self.results + '/corpus/resampled')}{spk}"
+            f" --cache-dir {shlex.quote(self.shared + '/corpus/resampled')}{spk}"
         )
 
     def model_path(self) -> str:
-        model = self.config["model"]
+        model = self.model
         if model.get("path"):
             return str(model["path"])
         if model["adapter"] != "planted":
-            raise ValueError(f"config model.path is required for adapter {model['adapter']!r}")
+            raise ValueError(f"config {self.model_key}.path is required for adapter {model['adapter']!r}")
         return f"{self.results}/models/planted"
 
+    @property
+    def model_key(self) -> str:
+        """The model's key path in the config, for messages."""
+        return f"models.{self.model_name}" if self.multi else "model"
+
     def model_inputs(self) -> list[str]:
-        model = self.config["model"]
+        model = self.model
         if model["adapter"] == "planted" and not model.get("path"):
             return [f"{self.results}/models/planted/config.json"]
         return []
 
     def model_json(self) -> str:
-        model = self.config["model"]
+        model = self.model
         return json.dumps({"adapter": model["adapter"], "path": self.model_path(), "options": model.get("options") or {}})
 
     def judge_spec(self, name: str) -> dict[str, Any]:
         spec = dict(self.judges[name])
         if spec["kind"] == "embedded" and not spec.get("path"):
-            spec["path"] = f"{self.results}/judges/embedded.json"
+            spec["path"] = f"{self.shared}/judges/embedded.json"
         return spec
 
     def judge_inputs(self, name: str) -> list[str]:
@@ -253,7 +293,7 @@ class Plan:
         if spec is None:
             raise KeyError(f"judge {name!r} is not defined under judges.available")
         if spec["kind"] == "embedded" and not spec.get("path"):
-            return [f"{self.results}/judges/embedded.json"]
+            return [f"{self.shared}/judges/embedded.json"]
         return []
 
     def judge_json(self, name: str) -> str:
@@ -299,6 +339,10 @@ class Plan:
         for key, given in (("success.human_labels", config["success"].get("human_labels")),
                            ("human.ab_results", human.get("ab_results"))):
             if given:
+                if self.multi:
+                    # a listener file labels one model's attempts: whose, the config cannot say yet
+                    raise ValueError(f"config {key}: listener files are not supported with models: (several "
+                                     "LALMs); run each model on its own with model:, or use human.simulate")
                 if not os.path.exists(given):
                     raise ValueError(f"config {key}: {given!r} does not exist (a listener file or a folder of them)")
                 if not self._listener_files(given):
@@ -369,3 +413,79 @@ class Plan:
     def success_paths(self) -> list[str]:
         tau = _num(self.config["success"]["tau_wer"])
         return [f"{self.results}/success/{self.filter_judge}/tau{tau}/c{int(c)}.parquet" for c in self.config["success"]["caps"]]
+
+
+class RunPlan:
+    """Every model of a run: one ``Plan`` per model, the path patterns the rules share, and
+    the cross-model outputs (Tables 2-3 and Fig. 9 side by side) when there are several.
+
+    The single ``model:`` form keeps today's paths (no ``{model}`` wildcard), so a finished
+    single-model run has nothing to redo; the ``models:`` form puts each model's tree under
+    ``results/lalm/<name>/`` and the rules carry a ``{model}`` wildcard. The corpus and the
+    embedded judge stay shared: adding a model reruns none of them, only its own jobs.
+    """
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+        self.multi = is_multi(config)
+        self.plans = {name: Plan(config, name) for name in model_entries(config)}
+        self.names = list(self.plans)
+        self.results = str(config["results"]).rstrip("/")
+        self.cross_tables_dir = f"{self.results}/tables"
+        self.cross_figure = f"{self.results}/figures/layers_models.png"
+        self.cross_report = f"{self.results}/report.md"
+
+    @property
+    def single(self) -> Plan:
+        return self.plans[self.names[0]]
+
+    def pattern(self, relative: str) -> str:
+        """A per-model path pattern: ``results/<relative>`` or ``results/lalm/{model}/<relative>``."""
+        return f"{self.results}/{LALM_DIR}/{{model}}/{relative}" if self.multi else f"{self.results}/{relative}"
+
+    def of(self, wildcards) -> Plan:
+        """The plan of the model a job belongs to (its ``{model}`` wildcard, else the only one)."""
+        if not self.multi:
+            return self.single
+        return self.plans[wildcards.model]
+
+    def any_plan(self, test: Callable[[Plan], Any]) -> bool:
+        return any(test(p) for p in self.plans.values())
+
+    @property
+    def cross_model(self) -> bool:
+        """Cross-model tables, figure and report: with two models or more."""
+        return len(self.plans) >= 2
+
+    def model_constraint(self) -> str:
+        return "|".join(sorted(self.plans))
+
+    def expand(self, relative: str | Callable[[Plan], str | list[str]]) -> list[str]:
+        """One path per model: a relative path, or a function of the model's plan."""
+        out = []
+        for plan in self.plans.values():
+            got = relative(plan) if callable(relative) else f"{plan.results}/{relative}"
+            out += [got] if isinstance(got, str) else list(got)
+        return out
+
+    def per_model(self, relative: str) -> dict[str, str]:
+        return {name: f"{plan.results}/{relative}" for name, plan in self.plans.items()}
+
+    def anchor_masks(self) -> dict[str, str]:
+        """Each model's anchor-selector mask at the anchor cell: the panels of the cross-model Fig. 9."""
+        return {name: plan.kit_variant.mask_path(plan.anchor_selector) for name, plan in self.plans.items()}
+
+    @staticmethod
+    def cross_args(name_to_path: dict[str, str]) -> list[str]:
+        """``name=path`` items in config order (the rule quotes each)."""
+        return [f"{n}={p}" for n, p in name_to_path.items()]
+
+    def targets(self) -> list[str]:
+        """What `rule all` asks for: each model's report, Table 3 and human part, and the
+        cross-model report (which needs the cross tables and figure) with several models."""
+        out = []
+        for plan in self.plans.values():
+            out += [f"{plan.results}/report.md", f"{plan.results}/tables/table3_selectors.md", *plan.human_targets()]
+        if self.cross_model:
+            out.append(self.cross_report)
+        return out

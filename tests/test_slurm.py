@@ -190,3 +190,46 @@ def test_a_failing_job_fails_the_run(slurm, tmp_path):
     assert re.search(r"Error in rule corpus:\s+message: SLURM-job '\d+' failed", log), log[-4000:]
     failed = [r for r in _jobcomp(state).values() if r.get("WorkDir") == str(workdir)]
     assert any(r["JobState"] == "FAILED" for r in failed), failed
+
+
+# Two models with different resources (issue 19): a GPU model and a CPU one with more memory
+# and a longer wall time. Each model's sample / evaluate jobs must ask SLURM for its own.
+TWO_MODELS = {
+    "model": None,
+    "models": {
+        "gpu_lalm": {"adapter": "planted", "path": None, "batch_size": 16, "shard_sources": 1000, "threads": 1,
+                     "gpus": 1, "mem_mb": 1500, "runtime_min": 20},
+        "cpu_lalm": {"adapter": "planted", "path": None, "plant_layers": 6, "batch_size": 16,
+                     "shard_sources": 1000, "threads": 1, "gpus": 0, "mem_mb": 2500, "runtime_min": 40},
+    },
+    "selection": {"rates": [0.0118]},
+    "evaluation": {"interventions": []},
+    "human": {"kit": False, "simulate": None},
+}
+MODEL_RESOURCES = {"gpu_lalm": ("gres:gpu:1", "1500M", "00:20:00"), "cpu_lalm": (None, "2500M", "00:40:00")}
+
+
+def test_each_models_gpu_rules_ask_slurm_for_that_models_resources(slurm, tmp_path):
+    state, env = slurm
+    workdir = _workdir(tmp_path / "wd", TINY, TWO_MODELS)
+    rc, log, jobs, seconds = _run_via_slurm(workdir, env, 2)
+    assert rc == 0, f"exit {rc} after {seconds:.0f} s (124: timed out)\n{log[-6000:]}"
+    assert (workdir / "results" / "tables" / "table3_selectors_models.md").stat().st_size > 0
+    submitted = dict(SUBMITTED.findall(log))
+    assert set(submitted) <= set(jobs), "some SLURM jobs were never seen by scontrol"
+    seen = set()
+    for job_id, rule in submitted.items():
+        if rule not in GPU_RULES:
+            continue
+        record = jobs[job_id]
+        # the plugin's comment: rule_<rule>_wildcards_<values joined by _>, {model} first
+        values = record["Comment"].split("_wildcards_", 1)[1]
+        model = next(m for m in MODEL_RESOURCES if values.startswith(f"{m}_"))
+        gres, memory, limit = MODEL_RESOURCES[model]
+        if gres:
+            assert record.get("TresPerJob") == gres, (model, record)
+        else:
+            assert "gpu" not in record.get("TresPerJob", ""), (model, record)
+        assert record["MinMemoryNode"] == memory and record["TimeLimit"] == limit, (model, record)
+        seen.add((rule, model))
+    assert seen == {(r, m) for r in GPU_RULES for m in MODEL_RESOURCES}, seen

@@ -7,30 +7,30 @@
 rule evaluate:
     input:
         manifest=manifest_path(),
-        model=PLAN.model_inputs(),
-        masks=lambda wc: PLAN.variant(wc.variant).mask_paths(),
+        model=lambda wc: RUN.of(wc).model_inputs(),
+        masks=lambda wc: RUN.of(wc).variant(wc.variant).mask_paths(),
     output:
-        f"{RESULTS}/eval/{{variant}}/attempts/{{split}}/shard{{shard}}.parquet",
+        RUN.pattern("eval/{variant}/attempts/{split}/shard{shard}.parquet"),
     params:
-        model=PLAN.model_json(),
-        masks=lambda wc: PLAN.variant(wc.variant).mask_args(),
-        group=lambda wc: PLAN.variant(wc.variant).group,
-        method=lambda wc: PLAN.variant(wc.variant).method,
-        alpha=lambda wc: PLAN.variant(wc.variant).alpha,
-        shard_size=config["model"]["shard_sources"],
-        max_sources=PLAN.max_sources_arg(),
-        batch=config["model"]["batch_size"],
+        model=lambda wc: RUN.of(wc).model_json(),
+        masks=lambda wc: RUN.of(wc).variant(wc.variant).mask_args(),
+        group=lambda wc: RUN.of(wc).variant(wc.variant).group,
+        method=lambda wc: RUN.of(wc).variant(wc.variant).method,
+        alpha=lambda wc: RUN.of(wc).variant(wc.variant).alpha,
+        shard_size=lambda wc: RUN.of(wc).model["shard_sources"],
+        max_sources=RUN.single.max_sources_arg(),
+        batch=lambda wc: RUN.of(wc).model["batch_size"],
         seed=config["seed"],
-        audio=lambda wc: f"{RESULTS}/eval/{wc.variant}/audio/{wc.split}",
+        audio=lambda wc: f"{RUN.of(wc).results}/eval/{wc.variant}/audio/{wc.split}",
     log:
-        f"{RESULTS}/logs/eval/{{variant}}/{{split}}/shard{{shard}}.log",
+        RUN.pattern("logs/eval/{variant}/{split}/shard{shard}.log"),
     wildcard_constraints:
         split="test_seen|test_unseen|development",
-    threads: config["model"]["threads"]
+    threads: lambda wc: RUN.of(wc).threads
     resources:
-        gpu=PLAN.gpus,
-        mem_mb=PLAN.model_mem_mb,
-        runtime=PLAN.model_runtime_min,
+        gpu=lambda wc: RUN.of(wc).gpus,
+        mem_mb=lambda wc: RUN.of(wc).model_mem_mb,
+        runtime=lambda wc: RUN.of(wc).model_runtime_min,
     conda:
         "../../envs/gpu.yaml"
     shell:
@@ -43,15 +43,15 @@ rule evaluate:
 
 rule collect_variant:
     input:
-        attempts=lambda wc: PLAN.eval_shards(wc.variant, n_shards),
-        judgements=lambda wc: PLAN.eval_judgements(wc.variant, n_shards),
+        attempts=lambda wc: RUN.of(wc).eval_shards(wc.variant, shards_of(wc)),
+        judgements=lambda wc: RUN.of(wc).eval_judgements(wc.variant, shards_of(wc)),
     output:
-        f"{RESULTS}/eval/{{variant}}/evaluation.parquet",
+        RUN.pattern("eval/{variant}/evaluation.parquet"),
     params:
-        variant=lambda wc: PLAN.variant(wc.variant).to_json(),
-        judges=" ".join(PLAN.report_judges),
+        variant=lambda wc: RUN.of(wc).variant(wc.variant).to_json(),
+        judges=" ".join(RUN.single.report_judges),
     log:
-        f"{RESULTS}/logs/eval/{{variant}}/collect.log",
+        RUN.pattern("logs/eval/{variant}/collect.log"),
     threads: 1
     resources:
         mem_mb=2000,

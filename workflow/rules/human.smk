@@ -6,14 +6,14 @@
 
 rule human_label_items:
     input:
-        attempts=lambda wc: PLAN.sample_shards("attempts", n_shards("identification")),
+        attempts=lambda wc: RUN.of(wc).sample_shards("attempts", shards_of(wc)("identification")),
     output:
-        PLAN.label_key,
+        RUN.pattern("human/label_key.parquet"),
     params:
-        per_emotion=PLAN.human.get("label_per_emotion", 50),
+        per_emotion=RUN.single.human.get("label_per_emotion", 50),
         seed=config["seed"],
     log:
-        f"{RESULTS}/logs/human/label_items.log",
+        RUN.pattern("logs/human/label_items.log"),
     threads: 1
     resources:
         mem_mb=1000,
@@ -27,17 +27,17 @@ rule human_label_items:
 
 rule listening_kit:
     input:
-        attempts=lambda wc: PLAN.eval_shards(PLAN.kit_variant.name, n_shards),
-        label_key=PLAN.label_key,
+        attempts=lambda wc: RUN.of(wc).eval_shards(RUN.of(wc).kit_variant.name, shards_of(wc)),
+        label_key=RUN.pattern("human/label_key.parquet"),
     output:
-        kit=directory(PLAN.kit_dir),
-        key=PLAN.ab_key,
+        kit=directory(RUN.pattern("human/kit")),
+        key=RUN.pattern("human/ab_key.parquet"),
     params:
         selector=config["evaluation"]["anchor"]["selector"],
-        pairs=PLAN.human.get("pairs_per_emotion", 25),
+        pairs=RUN.single.human.get("pairs_per_emotion", 25),
         seed=config["seed"],
     log:
-        f"{RESULTS}/logs/human/kit.log",
+        RUN.pattern("logs/human/kit.log"),
     threads: 1
     resources:
         mem_mb=2000,
@@ -52,17 +52,17 @@ rule listening_kit:
 
 rule simulate_listeners:
     input:
-        ab_key=PLAN.ab_key,
-        label_key=PLAN.label_key,
-        judgements=lambda wc: PLAN.simulation_judgements(n_shards),
+        ab_key=RUN.pattern("human/ab_key.parquet"),
+        label_key=RUN.pattern("human/label_key.parquet"),
+        judgements=lambda wc: RUN.of(wc).simulation_judgements(shards_of(wc)),
     output:
-        directory(PLAN.simulated_dir),
+        directory(RUN.pattern("human/simulated")),
     params:
-        listeners=(PLAN.simulate or {}).get("listeners", 20),
-        noise=(PLAN.simulate or {}).get("noise", 0.2),
+        listeners=(RUN.single.simulate or {}).get("listeners", 20),
+        noise=(RUN.single.simulate or {}).get("noise", 0.2),
         seed=config["seed"],
     log:
-        f"{RESULTS}/logs/human/simulate_listeners.log",
+        RUN.pattern("logs/human/simulate_listeners.log"),
     threads: 1
     resources:
         mem_mb=1000,
@@ -75,17 +75,17 @@ rule simulate_listeners:
         " --seed {params.seed} --out-dir {output:q} > {log:q} 2>&1"
 
 
-if PLAN.human_labels_source:
+if RUN.single.human_labels_source:
 
     rule import_human_labels:
         input:
-            answers=PLAN.human_label_inputs(),
-            label_key=PLAN.label_key,
-            attempts=lambda wc: PLAN.sample_shards("attempts", n_shards("identification")),
+            answers=lambda wc: RUN.of(wc).human_label_inputs(),
+            label_key=RUN.pattern("human/label_key.parquet"),
+            attempts=lambda wc: RUN.of(wc).sample_shards("attempts", shards_of(wc)("identification")),
         output:
-            PLAN.human_labels_table,
+            RUN.pattern("human/labels.parquet"),
         log:
-            f"{RESULTS}/logs/human/import_labels.log",
+            RUN.pattern("logs/human/import_labels.log"),
         threads: 1
         resources:
             mem_mb=1000,
@@ -97,21 +97,23 @@ if PLAN.human_labels_source:
             " --attempts {input.attempts:q} --out {output:q} > {log:q} 2>&1"
 
 
-if PLAN.ab_source:
+if RUN.single.ab_source:
 
     rule import_ab:
         input:
-            answers=PLAN.ab_inputs(),
-            ab_key=PLAN.ab_key,
+            answers=lambda wc: RUN.of(wc).ab_inputs(),
+            ab_key=RUN.pattern("human/ab_key.parquet"),
         output:
-            answers=f"{RESULTS}/human/ab_answers.parquet",
-            table=PLAN.ab_table,
-            figure=report(PLAN.ab_figure, caption="../report/ab.rst", category="Human evaluation"),
+            answers=RUN.pattern("human/ab_answers.parquet"),
+            table=RUN.pattern("tables/fig8_ab.parquet"),
+            figure=report(
+                RUN.pattern("figures/human/ab_preference.png"), caption="../report/ab.rst", category="Human evaluation"
+            ),
         params:
             boot=config["evaluation"]["bootstrap"],
             seed=config["seed"],
         log:
-            f"{RESULTS}/logs/human/import_ab.log",
+            RUN.pattern("logs/human/import_ab.log"),
         threads: 1
         resources:
             mem_mb=1000,

@@ -4,23 +4,23 @@
 
 rule judge:
     input:
-        attempts=f"{RESULTS}/{{stage}}/attempts/{{part}}.parquet",
-        judge=lambda wc: PLAN.judge_inputs(wc.judge),
+        attempts=RUN.pattern("{stage}/attempts/{part}.parquet"),
+        judge=lambda wc: RUN.of(wc).judge_inputs(wc.judge),
         manifest=manifest_path(),
     output:
-        f"{RESULTS}/judgements/{{judge}}/{{stage}}/{{part}}.parquet",
+        RUN.pattern("judgements/{judge}/{stage}/{part}.parquet"),
     params:
-        judge=lambda wc: PLAN.judge_json(wc.judge),
-        naturalness=PLAN.naturalness_json(),
-        under_test=PLAN.model_path(),
+        judge=lambda wc: RUN.of(wc).judge_json(wc.judge),
+        naturalness=RUN.single.naturalness_json(),
+        under_test=lambda wc: RUN.of(wc).model_path(),
     log:
-        f"{RESULTS}/logs/judge/{{judge}}/{{stage}}/{{part}}.log",
+        RUN.pattern("logs/judge/{judge}/{stage}/{part}.log"),
     wildcard_constraints:
         stage="sample|eval/[^/]+",
         judge="[A-Za-z0-9_-]+",
     threads: 1
     resources:
-        gpu=lambda wc: PLAN.judge_gpus(wc.judge),
+        gpu=lambda wc: RUN.of(wc).judge_gpus(wc.judge),
         mem_mb=8000,
         runtime=120,
     conda:

@@ -3,11 +3,11 @@
 
 rule evaluation_table:
     input:
-        [f"{RESULTS}/eval/{v}/evaluation.parquet" for v in PLAN.variant_names],
+        lambda wc: [f"{RUN.of(wc).results}/eval/{v}/evaluation.parquet" for v in RUN.of(wc).variant_names],
     output:
-        f"{RESULTS}/evaluation.parquet",
+        RUN.pattern("evaluation.parquet"),
     log:
-        f"{RESULTS}/logs/evaluation_table.log",
+        RUN.pattern("logs/evaluation_table.log"),
     threads: 1
     resources:
         mem_mb=2000,
@@ -20,30 +20,30 @@ rule evaluation_table:
 
 rule tables:
     input:
-        evaluation=f"{RESULTS}/evaluation.parquet",
-        masks=PLAN.all_mask_paths(),
+        evaluation=RUN.pattern("evaluation.parquet"),
+        masks=lambda wc: RUN.of(wc).all_mask_paths(),
     output:
-        main=f"{RESULTS}/tables/table3_selectors.md",
-        baseline=f"{RESULTS}/tables/table2_baseline.md",
+        main=RUN.pattern("tables/table3_selectors.md"),
+        baseline=RUN.pattern("tables/table2_baseline.md"),
         # the two tables every run has, bundled by `snakemake --report` beside the figures
         selectors_csv=report(
-            f"{RESULTS}/tables/table3_selectors.csv",
+            RUN.pattern("tables/table3_selectors.csv"),
             caption="../report/table3.rst",
             category="Tables",
         ),
         baseline_csv=report(
-            f"{RESULTS}/tables/table2_baseline.csv",
+            RUN.pattern("tables/table2_baseline.csv"),
             caption="../report/table2.rst",
             category="Tables",
         ),
     params:
-        masks=PLAN.mask_records_json(),
-        anchor=PLAN.anchor_json(),
+        masks=lambda wc: RUN.of(wc).mask_records_json(),
+        anchor=RUN.single.anchor_json(),
         boot=config["evaluation"]["bootstrap"],
         seed=config["seed"],
         out_dir=lambda wc, output: os.path.dirname(output.main),
     log:
-        f"{RESULTS}/logs/tables.log",
+        RUN.pattern("logs/tables.log"),
     threads: 1
     resources:
         mem_mb=4000,
@@ -57,27 +57,27 @@ rule tables:
 
 rule figures:
     input:
-        evaluation=f"{RESULTS}/evaluation.parquet",
-        masks=PLAN.all_mask_paths(),
+        evaluation=RUN.pattern("evaluation.parquet"),
+        masks=lambda wc: RUN.of(wc).all_mask_paths(),
     output:
         heatmap=report(
-            f"{RESULTS}/figures/delta_heatmap_{PLAN.anchor_selector}.png",
+            RUN.pattern(f"figures/delta_heatmap_{RUN.single.anchor_selector}.png"),
             caption="../report/heatmap.rst",
             category="Emotion control",
         ),
         directory=report(
-            directory(f"{RESULTS}/figures/all"),
+            directory(RUN.pattern("figures/all")),
             patterns=["{name}.png"],
             caption="../report/figures.rst",
             category="Figures",
         ),
     params:
-        masks=PLAN.mask_records_json(),
-        anchor=PLAN.anchor_json(),
+        masks=lambda wc: RUN.of(wc).mask_records_json(),
+        anchor=RUN.single.anchor_json(),
         boot=config["evaluation"]["bootstrap"],
         seed=config["seed"],
     log:
-        f"{RESULTS}/logs/figures.log",
+        RUN.pattern("logs/figures.log"),
     threads: 1
     resources:
         mem_mb=4000,
@@ -94,14 +94,14 @@ rule report_md:
     input:
         tables=rules.tables.output.main,
         figures=rules.figures.output.directory,
-        human=[PLAN.ab_table, PLAN.ab_figure] if PLAN.ab_source else [],
+        human=lambda wc: [RUN.of(wc).ab_table, RUN.of(wc).ab_figure] if RUN.of(wc).ab_source else [],
     output:
-        f"{RESULTS}/report.md",
+        RUN.pattern("report.md"),
     params:
         tables_dir=lambda wc, input: os.path.dirname(input.tables),
-        human=PLAN.ab_report_args(),
+        human=lambda wc: RUN.of(wc).ab_report_args(),
     log:
-        f"{RESULTS}/logs/report.log",
+        RUN.pattern("logs/report.log"),
     threads: 1
     resources:
         mem_mb=1000,
@@ -111,3 +111,37 @@ rule report_md:
     shell:
         "python -m esn_core.cli report --tables-dir {params.tables_dir:q} --figures-dir {input.figures:q}"
         " {params.human} --out {output:q} > {log:q} 2>&1"
+
+
+# Several models: Tables 2 and 3 side by side, Fig. 9 with one panel per model (each its own
+# layer count) and a report with each model's headline. Removing a model reruns only this.
+# The tables' .md stand for their Parquet twins, which the same per-model job writes.
+if RUN.cross_model:
+
+    rule cross_model:
+        input:
+            tables=RUN.expand("tables/table3_selectors.md"),
+            baselines=RUN.expand("tables/table2_baseline.md"),
+            masks=list(RUN.anchor_masks().values()),
+        output:
+            table2=f"{RUN.cross_tables_dir}/table2_baseline_models.md",
+            table3=f"{RUN.cross_tables_dir}/table3_selectors_models.md",
+            figure=report(RUN.cross_figure, caption="../report/layers_models.rst", category="Models"),
+            report=RUN.cross_report,
+        params:
+            tables=RUN.cross_args(RUN.per_model("tables")),
+            masks=RUN.cross_args(RUN.anchor_masks()),
+            anchor=RUN.single.anchor_json(),
+            out_dir=lambda wc, output: os.path.dirname(output.table2),
+        log:
+            f"{RESULTS}/logs/cross_model.log",
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=10,
+        conda:
+            "../../envs/stats.yaml"
+        shell:
+            "python -m esn_core.cli cross-model --tables {params.tables:q} --masks {params.masks:q}"
+            " --anchor {params.anchor:q} --out-dir {params.out_dir:q} --figure {output.figure:q}"
+            " --report {output.report:q} > {log:q} 2>&1"

@@ -1,31 +1,34 @@
 # Stage 1 (SPEC §2): identification-split conversions with activation capture, sharded over
 # sources. Depends on the corpus and the model only: no judge, threshold, cap or selector
-# reaches these jobs, so changing those never reruns sampling.
+# reaches these jobs, so changing those never reruns sampling. Threads, batch size, shard
+# size and GPU resources are the job's model's own (models.<name> or model).
 
 
 rule sample:
     input:
         manifest=manifest_path(),
-        model=PLAN.model_inputs(),
+        model=lambda wc: RUN.of(wc).model_inputs(),
     output:
-        attempts=f"{RESULTS}/sample/attempts/shard{{shard}}.parquet",
-        counts=[f"{RESULTS}/sample/counts/{g}/shard{{shard}}.parquet" for g in PLAN.capture_groups],
+        attempts=RUN.pattern("sample/attempts/shard{shard}.parquet"),
+        counts=[RUN.pattern(f"sample/counts/{g}/shard{{shard}}.parquet") for g in RUN.single.capture_groups],
     params:
-        model=PLAN.model_json(),
-        counts=lambda wc: [f"{g}={RESULTS}/sample/counts/{g}/shard{wc.shard}.parquet" for g in PLAN.capture_groups],
-        shard_size=config["model"]["shard_sources"],
-        batch=config["model"]["batch_size"],
+        model=lambda wc: RUN.of(wc).model_json(),
+        counts=lambda wc: [
+            f"{g}={RUN.of(wc).results}/sample/counts/{g}/shard{wc.shard}.parquet" for g in RUN.single.capture_groups
+        ],
+        shard_size=lambda wc: RUN.of(wc).model["shard_sources"],
+        batch=lambda wc: RUN.of(wc).model["batch_size"],
         positions=config["capture"]["count_positions"],
         moments="--moments" if config["capture"]["moments"] else "",
         seed=config["seed"],
-        audio=f"{RESULTS}/sample/audio",
+        audio=lambda wc: f"{RUN.of(wc).results}/sample/audio",
     log:
-        f"{RESULTS}/logs/sample/shard{{shard}}.log",
-    threads: config["model"]["threads"]
+        RUN.pattern("logs/sample/shard{shard}.log"),
+    threads: lambda wc: RUN.of(wc).threads
     resources:
-        gpu=PLAN.gpus,
-        mem_mb=PLAN.model_mem_mb,
-        runtime=PLAN.model_runtime_min,
+        gpu=lambda wc: RUN.of(wc).gpus,
+        mem_mb=lambda wc: RUN.of(wc).model_mem_mb,
+        runtime=lambda wc: RUN.of(wc).model_runtime_min,
     conda:
         "../../envs/gpu.yaml"
     shell:

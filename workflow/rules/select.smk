@@ -5,15 +5,15 @@
 
 rule success:
     input:
-        attempts=lambda wc: PLAN.sample_shards("attempts", n_shards("identification")),
-        judgements=lambda wc: PLAN.sample_judgements(wc.judge, n_shards("identification")),
+        attempts=lambda wc: RUN.of(wc).sample_shards("attempts", shards_of(wc)("identification")),
+        judgements=lambda wc: RUN.of(wc).sample_judgements(wc.judge, shards_of(wc)("identification")),
     output:
-        f"{RESULTS}/success/{{judge}}/tau{{tau}}/c{{cap}}.parquet",
+        RUN.pattern("success/{judge}/tau{tau}/c{cap}.parquet"),
     params:
         seed=config["seed"],
-        human=lambda wc: PLAN.human_labels_arg(wc.judge),
+        human=lambda wc: RUN.of(wc).human_labels_arg(wc.judge),
     log:
-        f"{RESULTS}/logs/success/{{judge}}/tau{{tau}}/c{{cap}}.log",
+        RUN.pattern("logs/success/{judge}/tau{tau}/c{cap}.log"),
     threads: 1
     resources:
         mem_mb=2000,
@@ -28,12 +28,12 @@ rule success:
 
 rule probs:
     input:
-        success=f"{RESULTS}/success/{{judge}}/tau{{tau}}/c{{cap}}.parquet",
-        counts=lambda wc: PLAN.sample_shards(f"counts/{wc.group}", n_shards("identification")),
+        success=RUN.pattern("success/{judge}/tau{tau}/c{cap}.parquet"),
+        counts=lambda wc: RUN.of(wc).sample_shards(f"counts/{wc.group}", shards_of(wc)("identification")),
     output:
-        f"{RESULTS}/probs/{{judge}}/tau{{tau}}/c{{cap}}/{{group}}.parquet",
+        RUN.pattern("probs/{judge}/tau{tau}/c{cap}/{group}.parquet"),
     log:
-        f"{RESULTS}/logs/probs/{{judge}}/tau{{tau}}/c{{cap}}/{{group}}.log",
+        RUN.pattern("logs/probs/{judge}/tau{tau}/c{cap}/{group}.log"),
     threads: 1
     resources:
         mem_mb=8000,
@@ -46,15 +46,15 @@ rule probs:
 
 rule masks:
     input:
-        f"{RESULTS}/probs/{{judge}}/tau{{tau}}/c{{cap}}/{{group}}.parquet",
+        RUN.pattern("probs/{judge}/tau{tau}/c{cap}/{group}.parquet"),
     output:
-        f"{RESULTS}/masks/{{judge}}/tau{{tau}}/c{{cap}}/{{group}}/{{selector}}_r{{rate}}.parquet",
+        RUN.pattern("masks/{judge}/tau{tau}/c{cap}/{group}/{selector}_r{rate}.parquet"),
     params:
         seed=config["seed"],
         percentile=config["selection"]["lape_percentile"],
         emotions=" ".join(config["selection"]["emotions"]),
     log:
-        f"{RESULTS}/logs/masks/{{judge}}/tau{{tau}}/c{{cap}}/{{group}}/{{selector}}_r{{rate}}.log",
+        RUN.pattern("logs/masks/{judge}/tau{tau}/c{cap}/{group}/{selector}_r{rate}.log"),
     wildcard_constraints:
         selector="lap|lape|mad|cas|random",
     threads: 1

@@ -94,7 +94,9 @@ def _check_model(model: Mapping[str, Any], where: str = "model") -> list[str]:
 
 def _check_judges(judges: Mapping[str, Any]) -> list[str]:
     problems = []
-    judge_keys = source_literal("esn_core.judges.registry", "_JUDGE_KEYS")
+    resources = set(source_literal("esn_core.workflow", "JUDGE_RESOURCES"))  # the workflow's, not the loader's
+    judge_keys = {kind: keys | resources for kind, keys in
+                  source_literal("esn_core.judges.registry", "_JUDGE_KEYS").items()}
     names = [entry.get("name") for entry in judges["available"]]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"judges.available: judge name {name!r} is listed twice")

@@ -75,6 +75,11 @@ class Variant:
 
 
 LALM_DIR = "lalm"  # results/lalm/<name>/: one model's tree in the `models:` form
+# What a judge's jobs ask the cluster for, per judge entry (a 30B LALM judge and the
+# embedded one differ), and the defaults.
+JUDGE_RESOURCES = ("gpus", "mem_mb", "runtime_min")
+JUDGE_MEM_MB = 8000
+JUDGE_RUNTIME_MIN = 120
 
 
 def model_entries(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -283,7 +288,9 @@ class Plan:
         return json.dumps({"adapter": model["adapter"], "path": self.model_path(), "options": model.get("options") or {}})
 
     def judge_spec(self, name: str) -> dict[str, Any]:
-        spec = dict(self.judges[name])
+        """How to load judge ``name`` (what its job runs on is not part of it: changing a
+        judge's resources reruns nothing)."""
+        spec = {k: v for k, v in self.judges[name].items() if k not in JUDGE_RESOURCES}
         if spec["kind"] == "embedded" and not spec.get("path"):
             spec["path"] = f"{self.shared}/judges/embedded.json"
         return spec
@@ -300,7 +307,17 @@ class Plan:
         return json.dumps(self.judge_spec(name), sort_keys=True)
 
     def judge_gpus(self, name: str) -> int:
-        return 0 if self.judge_spec(name)["kind"] == "embedded" else self.gpus
+        """The judge's own ``gpus``; else none for the embedded judge, the model's otherwise."""
+        entry = self.judges[name]
+        if "gpus" in entry:
+            return int(entry["gpus"])
+        return 0 if entry["kind"] == "embedded" else self.gpus
+
+    def judge_mem_mb(self, name: str) -> int:
+        return int(self.judges[name].get("mem_mb", JUDGE_MEM_MB))
+
+    def judge_runtime_min(self, name: str) -> int:
+        return int(self.judges[name].get("runtime_min", JUDGE_RUNTIME_MIN))
 
     def naturalness_json(self) -> str:
         return json.dumps(self.config["judges"].get("naturalness"))

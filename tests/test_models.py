@@ -135,6 +135,27 @@ def test_adding_a_model_runs_only_its_jobs_and_removing_it_only_the_cross_output
     (two_models / "config.yaml").write_text(yaml.safe_dump(_models_config(TWO), sort_keys=False))
 
 
+def test_judge_jobs_take_their_judges_resources_and_changing_them_reruns_nothing(two_models):
+    config = _models_config(TWO)
+    config["judges"]["available"] = [{"name": "embedded", "kind": "embedded", "mem_mb": 1234,
+                                      "runtime_min": 7, "gpus": 2}]
+    try:
+        assert _planned_rules(two_models, config) == {}  # resources are not a judgement's input
+        proc = _snakemake(two_models, "-n", "--forcerun", "judge")
+    finally:
+        (two_models / "config.yaml").write_text(yaml.safe_dump(_models_config(TWO), sort_keys=False))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    judged = [block for block in re.split(r"\n(?=rule )", proc.stdout) if block.startswith("rule judge:")]
+    assert len(judged) >= 2  # at least one judge job per model
+    for block in judged:
+        resources = re.search(r"resources: (.*)", block).group(1).split(", ")
+        assert {"mem_mb=1234", "runtime=7", "gpu=2"} <= set(resources), resources
+    # without them: the defaults (the embedded judge needs no GPU)
+    default = Plan(_models_config(TWO), model="deep")
+    assert (default.judge_gpus("embedded"), default.judge_mem_mb("embedded"),
+            default.judge_runtime_min("embedded")) == (0, 8000, 120)
+
+
 def test_model_jobs_take_their_models_resources(two_models, tmp_path):
     # `snakemake -n` prints each planned job's resources; both models' jobs are replanned by
     # forcing the GPU rules, and each shows its own mem_mb / runtime / gpu / threads.

@@ -21,8 +21,8 @@ rule judge:
     threads: 1
     resources:
         gpu=lambda wc: RUN.of(wc).judge_gpus(wc.judge),
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=lambda wc: RUN.of(wc).judge_mem_mb(wc.judge),
+        runtime=lambda wc: RUN.of(wc).judge_runtime_min(wc.judge),
     conda:
         "../../envs/judge.yaml"
     shell:

@@ -75,10 +75,10 @@ import torch
 from torch import nn
 
 from esn_core.hooks import MLPGroup, _padding_mask, find_gated_mlps
-from esn_core.models.graphed_decode import GraphedDecode
 from esn_core.models import audio as audio_io
 from esn_core.models.audio import load_source
 from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter
+from esn_core.models.graphed_decode import GraphedDecode
 from esn_core.models.ragged import key_padding, ragged_time_axis
 
 log = logging.getLogger(__name__)

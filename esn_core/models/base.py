@@ -14,6 +14,7 @@ looking up one model never imports another's heavy dependencies.
 from __future__ import annotations
 
 import importlib
+import string
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
@@ -72,6 +73,16 @@ class LALMAdapter(ABC):
         sees exactly these rows in this order (row ``b`` of an ``Intervention`` is
         ``requests[b]``).
         """
+
+
+def check_template(template: str) -> str:
+    """An instruction template must name ``{emotion}`` and no other field."""
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    if fields != {"emotion"}:
+        raise ValueError(
+            f"instruction_template must contain the field {{emotion}} and no other, got {sorted(fields)}"
+        )
+    return template
 
 
 # ---------------------------------------------------------------------------- registry

@@ -35,7 +35,6 @@ time (upstream's detokenizer is one stream per call).
 from __future__ import annotations
 
 import os
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ import torch
 from esn_core.hooks import MLPGroup, find_gated_mlps
 from esn_core.models import audio as audio_io
 from esn_core.models.audio import load_source
-from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter
+from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter, check_template
 from esn_core.models.kimi_generate import (
     PromptBatch, RowResult, Sampling, generate_two_streams, pad_prompts,
 )
@@ -140,16 +139,6 @@ class WhisperFeatures:
 
 
 # --------------------------------------------------------------------------- adapter
-
-
-def check_template(template: str) -> str:
-    """An instruction template must name ``{emotion}`` and no other field."""
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    if fields != {"emotion"}:
-        raise ValueError(
-            f"instruction_template must contain the field {{emotion}} and no other, got {sorted(fields)}"
-        )
-    return template
 
 
 @dataclass

@@ -66,7 +66,6 @@ import json
 import logging
 import math
 import os
-import string
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,7 +76,7 @@ from torch import nn
 from esn_core.hooks import MLPGroup, _padding_mask, find_gated_mlps
 from esn_core.models import audio as audio_io
 from esn_core.models.audio import load_source
-from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter
+from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter, check_template
 from esn_core.models.graphed_decode import GraphedDecode
 from esn_core.models.ragged import key_padding, ragged_time_axis
 
@@ -282,16 +281,6 @@ def _chat_template(directory: Path, tokenizer) -> str | None:
     return None
 
 
-def check_template(template: str) -> str:
-    """An instruction template must name ``{emotion}`` and no other field."""
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    if fields != {"emotion"}:
-        raise ValueError(
-            f"instruction_template must contain the field {{emotion}} and no other, got {sorted(fields)}"
-        )
-    return template
-
-
 # --------------------------------------------------------------------------- groups
 
 
@@ -311,6 +300,12 @@ def thinker_text_decoder(thinker: nn.Module) -> nn.Module:
     return found[0]
 
 
+def _fed(kwargs):
+    """What a forward call feeds: ``inputs_embeds``, else ``input_ids`` (None: neither)."""
+    ref = kwargs.get("inputs_embeds")
+    return kwargs.get("input_ids") if ref is None else ref
+
+
 def _talker_mask(module, args, kwargs):
     """Give the talker the all-ones attention mask that ``generate`` dropped.
 
@@ -323,9 +318,7 @@ def _talker_mask(module, args, kwargs):
     """
     if kwargs.get("attention_mask") is not None:
         return None
-    ref = kwargs.get("inputs_embeds")
-    if ref is None:
-        ref = kwargs.get("input_ids")
+    ref = _fed(kwargs)
     if ref is None:
         return None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -353,9 +346,7 @@ def _talker_static_mask(module, args, kwargs):
     mask = kwargs.get("attention_mask")
     if not isinstance(mask, dict):
         return None
-    ref = kwargs.get("inputs_embeds")
-    if ref is None:
-        ref = kwargs.get("input_ids")
+    ref = _fed(kwargs)
     if ref is None:
         return None
     if ref.shape[1] == 1:

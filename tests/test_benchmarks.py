@@ -228,3 +228,25 @@ def test_prefill_paths_compares_both_paths_and_finds_them_identical():
         assert all(re.fullmatch(r" [\d.]+x \[[\d.]+, [\d.]+\] ", c) for c in row[3:5])
         assert row[5].strip() == "True"  # the two paths give bit-identical hidden states
     assert "default SPARSE_MIN_ELEMENTS = 2^24" in out
+
+
+def test_kimi_audio_throughput_ends_every_row_at_its_drawn_lengths(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kimi_audio_throughput as bench
+    from workloads import esd_like
+
+    adapter = bench.build("tiny", "cpu", "float32")
+    attempts = esd_like(3, seed=4)
+    rows = bench.run(adapter, attempts, seed=0)
+    assert [len(r.codes) for r in rows] == [bench.answer_codes(a) for a in attempts]
+    assert all(r.ended for r in rows)
+    # the step loop with lengths forced ran as long as the longest row's delay + codes + end
+    delay = adapter.sampling.audio_delay
+    assert [r.n_positions for r in rows] == [
+        n + delay + bench.answer_codes(a) for n, a in zip(
+            bench.prompt_batch(adapter, attempts, 0).lengths, attempts)]
+    assert adapter.lm is not None and not isinstance(adapter.lm, bench.ForcedEnds)
+
+    bench.main(["--batches", "1", "2", "--attempts", "2", "--single-rows", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "| 2 | 2 | capture |" in out and "capture overhead" in out and "the batch-1 loop" in out

@@ -1,0 +1,189 @@
+"""Kimi-Audio's batched step loop at full shape on random weights: utterances/hour, hooks, memory.
+
+What is timed: ``KimiAudioAdapter.generate`` (prompt prefill + the two-stream step loop with
+upstream's rules and one sampling generator per row), batch 1 against batched, with the
+hooks off and capturing both groups (``lm``: 28 main layers, ``synth``: 6 MIMO layers).
+The batch-1 loop stands in for upstream's loop, which is batch 1 only and cannot run here
+(flash-attn, remote code): same rules, same model, one row per call.
+
+What is not timed (say so beside any figure): the source encoders (Whisper-large-v3 and the
+WhisperVQ tokenizer, one row at a time) and the speech decoder (flow-matching DiT + BigVGAN,
+one row at a time). The prompt's Whisper features are random tensors of the real width.
+
+Workload (``workloads.esd_like``, Kimi's rates): source U(2, 5) s → 12.5 audio tokens a
+second in the prompt (after a 24-token instruction); the answer's text ~3 tokens a second of
+source; its speech the source's duration × U(0.85, 1.25) at 12.5 codes a second. Random
+weights never end on their own, so ``ForcedEnds`` makes each row emit its text end and its
+audio end exactly at its drawn lengths: rows of one batch finish at different steps, as real
+conversions do.
+
+    python benchmarks/kimi_audio_throughput.py --shape full --device cuda --batches 1 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from workloads import Attempt, describe, esd_like, spread
+from esn_core.hooks import Capture, HookEngine
+from esn_core.models.kimi_audio import TOKEN_RATE, KimiAudioAdapter
+from esn_core.models.kimi_generate import Sampling
+from esn_core.models.kimi_tokens import evc_prompt
+
+SHAPES = {
+    # Kimi-Audio-7B-Instruct's config.json (Qwen2-7B LM, 6 MIMO layers after layer 21).
+    "full": dict(vocab_size=168448, hidden_size=3584, intermediate_size=18944,
+                 num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                 rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=8192),
+    "tiny": dict(vocab_size=168448, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=8192,
+                 kimia_mimo_layers=2, kimia_mimo_transformer_from_layer_index=2),
+}
+INSTRUCTION_TOKENS = 24
+CODES_PER_CODEC = TOKEN_RATE / 50  # workloads draw speech at 50 codes/s; Kimi's are 12.5/s
+
+
+def answer_codes(attempt: Attempt) -> int:
+    return max(1, round(attempt.codec_tokens * CODES_PER_CODEC))
+
+
+class ForcedEnds:
+    """The LM with each row's text end at step ``text[b]`` and audio end at ``audio[b] + delay``,
+    audio sampled among the audio codes only.
+
+    Called as the step loop calls the LM (one call per step); the logits are edited on the
+    device, so forcing adds no host sync."""
+
+    def __init__(self, lm, ids, text_lengths, audio_lengths, delay: int):
+        self.lm, self.ids = lm, ids
+        device = next(lm.parameters()).device
+        self.text_end = torch.tensor(text_lengths, device=device)
+        self.audio_end = torch.tensor(audio_lengths, device=device) + delay
+        # A trained audio head answers in audio codes; random weights would also pick text ids,
+        # which the adapter drops, so the answer would be shorter than drawn.
+        self.offset = lm.config.kimia_token_offset
+        self.step = 0
+
+    def __call__(self, **inputs):
+        text, audio = self.lm(**inputs)
+        step, self.step = self.step, self.step + 1
+        text, audio = text.clone(), audio.clone()
+        text[:, self.ids.text_eos] = torch.where(self.text_end == step, torch.inf, -torch.inf)
+        ending = (self.audio_end == step)[:, None]
+        audio[:, : self.offset] = -torch.inf
+        forced = torch.full_like(audio, -torch.inf)
+        forced[:, self.ids.msg_end] = 0.0
+        return text, torch.where(ending, forced, audio)
+
+
+def build(shape: str, device: str, dtype: str) -> KimiAudioAdapter:
+    return KimiAudioAdapter.from_config(SHAPES[shape], device=device, dtype=dtype,
+                                        sampling=Sampling())
+
+
+def prompt_batch(adapter: KimiAudioAdapter, attempts: list[Attempt], seed: int):
+    g = torch.Generator().manual_seed(seed)
+    offset, width = adapter.config.kimia_token_offset, adapter.config.kimia_adaptor_input_dim
+    prompts, features = [], []
+    for attempt in attempts:
+        n = max(1, round(attempt.source_seconds * TOKEN_RATE))
+        instruction = torch.randint(0, 1000, (INSTRUCTION_TOKENS,), generator=g).tolist()
+        codes = (offset + torch.randint(0, 16384, (n,), generator=g)).tolist()
+        prompts.append(evc_prompt(adapter.ids, instruction, codes))
+        features.append(torch.randn(n, width, generator=g) * 0.1)
+    return adapter.batch(prompts, features)
+
+
+def run(adapter: KimiAudioAdapter, attempts: list[Attempt], seed: int):
+    """One ``generate`` call on ``attempts`` with their lengths forced; returns its rows."""
+    batch = prompt_batch(adapter, attempts, seed)
+    real_lm = adapter.lm
+    forced = ForcedEnds(real_lm, adapter.ids, [a.text_tokens for a in attempts],
+                        [answer_codes(a) for a in attempts], adapter.sampling.audio_delay)
+    adapter.lm = forced  # the step loop calls adapter.lm; the hooks stay on the real LM
+    try:
+        return adapter.generate(batch, [seed + i for i in range(len(attempts))])
+    finally:
+        adapter.lm = real_lm
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_rows(adapter, engine, attempts, batch: int, mode: str, device: str) -> float:
+    """Seconds to generate every attempt in calls of ``batch`` rows, hooks as ``mode`` says."""
+    sync(device)
+    start = time.perf_counter()
+    for i in range(0, len(attempts), batch):
+        chunk = attempts[i:i + batch]
+        if mode == "capture":
+            with engine.session(capture={"lm": Capture(), "synth": Capture()}):
+                run(adapter, chunk, seed=i)
+        else:
+            run(adapter, chunk, seed=i)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--attempts", type=int, default=None,
+                    help="rows per batched measurement (default: the largest batch)")
+    ap.add_argument("--single-rows", type=int, default=4,
+                    help="rows the batch-1 loop is timed on (spread over the length range)")
+    ap.add_argument("--modes", nargs="+", choices=["off", "capture"], default=["off", "capture"])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+
+    build_start = time.perf_counter()
+    adapter = build(args.shape, args.device, dtype)
+    engine = HookEngine(adapter.groups())
+    print(f"# Kimi-Audio {args.shape} shape, {dtype}, {args.device}, "
+          f"built in {time.perf_counter() - build_start:.1f} s")
+    largest = max(args.batches)
+    attempts = esd_like(args.attempts or largest, seed=args.seed)
+    print(f"# workload: {describe(attempts)}; answer codes 12.5/s "
+          f"({min(map(answer_codes, attempts))}-{max(map(answer_codes, attempts))})")
+    run(adapter, spread(attempts, 2), seed=10_000)  # warm-up (kernels, allocator)
+
+    rates: dict[tuple[int, str], float] = {}
+    print("| batch | rows | mode | s (median) | utterances/hour | peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for batch in sorted(args.batches):
+        rows = spread(attempts, args.single_rows) if batch == 1 else attempts
+        for mode in args.modes:
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            times = [timed_rows(adapter, engine, rows, batch, mode, args.device)
+                     for _ in range(args.repeats)]
+            seconds = float(np.median(times))
+            rates[batch, mode] = len(rows) / seconds * 3600
+            peak = (torch.cuda.max_memory_allocated() / 2**30
+                    if args.device.startswith("cuda") else float("nan"))
+            print(f"| {batch} | {len(rows)} | {mode} | {seconds:.3f} | "
+                  f"{rates[batch, mode]:,.0f} | {peak:.1f} |")
+    for batch in sorted(args.batches):
+        if "off" in args.modes and "capture" in args.modes:
+            print(f"# batch {batch}: capture overhead "
+                  f"{rates[batch, 'off'] / rates[batch, 'capture']:.3f}x")
+        if batch != 1 and 1 in args.batches:
+            for mode in args.modes:
+                print(f"# batch {batch} {mode}: {rates[batch, mode] / rates[1, mode]:.1f}x "
+                      f"the batch-1 loop")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""MiniCPM-o 4.5's TTS module: upstream's weight names, strict loading, config errors."""
+
+import pytest
+import torch
+
+from esn_core.models.minicpm_tts import (MiniCPMTTS, TTSConfigError, WeightNameError,
+                                         load_tts)
+
+TINY_TTS = dict(llm_dim=16, llm_intermediate_size=12, hidden_size=8, intermediate_size=12,
+                num_attention_heads=2, num_hidden_layers=2, num_key_value_heads=1,
+                num_audio_tokens=11, num_text_tokens=13, num_vq=1, projector_type="mlp",
+                backbone_vocab_size=5)
+
+
+def test_weight_names_are_upstreams():
+    names = set(MiniCPMTTS(TINY_TTS).state_dict())
+    # the names upstream's MiniCPMTTS saves (torch parametrization weight_norm on head_code)
+    for name in ("emb_text.weight", "emb_code.0.weight",
+                 "head_code.0.parametrizations.weight.original0",
+                 "head_code.0.parametrizations.weight.original1",
+                 "projector_spk.linear1.weight", "projector_spk.linear2.bias",
+                 "projector_semantic.linear1.bias", "model.embed_tokens.weight",
+                 "model.layers.1.mlp.gate_proj.weight", "model.norm.weight"):
+        assert name in names, name
+    assert MiniCPMTTS(TINY_TTS).model.layers[0].mlp.up_proj.weight.shape == (12, 8)
+
+
+def test_load_is_strict_and_exact():
+    torch.manual_seed(0)
+    src = MiniCPMTTS(TINY_TTS)
+    flat = {f"tts.{k}": v for k, v in src.state_dict().items()}
+    flat["llm.model.norm.weight"] = torch.ones(16)  # other prefixes are not the TTS's business
+    tts = load_tts(TINY_TTS, flat)
+    for k, v in src.state_dict().items():
+        assert torch.equal(tts.state_dict()[k], v), k
+    x = torch.randn(1, 3, 16)
+    assert torch.equal(tts.projector_spk(x), src.projector_spk(x))
+    assert torch.equal(tts.head_code[0](x[..., :8]), src.head_code[0](x[..., :8]))
+    missing = dict(flat)
+    del missing["tts.emb_code.0.weight"]
+    with pytest.raises(WeightNameError, match="emb_code.0.weight"):
+        load_tts(TINY_TTS, missing)
+    extra = dict(flat, **{"tts.stray.weight": torch.zeros(1)})
+    with pytest.raises(WeightNameError, match="stray.weight"):
+        load_tts(TINY_TTS, extra)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_vq", 0, "num_vq"), ("hidden_size", "8", "hidden_size"),
+    ("projector_type", "conv", "projector_type"), ("backbone_model", "gpt2", "backbone_model"),
+    ("num_key_value_heads", 3, "num_key_value_heads")])
+def test_bad_config_value_names_the_field(field, value, message):
+    with pytest.raises(TTSConfigError, match=message):
+        MiniCPMTTS(dict(TINY_TTS, **{field: value}))
+
+
+def test_projector_types():
+    gated = MiniCPMTTS(dict(TINY_TTS, projector_type="minicpm"))
+    assert gated.projector_spk.gate_proj.weight.shape == (12, 16)
+    linear = MiniCPMTTS(dict(TINY_TTS, projector_type="default"))
+    assert linear.projector_semantic.weight.shape == (8, 16) and linear.projector_semantic.bias is None

@@ -59,3 +59,30 @@ def test_projector_types():
     assert gated.projector_spk.gate_proj.weight.shape == (12, 16)
     linear = MiniCPMTTS(dict(TINY_TTS, projector_type="default"))
     assert linear.projector_semantic.weight.shape == (8, 16) and linear.projector_semantic.bias is None
+
+
+TINY_AUDIO = dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2, d_model=8,
+                  encoder_ffn_dim=16, max_source_positions=10)
+
+
+def test_audio_in_names_and_strict_load():
+    from esn_core.models.minicpm_audio import AudioConfigError, MiniCPMAudioIn, load_audio_in
+
+    torch.manual_seed(0)
+    src = MiniCPMAudioIn(TINY_AUDIO, llm_hidden=16, pool_step=2)
+    flat = src.state_dict()
+    for name in ("apm.conv1.weight", "apm.embed_positions.weight",
+                 "apm.layers.0.self_attn.k_proj.weight", "apm.layers.0.fc1.weight",
+                 "apm.layer_norm.weight", "audio_projection_layer.linear1.weight"):
+        assert name in flat, name
+    assert flat["audio_projection_layer.linear1.weight"].shape == (16, 4)  # ffn // 4 -> LM
+    got = load_audio_in(TINY_AUDIO, 16, 2, dict(flat, **{"tts.emb_text.weight": torch.ones(1)}))
+    for k, v in flat.items():
+        assert torch.equal(got.state_dict()[k], v), k
+    short = {k: v for k, v in flat.items() if k != "apm.layer_norm.bias"}
+    with pytest.raises(WeightNameError, match="apm.layer_norm.bias"):
+        load_audio_in(TINY_AUDIO, 16, 2, short)
+    with pytest.raises(AudioConfigError, match="audio_pool_step"):
+        MiniCPMAudioIn(TINY_AUDIO, 16, 0)
+    with pytest.raises(AudioConfigError, match="encoder_ffn_dim"):
+        MiniCPMAudioIn(dict(TINY_AUDIO, encoder_ffn_dim=18), 16, 2)

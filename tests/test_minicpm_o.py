@@ -86,3 +86,47 @@ def test_audio_in_names_and_strict_load():
         MiniCPMAudioIn(TINY_AUDIO, 16, 0)
     with pytest.raises(AudioConfigError, match="encoder_ffn_dim"):
         MiniCPMAudioIn(dict(TINY_AUDIO, encoder_ffn_dim=18), 16, 2)
+
+
+def test_checkpoint_loads_every_weight(tmp_path):
+    from safetensors.torch import load_file
+
+    from esn_core.models.minicpm_checkpoint import load_checkpoint
+    from tests.tiny_minicpm import build
+
+    ckpt = build(tmp_path / "ckpt")
+    parts = load_checkpoint(ckpt)
+    saved = load_file(str(ckpt / "model.safetensors"))
+    placed = {f"llm.{k}": v for k, v in parts.llm.state_dict().items()}
+    placed |= parts.audio_in.state_dict()
+    placed |= {f"tts.{k}": v for k, v in parts.tts.state_dict().items()}
+    used = {k for k in saved if not k.startswith(("vpm.", "resampler."))}
+    assert set(placed) == used  # 0 missing, 0 unexpected; vision skipped by rule
+    for k in used:
+        assert torch.equal(placed[k], saved[k]), k
+    assert len(parts.llm.model.layers) == 2 and len(parts.tts.model.layers) == 2
+
+
+def test_checkpoint_errors_name_the_file_or_weight(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from esn_core.models.minicpm_checkpoint import CheckpointError, load_checkpoint
+    from tests.tiny_minicpm import build
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+    ckpt = build(tmp_path / "ckpt")
+    saved = load_file(str(ckpt / "model.safetensors"))
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(ckpt)
+    save_file(dict(saved, **{"mystery.weight": torch.zeros(1)}), str(ckpt / "model.safetensors"))
+    with pytest.raises(WeightNameError, match="mystery.weight"):
+        load_checkpoint(ckpt)
+    del saved["llm.model.layers.1.mlp.gate_proj.weight"]
+    save_file(saved, str(ckpt / "model.safetensors"))
+    with pytest.raises(WeightNameError, match="layers.1.mlp.gate_proj"):
+        load_checkpoint(ckpt)
+    (ckpt / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_checkpoint(ckpt)

@@ -130,3 +130,25 @@ def test_checkpoint_errors_name_the_file_or_weight(tmp_path):
     (ckpt / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json"):
         load_checkpoint(ckpt)
+
+
+def test_tied_head_and_bad_sub_config(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from esn_core.models.minicpm_checkpoint import load_checkpoint
+    from tests.tiny_minicpm import build
+
+    ckpt = build(tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    saved = load_file(str(ckpt / "model.safetensors"))
+    del saved["llm.lm_head.weight"]  # a tied checkpoint stores the embedding once
+    save_file(saved, str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    parts = load_checkpoint(ckpt)
+    assert torch.equal(parts.llm.lm_head.weight, saved["llm.model.embed_tokens.weight"])
+    config["tts_config"]["num_vq"] = 0
+    (ckpt / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    with pytest.raises(TTSConfigError, match="num_vq"):
+        load_checkpoint(ckpt)

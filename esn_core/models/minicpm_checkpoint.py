@@ -1,0 +1,107 @@
+"""MiniCPM-o 4.5's checkpoint folder (``openbmb/MiniCPM-o-4_5``): files it must hold, its
+config, and loading its weights into our modules with 0 missing / 0 unexpected keys.
+
+Layout read: ``config.json`` (Qwen3 LM keys at the top level, plus ``audio_config``,
+``tts_config``, ``audio_pool_step``) and ``model.safetensors`` or an index with shards.
+Weight prefixes: ``llm.`` -> stock ``Qwen3ForCausalLM``; ``apm.`` / ``audio_projection_layer.``
+-> ``minicpm_audio``; ``tts.`` -> ``minicpm_tts``. The vision tower (``vpm.``, ``resampler.``)
+is skipped by rule: EVC feeds no images. Any other prefix is an error, not silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from esn_core.models.kimi_checkpoint import weight_files
+from esn_core.models.minicpm_audio import PREFIXES as AUDIO_PREFIXES
+from esn_core.models.minicpm_audio import MiniCPMAudioIn, load_audio_in
+from esn_core.models.minicpm_tts import MiniCPMTTS, WeightNameError, load_tts
+
+HUB_ID = "openbmb/MiniCPM-o-4_5"
+CONFIG = "config.json"
+SKIPPED_PREFIXES = ("vpm.", "resampler.")  # the vision tower: unused by EVC
+SUB_CONFIGS = ("audio_config", "tts_config", "vision_config")
+
+
+class CheckpointError(FileNotFoundError):
+    """A MiniCPM-o checkpoint that is missing or incomplete; the message names the file."""
+
+
+@dataclass
+class MiniCPMParts:
+    llm: Qwen3ForCausalLM
+    audio_in: MiniCPMAudioIn
+    tts: MiniCPMTTS
+    config: dict
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"MiniCPM-o checkpoint {directory} has no {CONFIG}; download "
+                              f"{HUB_ID} there and set model path to it")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{path} is not JSON: {err}") from err
+    for key in ("audio_config", "tts_config", "hidden_size"):
+        if key not in config:
+            raise CheckpointError(f"{path} has no {key!r}: not a MiniCPM-o 4.5 config")
+    return config
+
+
+def lm_config(config: dict) -> Qwen3Config:
+    """The top-level keys as a stock Qwen3 config (upstream's config subclasses Qwen3's)."""
+    keys = {k: v for k, v in config.items() if k not in SUB_CONFIGS}
+    keys.pop("architectures", None), keys.pop("auto_map", None), keys.pop("model_type", None)
+    lm = Qwen3Config(**keys)
+    lm._attn_implementation = "eager"
+    return lm
+
+
+def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    missing: list[str] = []
+    files = weight_files(directory, missing)
+    if missing:
+        raise CheckpointError(f"MiniCPM-o checkpoint {directory} is missing: {', '.join(missing)}")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    return weights
+
+
+def load_checkpoint(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MiniCPMParts:
+    """The LM, audio input and TTS of the checkpoint at ``directory``, every weight placed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"MiniCPM-o checkpoint directory {directory} does not exist; "
+                              f"download {HUB_ID} there and set model path to it")
+    config = read_config(directory)
+    weights = load_weights(directory)
+    stray = sorted(k for k in weights if not k.startswith(
+        ("llm.", "tts.") + AUDIO_PREFIXES + SKIPPED_PREFIXES))
+    if stray:
+        raise WeightNameError(f"{directory}: weights under no known prefix: {stray[:8]}")
+    llm = Qwen3ForCausalLM(lm_config(config))
+    own = {k[4:]: v for k, v in weights.items() if k.startswith("llm.")}
+    expected = set(llm.state_dict())
+    if config.get("tie_word_embeddings") and "lm_head.weight" not in own:
+        expected.discard("lm_head.weight")  # tied: lives in embed_tokens
+    lost, extra = sorted(expected - set(own)), sorted(set(own) - expected)
+    if lost or extra:
+        raise WeightNameError(f"LM weights under 'llm.' do not match Qwen3ForCausalLM: "
+                              f"missing {lost[:8]}, unexpected {extra[:8]}")
+    llm.load_state_dict(own, strict=False)  # strictness checked above (tied head aside)
+    audio_in = load_audio_in(config["audio_config"], config["hidden_size"],
+                             config.get("audio_pool_step", 5), weights)
+    tts = load_tts(config["tts_config"], weights)
+    parts = MiniCPMParts(llm.to(dtype).eval(), audio_in.to(dtype).eval(), tts.to(dtype).eval(),
+                         config)
+    return parts

@@ -1,0 +1,154 @@
+"""MiniCPM-o 4.5's TTS module: upstream's weight names, strict loading, config errors."""
+
+import pytest
+import torch
+
+from esn_core.models.minicpm_tts import (MiniCPMTTS, TTSConfigError, WeightNameError,
+                                         load_tts)
+
+TINY_TTS = dict(llm_dim=16, llm_intermediate_size=12, hidden_size=8, intermediate_size=12,
+                num_attention_heads=2, num_hidden_layers=2, num_key_value_heads=1,
+                num_audio_tokens=11, num_text_tokens=13, num_vq=1, projector_type="mlp",
+                backbone_vocab_size=5)
+
+
+def test_weight_names_are_upstreams():
+    names = set(MiniCPMTTS(TINY_TTS).state_dict())
+    # the names upstream's MiniCPMTTS saves (torch parametrization weight_norm on head_code)
+    for name in ("emb_text.weight", "emb_code.0.weight",
+                 "head_code.0.parametrizations.weight.original0",
+                 "head_code.0.parametrizations.weight.original1",
+                 "projector_spk.linear1.weight", "projector_spk.linear2.bias",
+                 "projector_semantic.linear1.bias", "model.embed_tokens.weight",
+                 "model.layers.1.mlp.gate_proj.weight", "model.norm.weight"):
+        assert name in names, name
+    assert MiniCPMTTS(TINY_TTS).model.layers[0].mlp.up_proj.weight.shape == (12, 8)
+
+
+def test_load_is_strict_and_exact():
+    torch.manual_seed(0)
+    src = MiniCPMTTS(TINY_TTS)
+    flat = {f"tts.{k}": v for k, v in src.state_dict().items()}
+    flat["llm.model.norm.weight"] = torch.ones(16)  # other prefixes are not the TTS's business
+    tts = load_tts(TINY_TTS, flat)
+    for k, v in src.state_dict().items():
+        assert torch.equal(tts.state_dict()[k], v), k
+    x = torch.randn(1, 3, 16)
+    assert torch.equal(tts.projector_spk(x), src.projector_spk(x))
+    assert torch.equal(tts.head_code[0](x[..., :8]), src.head_code[0](x[..., :8]))
+    missing = dict(flat)
+    del missing["tts.emb_code.0.weight"]
+    with pytest.raises(WeightNameError, match="emb_code.0.weight"):
+        load_tts(TINY_TTS, missing)
+    extra = dict(flat, **{"tts.stray.weight": torch.zeros(1)})
+    with pytest.raises(WeightNameError, match="stray.weight"):
+        load_tts(TINY_TTS, extra)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_vq", 0, "num_vq"), ("hidden_size", "8", "hidden_size"),
+    ("projector_type", "conv", "projector_type"), ("backbone_model", "gpt2", "backbone_model"),
+    ("num_key_value_heads", 3, "num_key_value_heads")])
+def test_bad_config_value_names_the_field(field, value, message):
+    with pytest.raises(TTSConfigError, match=message):
+        MiniCPMTTS(dict(TINY_TTS, **{field: value}))
+
+
+def test_projector_types():
+    gated = MiniCPMTTS(dict(TINY_TTS, projector_type="minicpm"))
+    assert gated.projector_spk.gate_proj.weight.shape == (12, 16)
+    linear = MiniCPMTTS(dict(TINY_TTS, projector_type="default"))
+    assert linear.projector_semantic.weight.shape == (8, 16) and linear.projector_semantic.bias is None
+
+
+TINY_AUDIO = dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2, d_model=8,
+                  encoder_ffn_dim=16, max_source_positions=10)
+
+
+def test_audio_in_names_and_strict_load():
+    from esn_core.models.minicpm_audio import AudioConfigError, MiniCPMAudioIn, load_audio_in
+
+    torch.manual_seed(0)
+    src = MiniCPMAudioIn(TINY_AUDIO, llm_hidden=16, pool_step=2)
+    flat = src.state_dict()
+    for name in ("apm.conv1.weight", "apm.embed_positions.weight",
+                 "apm.layers.0.self_attn.k_proj.weight", "apm.layers.0.fc1.weight",
+                 "apm.layer_norm.weight", "audio_projection_layer.linear1.weight"):
+        assert name in flat, name
+    assert flat["audio_projection_layer.linear1.weight"].shape == (16, 4)  # ffn // 4 -> LM
+    got = load_audio_in(TINY_AUDIO, 16, 2, dict(flat, **{"tts.emb_text.weight": torch.ones(1)}))
+    for k, v in flat.items():
+        assert torch.equal(got.state_dict()[k], v), k
+    short = {k: v for k, v in flat.items() if k != "apm.layer_norm.bias"}
+    with pytest.raises(WeightNameError, match="apm.layer_norm.bias"):
+        load_audio_in(TINY_AUDIO, 16, 2, short)
+    with pytest.raises(AudioConfigError, match="audio_pool_step"):
+        MiniCPMAudioIn(TINY_AUDIO, 16, 0)
+    with pytest.raises(AudioConfigError, match="encoder_ffn_dim"):
+        MiniCPMAudioIn(dict(TINY_AUDIO, encoder_ffn_dim=18), 16, 2)
+
+
+def test_checkpoint_loads_every_weight(tmp_path):
+    from safetensors.torch import load_file
+
+    from esn_core.models.minicpm_checkpoint import load_checkpoint
+    from tests.tiny_minicpm import build
+
+    ckpt = build(tmp_path / "ckpt")
+    parts = load_checkpoint(ckpt)
+    saved = load_file(str(ckpt / "model.safetensors"))
+    placed = {f"llm.{k}": v for k, v in parts.llm.state_dict().items()}
+    placed |= parts.audio_in.state_dict()
+    placed |= {f"tts.{k}": v for k, v in parts.tts.state_dict().items()}
+    used = {k for k in saved if not k.startswith(("vpm.", "resampler."))}
+    assert set(placed) == used  # 0 missing, 0 unexpected; vision skipped by rule
+    for k in used:
+        assert torch.equal(placed[k], saved[k]), k
+    assert len(parts.llm.model.layers) == 2 and len(parts.tts.model.layers) == 2
+
+
+def test_checkpoint_errors_name_the_file_or_weight(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from esn_core.models.minicpm_checkpoint import CheckpointError, load_checkpoint
+    from tests.tiny_minicpm import build
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+    ckpt = build(tmp_path / "ckpt")
+    saved = load_file(str(ckpt / "model.safetensors"))
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(ckpt)
+    save_file(dict(saved, **{"mystery.weight": torch.zeros(1)}), str(ckpt / "model.safetensors"))
+    with pytest.raises(WeightNameError, match="mystery.weight"):
+        load_checkpoint(ckpt)
+    del saved["llm.model.layers.1.mlp.gate_proj.weight"]
+    save_file(saved, str(ckpt / "model.safetensors"))
+    with pytest.raises(WeightNameError, match="layers.1.mlp.gate_proj"):
+        load_checkpoint(ckpt)
+    (ckpt / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_checkpoint(ckpt)
+
+
+def test_tied_head_and_bad_sub_config(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from esn_core.models.minicpm_checkpoint import load_checkpoint
+    from tests.tiny_minicpm import build
+
+    ckpt = build(tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    saved = load_file(str(ckpt / "model.safetensors"))
+    del saved["llm.lm_head.weight"]  # a tied checkpoint stores the embedding once
+    save_file(saved, str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    parts = load_checkpoint(ckpt)
+    assert torch.equal(parts.llm.lm_head.weight, saved["llm.model.embed_tokens.weight"])
+    config["tts_config"]["num_vq"] = 0
+    (ckpt / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    with pytest.raises(TTSConfigError, match="num_vq"):
+        load_checkpoint(ckpt)

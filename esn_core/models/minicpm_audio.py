@@ -17,7 +17,7 @@ from torch import nn
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from esn_core.models.minicpm_tts import ReluMLPProjector, WeightNameError
+from esn_core.models.minicpm_tts import ReluMLPProjector, load_exact
 
 PREFIXES = ("apm.", "audio_projection_layer.")
 
@@ -50,10 +50,5 @@ def load_audio_in(audio_config: Mapping, llm_hidden: int, pool_step: int,
     checkpoint's flat state dict; ``WeightNameError`` lists missing/unexpected names."""
     module = MiniCPMAudioIn(audio_config, llm_hidden, pool_step)
     own = {k: v for k, v in weights.items() if k.startswith(PREFIXES)}
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - set(own)), sorted(set(own) - expected)
-    if missing or unexpected:
-        raise WeightNameError(f"audio weights do not match the module: missing {missing[:8]}, "
-                              f"unexpected {unexpected[:8]}")
-    module.load_state_dict(own, strict=True)
+    load_exact(module, own, "audio weights")
     return module

@@ -130,10 +130,16 @@ def load_tts(cfg: Mapping, weights: Mapping[str, torch.Tensor], prefix: str = "t
     used: a ``WeightNameError`` lists the missing and unexpected names otherwise."""
     tts = MiniCPMTTS(cfg)
     own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    expected = set(tts.state_dict())
+    load_exact(tts, own, f"TTS weights under {prefix!r}")
+    return tts
+
+
+def load_exact(module: nn.Module, own: Mapping[str, torch.Tensor], what: str) -> None:
+    """Load ``own`` into ``module``; a ``WeightNameError`` names ``what`` and the missing and
+    unexpected names unless they match exactly."""
+    expected = set(module.state_dict())
     missing, unexpected = sorted(expected - set(own)), sorted(set(own) - expected)
     if missing or unexpected:
-        raise WeightNameError(f"TTS weights under {prefix!r} do not match the module: "
+        raise WeightNameError(f"{what} do not match the module: "
                               f"missing {missing[:8]}, unexpected {unexpected[:8]}")
-    tts.load_state_dict(own, strict=True)
-    return tts
+    module.load_state_dict(own, strict=True)

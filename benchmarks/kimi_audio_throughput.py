@@ -17,12 +17,20 @@ weights never end on their own, so ``ForcedEnds`` makes each row emit its text e
 audio end exactly at its drawn lengths: rows of one batch finish at different steps, as real
 conversions do.
 
-    python benchmarks/kimi_audio_throughput.py --shape full --device cuda --batches 1 64
+Hook overhead per step (``alternating_overhead``): whole-run wall times on the lent GPU
+hosts drift by more than the hooks cost, so each hooked mode (capture on both groups,
+steering on ``lm``, both) also runs with its hooks on for every other step, and a hooked
+step is compared with its plain neighbours; ``control`` shows what noise alone gives.
+
+    python benchmarks/kimi_audio_throughput.py --shape full --device cuda --batches 1 64 \
+        --alternate-repeats 4
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
 
+from hook_overhead import (  # noqa: E402
+    Alternator, alternating_ratios, quartiles, steering_plan,
+)
 from workloads import Attempt, describe, esd_like, spread  # noqa: E402
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
 from esn_core.models.kimi_audio import TOKEN_RATE, KimiAudioAdapter  # noqa: E402
@@ -61,10 +72,11 @@ class ForcedEnds:
     audio sampled among the audio codes only.
 
     Called as the step loop calls the LM (one call per step); the logits are edited on the
-    device, so forcing adds no host sync."""
+    device, so forcing adds no host sync. ``after_step``, if given, is called after each
+    forward (the prefill's first): the per-step clock of ``alternating_overhead``."""
 
-    def __init__(self, lm, ids, text_lengths, audio_lengths, delay: int):
-        self.lm, self.ids = lm, ids
+    def __init__(self, lm, ids, text_lengths, audio_lengths, delay: int, after_step=None):
+        self.lm, self.ids, self.after_step = lm, ids, after_step
         device = next(lm.parameters()).device
         self.text_end = torch.tensor(text_lengths, device=device)
         self.audio_end = torch.tensor(audio_lengths, device=device) + delay
@@ -82,6 +94,8 @@ class ForcedEnds:
         audio[:, : self.offset] = -torch.inf
         forced = torch.full_like(audio, -torch.inf)
         forced[:, self.ids.msg_end] = 0.0
+        if self.after_step is not None:
+            self.after_step()
         return text, torch.where(ending, forced, audio)
 
 
@@ -103,12 +117,13 @@ def prompt_batch(adapter: KimiAudioAdapter, attempts: list[Attempt], seed: int):
     return adapter.batch(prompts, features)
 
 
-def run(adapter: KimiAudioAdapter, attempts: list[Attempt], seed: int):
+def run(adapter: KimiAudioAdapter, attempts: list[Attempt], seed: int, after_step=None):
     """One ``generate`` call on ``attempts`` with their lengths forced; returns its rows."""
     batch = prompt_batch(adapter, attempts, seed)
     real_lm = adapter.lm
     forced = ForcedEnds(real_lm, adapter.ids, [a.text_tokens for a in attempts],
-                        [answer_codes(a) for a in attempts], adapter.sampling.audio_delay)
+                        [answer_codes(a) for a in attempts], adapter.sampling.audio_delay,
+                        after_step)
     adapter.lm = forced  # the step loop calls adapter.lm; the hooks stay on the real LM
     try:
         return adapter.generate(batch, [seed + i for i in range(len(attempts))])
@@ -136,6 +151,51 @@ def timed_rows(adapter, engine, attempts, batch: int, mode: str, device: str) ->
     return time.perf_counter() - start
 
 
+ALTERNATING = ("control", "capture", "steer", "capture+steer")
+
+
+def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int, device: str,
+                         period: int = 2) -> dict[str, dict[str, list[float]]]:
+    """Per-step hook cost: each hooked mode runs one ``generate`` with its hooks on for one
+    step in ``period`` (``hook_overhead.Alternator``), and each hooked step is compared with
+    its two plain neighbours, which share the machine's state of the moment (whole-run wall
+    times on the lent hosts drift by more than the cost measured). ``control`` toggles
+    nothing at the same Python cost: its ratio is what noise alone gives. Capture is on
+    both groups; steering is on ``lm``, per-row masks of 0.5 % of its neurons, one row
+    unsteered, as an evaluation batch mixes them."""
+    plan = steering_plan(adapter.groups()["lm"].layout, batch, 0.005, seed=batch)
+    sessions = {
+        "control": lambda: contextlib.nullcontext(None),
+        "capture": lambda: engine.session(capture={"lm": Capture(), "synth": Capture()}),
+        "steer": lambda: engine.session(interventions={"lm": plan}),
+        "capture+steer": lambda: engine.session(capture={"lm": Capture(), "synth": Capture()},
+                                                interventions={"lm": plan}),
+    }
+    chunk = attempts[:batch]
+    out = {m: {"steps": [], "runs": [], "means": []} for m in ALTERNATING}
+    for repeat in range(repeats):
+        shift = repeat % len(ALTERNATING)
+        for mode in ALTERNATING[shift:] + ALTERNATING[:shift]:
+            stamps: list[float] = []
+            with sessions[mode]() as session:
+                alternator = Alternator(session, period)
+
+                def after_step():
+                    sync(device)
+                    stamps.append(time.perf_counter())
+                    alternator()
+
+                try:
+                    run(adapter, chunk, seed=repeat, after_step=after_step)
+                finally:
+                    alternator.close()
+            ratios, mean_ratio, _ = alternating_ratios(stamps, period)
+            out[mode]["steps"] += ratios
+            out[mode]["runs"].append(statistics.median(ratios))
+            out[mode]["means"].append(mean_ratio)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -149,6 +209,8 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", nargs="+", choices=["off", "capture"], default=["off", "capture"])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--alternate-repeats", type=int, default=2,
+                    help="runs per hooked mode for the per-step overhead (0: skip it)")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
@@ -183,6 +245,19 @@ def main(argv=None) -> None:
             rates[batch, mode] = len(rows) / seconds * 3600
             print(f"| {batch} | {len(rows)} | {mode} | {seconds:.3f} | "
                   f"{rates[batch, mode]:,.0f} | {peak:.1f} |")
+    if args.alternate_repeats:
+        print("\n| batch | mode | hooked step / plain neighbours: median [quartiles of runs] "
+              "| mean hooked / mean plain [quartiles] | steps |")
+        print("|---|---|---|---|---|")
+        for batch in sorted(args.batches):
+            result = alternating_overhead(adapter, engine, attempts, batch,
+                                          args.alternate_repeats, args.device)
+            for mode in ALTERNATING:
+                r = result[mode]
+                (a, b), (c, d) = quartiles(r["runs"]), quartiles(r["means"])
+                print(f"| {batch} | {mode} | {statistics.median(r['steps']):.3f}x "
+                      f"[{a:.3f}, {b:.3f}] | {statistics.median(r['means']):.3f}x "
+                      f"[{c:.3f}, {d:.3f}] | {len(r['steps'])} |")
     for batch in sorted(args.batches):
         if "off" in args.modes and "capture" in args.modes:
             print(f"# batch {batch}: capture overhead "

@@ -247,6 +247,15 @@ def test_kimi_audio_throughput_ends_every_row_at_its_drawn_lengths(capsys):
             bench.prompt_batch(adapter, attempts, 0).lengths, attempts)]
     assert adapter.lm is not None and not isinstance(adapter.lm, bench.ForcedEnds)
 
-    bench.main(["--batches", "1", "2", "--attempts", "2", "--single-rows", "1", "--repeats", "1"])
+    bench.main(["--batches", "1", "2", "--attempts", "2", "--single-rows", "1", "--repeats", "1",
+                "--alternate-repeats", "1"])
     out = capsys.readouterr().out
     assert "| 2 | 2 | capture |" in out and "capture overhead" in out and "the batch-1 loop" in out
+    # per-step overhead: every mode at every batch, ratios of hooked steps to plain neighbours
+    alternating = [line.split("|")[1:-1] for line in out.splitlines()
+                   if re.match(r"\| \d+ \| (control|capture|steer)", line)]
+    assert [(r[0].strip(), r[1].strip()) for r in alternating] == [
+        (b, m) for b in ("1", "2") for m in bench.ALTERNATING]
+    for row in alternating:
+        assert all(re.fullmatch(r" [\d.]+x \[[\d.]+, [\d.]+\] ", c) for c in row[2:4])
+        assert int(row[4]) > 10  # hooked steps compared: about half the run's steps

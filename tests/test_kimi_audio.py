@@ -228,6 +228,48 @@ def test_step_rules_delay_cap_and_text_blank(adapter, inputs):
         adapter.sampling, adapter.max_tokens = saved
 
 
+def test_sampler_draws_by_inverse_cdf_within_the_top_k():
+    from esn_core.models.kimi_generate import sample_audio
+
+    # Probabilities 0.5 / 0.3 / 0.2 (temperature 1); top-2 keeps 0.5, 0.3: cdf 0.5, 0.8.
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]] * 4))
+    u = torch.tensor([0.0, 0.6, 0.7, 0.999])  # targets 0, 0.48, 0.56, 0.7992
+    picks = sample_audio(logits, u, Sampling(audio_temperature=1.0, audio_top_k=2))
+    assert picks.tolist() == [1, 1, 2, 2]
+    # Without top-k, every id is reachable in its own order: cdf 0.2, 0.7, 1.0.
+    picks = sample_audio(logits, torch.tensor([0.1, 0.3, 0.69, 0.71]),
+                         Sampling(audio_temperature=1.0, audio_top_k=0))
+    assert picks.tolist() == [0, 1, 1, 2]
+    # Temperature 0 is the argmax, whatever the uniform.
+    assert sample_audio(logits, u, Sampling(audio_temperature=0.0)).tolist() == [1] * 4
+
+
+def test_sampler_frequencies_follow_the_tempered_top_k_distribution():
+    from esn_core.models.kimi_generate import draw_uniforms, sample_audio
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]])
+    sampling = Sampling(audio_temperature=0.8, audio_top_k=3)
+    n = 20000
+    u = draw_uniforms([5], [n], "cpu")[0]
+    picks = sample_audio(logits.expand(n, -1), u, sampling)
+    tempered = torch.softmax(logits[0] / 0.8, dim=0)
+    top = torch.zeros(5)
+    top[[2, 1, 4]] = tempered[[2, 1, 4]] / tempered[[2, 1, 4]].sum()
+    freq = torch.bincount(picks, minlength=5).float() / n
+    assert torch.allclose(freq, top, atol=0.015)  # 4 sigma at n = 20000 is ~0.014
+
+
+def test_uniforms_depend_on_the_rows_seed_and_cap_only():
+    from esn_core.models.kimi_generate import draw_uniforms
+
+    together = draw_uniforms([3, 4, 3], [5, 2, 5], "cpu")
+    assert together.shape == (3, 5)
+    assert torch.equal(together[0], together[2])
+    assert torch.equal(together[1, :2], draw_uniforms([4], [2], "cpu")[0])
+    assert torch.all(together[1, 2:] == 0)
+    assert not torch.equal(together[0], draw_uniforms([4], [5], "cpu")[0])
+
+
 # --------------------------------------------------------------------------- hooks
 
 

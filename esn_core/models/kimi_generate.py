@@ -4,15 +4,18 @@ Upstream's ``KimiAudio._generate_loop`` runs one row and draws from the global R
 loop runs a left-padded batch and follows the same rules per row:
 
 * every step yields a text token (greedy) and an audio token (sampled: log-softmax,
-  temperature, top-k, one multinomial draw from the row's own ``torch.Generator``);
+  temperature, top-k, one draw; upstream's ``torch.multinomial``, here an inverse-CDF
+  lookup of a uniform from the row's own ``torch.Generator``: the same distribution);
 * the audio token is forced to the text blank for the first ``audio_delay`` steps (the
   audio stream lags the text stream);
 * once a row's text has produced ``text_eos`` its text stream is forced to blank;
 * a row ends when its audio token is an audio end token (``msg_end`` / ``media_end``), or
   after ``max_steps[b]`` steps (upstream: 12.5 × 120 tokens minus the prompt).
 
-Each active row draws exactly once per step, in row order, from its own generator, so a
-row's tokens do not depend on the other rows of the batch. A row that ended keeps feeding
+Row ``b``'s uniforms are drawn before the loop, ``max_steps[b]`` of them from a CPU
+generator seeded ``seeds[b]``, and step ``t`` uses the ``t``-th: a row's tokens do not
+depend on the other rows of the batch, and the loop's state stays on the device (one host
+sync a step, to learn whether every row has ended). A row that ended keeps feeding
 an audio end token: the hooks' position root then knows it ended (``MLPGroup.eos_token_ids``)
 and counts none of its later positions, as a single run would have stopped there.
 """
@@ -93,18 +96,40 @@ def pad_prompts(prompts: list[TwoStreams], features: list[torch.Tensor | None], 
                        None if feats is None else feats.to(**to))
 
 
-def sample_audio(logits: torch.Tensor, generator: torch.Generator, sampling: Sampling) -> int:
-    """One row's audio token, as upstream's sampler draws it (``logits``: ``[V]``)."""
+def draw_uniforms(seeds: list[int], counts: list[int], device) -> torch.Tensor:
+    """``[B, max(counts)]`` uniforms: row ``b``'s first ``counts[b]`` draws of a CPU generator
+    seeded ``seeds[b]`` (the rest zero).
+
+    Drawn once, before the loop, on the host: the same seed gives the same draws on every
+    device, and the loop draws nothing per step (no per-row kernel, no host sync). A row's
+    draws depend on its seed and its own cap only, so a row in a batch draws as it would alone.
+    """
+    width = max(max(counts), 1)
+    draws = torch.zeros(len(seeds), width)
+    for b, (seed, n) in enumerate(zip(seeds, counts)):
+        if n > 0:
+            draws[b, :n] = torch.rand(n, generator=torch.Generator().manual_seed(int(seed)))
+    return draws.to(device)
+
+
+def sample_audio(logits: torch.Tensor, uniforms: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Each row's audio token (``logits``: ``[B, V]``, ``uniforms``: ``[B]`` in [0, 1)).
+
+    Upstream's distribution: log-softmax, temperature, top-k, one draw; the draw is an
+    inverse-CDF lookup of the row's uniform in its top-k probabilities, batched.
+    """
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     if sampling.audio_temperature <= 1e-6:
-        return int(torch.argmax(logprobs))
-    logprobs = logprobs / sampling.audio_temperature
-    probs = torch.exp(logprobs)
+        return logprobs.argmax(dim=-1)
+    probs = torch.exp(logprobs / sampling.audio_temperature)
     if sampling.audio_top_k > 0:
-        top, index = torch.topk(probs, min(sampling.audio_top_k, probs.numel()))
-        pick = torch.multinomial(top, 1, generator=generator)
-        return int(index[pick])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs, index = torch.topk(probs, min(sampling.audio_top_k, probs.shape[-1]), dim=-1)
+    else:
+        index = None
+    cdf = probs.cumsum(dim=-1)
+    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    pick = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1)
+    return pick[:, 0] if index is None else index.gather(1, pick)[:, 0]
 
 
 # no_grad, not inference_mode: the hooks' counters are made during the loop and updated
@@ -119,53 +144,68 @@ def generate_two_streams(lm, batch: PromptBatch, ids: SpecialIds, seeds: list[in
     if len(seeds) != rows or len(max_steps) != rows:
         raise ValueError(f"{rows} rows but {len(seeds)} seeds and {len(max_steps)} step caps")
     device = batch.audio.device
-    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    # Row b draws once per step it takes part in, at most max_steps[b] times.
+    uniforms = draw_uniforms(seeds, [max(int(c), 0) for c in max_steps], device)
     cache = DynamicCache()
     mask = batch.attention_mask
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     step_audio, step_text = batch.audio, batch.text
     features, continuous = batch.features, batch.continuous
-    text_done = [False] * rows
-    done = [cap < 1 for cap in max_steps]
-    results = [RowResult([], [], 0, False) for _ in range(rows)]
-    end = ids.msg_end
+    # The loop's state lives on the device: one host sync a step (has every row ended?).
+    caps = torch.tensor(max_steps, device=device)
+    done = caps < 1
+    text_done = torch.zeros(rows, dtype=torch.bool, device=device)
+    ended = torch.zeros_like(text_done)
+    steps = torch.zeros(rows, dtype=torch.long, device=device)
+    audio_ends = torch.tensor(sorted(ids.audio_ends), device=device)
+    blank = torch.full((rows,), ids.text_blank, device=device)
+    end = torch.full((rows,), ids.msg_end, device=device)
+    texts, text_kept, audios, audio_kept = [], [], [], []
     step = 0
-    while not all(done):
+    while not bool(done.all()):
         text_logits, audio_logits = lm(
             input_ids=step_audio, text_input_ids=step_text, attention_mask=mask,
             position_ids=positions, cache=cache, continuous_features=features,
             is_continuous_mask=continuous,
         )
-        next_text = text_logits.argmax(dim=-1).tolist()
-        next_audio = [end] * rows
-        for b in range(rows):
-            if done[b]:
-                next_text[b] = ids.text_blank
-                continue
-            result = results[b]
-            result.steps += 1
-            token = sample_audio(audio_logits[b], generators[b], sampling)
-            if text_done[b]:
-                next_text[b] = ids.text_blank
-            elif next_text[b] == ids.text_eos:
-                text_done[b] = True
-            else:
-                result.text_tokens.append(next_text[b])
-            if step < sampling.audio_delay:
-                token = ids.text_blank
-            if token in ids.audio_ends:
-                result.ended, done[b] = True, True
-            else:
-                if step >= sampling.audio_delay:
-                    result.audio_tokens.append(token)
-                if result.steps >= max_steps[b]:
-                    done[b] = True
-                    token = end  # fed once so the hooks see the row end; never sampled
-            next_audio[b] = token
+        active = ~done
+        steps += active
+        next_text = text_logits.argmax(dim=-1)
+        is_eos = next_text == ids.text_eos
+        # A row's text is kept up to its end token; the end token is fed once, then blanks.
+        text_kept.append(active & ~text_done & ~is_eos)
+        feed_text = torch.where(active & ~text_done, next_text, blank)
+        text_done = text_done | (active & is_eos)
+        token = sample_audio(audio_logits, uniforms[:, min(step, uniforms.shape[1] - 1)], sampling)
+        if step < sampling.audio_delay:
+            token = blank
+        is_end = torch.isin(token, audio_ends)
+        audio_kept.append(active & ~is_end & (step >= sampling.audio_delay))
+        # A row at its cap feeds an end token once, so the hooks see the row end.
+        capped = active & ~is_end & (steps >= caps)
+        feed_audio = torch.where(active & ~capped, token, end)
+        ended = ended | (active & is_end)
+        done = done | (active & is_end) | capped
+        texts.append(next_text)
+        audios.append(token)
         step += 1
-        step_audio = torch.tensor(next_audio, device=device)[:, None]
-        step_text = torch.tensor(next_text, device=device)[:, None]
+        step_audio, step_text = feed_audio[:, None], feed_text[:, None]
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         positions = positions[:, -1:] + 1
         features = continuous = None
-    return results
+    return collect_rows(texts, text_kept, audios, audio_kept, steps, ended)
+
+
+def collect_rows(texts, text_kept, audios, audio_kept, steps, ended) -> list[RowResult]:
+    """Per-step device tensors ``[B]`` of the loop → each row's kept tokens, on the host."""
+    rows = steps.shape[0]
+    if not texts:
+        return [RowResult([], [], 0, False) for _ in range(rows)]
+    text, keep_text = torch.stack(texts, 1).tolist(), torch.stack(text_kept, 1).tolist()
+    audio, keep_audio = torch.stack(audios, 1).tolist(), torch.stack(audio_kept, 1).tolist()
+    return [
+        RowResult([t for t, k in zip(text[b], keep_text[b]) if k],
+                  [a for a, k in zip(audio[b], keep_audio[b]) if k],
+                  int(steps[b]), bool(ended[b]))
+        for b in range(rows)
+    ]

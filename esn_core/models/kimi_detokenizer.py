@@ -22,6 +22,16 @@ place of flash-attn:
   kernel) turns each chunk's mel, with the previous chunk's held-back half, into 24 kHz
   audio; consecutive pieces are cross-faded with a Hamming window; the final chunk is
   returned whole.
+* **Rows together** (``Detokenizer.batch``): upstream decodes one stream per call. Here the
+  rows at one chunk index share each DiT call: their non-final chunks, look-aheads and
+  prefixes are equally long, so they stack as they are; shorter final chunks are padded at
+  the end (their real frames keep their positions) and their padded keys masked. BigVGAN
+  takes all rows' mels of a chunk index in one call, padded and refilled per layer
+  (``ragged.ragged_time_axis``) when its output length is a fixed multiple of its input's,
+  else one call per distinct length. Each row's noise is drawn from its own generator as
+  the row alone draws it, so a row's waveform equals its decode alone up to the rounding of
+  kernels run at another batch size (bit-identical in float64 on CPU; float32 measured in
+  tests/test_kimi_audio.py).
 """
 
 from __future__ import annotations

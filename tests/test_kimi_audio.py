@@ -433,8 +433,12 @@ def test_convert_gives_text_16k_speech_and_batched_rows_equal_single_runs(adapte
 def test_registry_builds_the_adapter(checkpoint):
     from esn_core.models.base import load_adapter
 
-    adapter = load_adapter("kimi_audio", path=str(checkpoint), device="cpu", max_tokens=60)
+    adapter = load_adapter("kimi_audio", path=str(checkpoint), device="cpu", max_tokens=60,
+                           detokenizer_batch=3, detokenizer_ragged_vocoder=False)
     assert isinstance(adapter, KimiAudioAdapter) and adapter.dtype == torch.float32
+    assert adapter.detokenizer.max_rows == 3 and adapter.detokenizer.vocoder_ragged is False
+    with pytest.raises(ValueError, match="detokenizer_batch must be >= 1, got 0"):
+        KimiAudioAdapter(checkpoint, device="cpu", detokenizer_batch=0)
 
 
 def test_a_cap_below_the_prompt_is_an_error_not_an_empty_answer(adapter, inputs):

@@ -163,7 +163,11 @@ class KimiAudioAdapter(LALMAdapter):
     ``audio_temperature`` / ``audio_top_k`` / ``audio_delay``: upstream's audio sampling
     (0.8, 10) and text-to-audio delay (6 steps). ``detokenizer_steps``: Euler points of
     each flow-matching chunk (upstream: 30). ``detokenizer_batch``: rows the speech decoder
-    runs together in ``convert`` (1: one row at a time, bit for bit ``speak``). ``batch_size``:
+    runs together in ``convert`` (1: one row at a time, bit for bit ``speak``).
+    ``detokenizer_ragged_vocoder``: BigVGAN takes a chunk index's mels of different lengths
+    in one padded call (when its output length is proportional to its input; else, or when
+    off, one call per distinct length; which is faster depends on the device:
+    benchmarks/kimi_detokenizer_batched.py times both). ``batch_size``:
     rows per ``convert`` call the workflow should send.
     """
 
@@ -173,7 +177,8 @@ class KimiAudioAdapter(LALMAdapter):
                  dtype: str | None = None, instruction_template: str | None = None,
                  max_tokens: int = int(TOKEN_RATE * 120), audio_temperature: float = 0.8,
                  audio_top_k: int = 10, audio_delay: int = 6, batch_size: int = 8,
-                 detokenizer_steps: int = 30, detokenizer_batch: int = 8):
+                 detokenizer_steps: int = 30, detokenizer_batch: int = 8,
+                 detokenizer_ragged_vocoder: bool = True):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
         if dtype not in DTYPES:
@@ -189,6 +194,7 @@ class KimiAudioAdapter(LALMAdapter):
             load_dit(self.path / DETOKENIZER_DIR, device, DTYPES[dtype]),
             load_vocoder(self.path / VOCODER_DIR, device, DTYPES[dtype]),
             steps=int(detokenizer_steps), max_rows=int(detokenizer_batch),
+            vocoder_ragged=bool(detokenizer_ragged_vocoder),
         )
         self._attach(lm, instruction_template, max_tokens,
                      Sampling(audio_temperature, audio_top_k, audio_delay), batch_size)

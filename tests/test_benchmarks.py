@@ -103,6 +103,28 @@ def test_token2wav_ragged_compares_every_path_against_the_per_row_decode(tmp_pat
     assert "| ragged m4 | 4 | 1 |" in out
 
 
+def test_kimi_detokenizer_batched_checks_every_batched_path_against_the_per_row_decode(tmp_path):
+    target = tmp_path / "kimi_detok.json"
+    out = _run("benchmarks/kimi_detokenizer_batched.py", "--shape", "tiny", "--device", "cpu",
+               "--rows", "4", "--steps", "2", "--micro", "2", "4", "--vocoder-by-length",
+               "--out", str(target))
+    saved = json.loads(target.read_text())
+    assert [r["path"] for r in saved["results"]] == [
+        "per row", "batched m2", "batched m2, vocoder by length", "batched m4",
+        "batched m4, vocoder by length"]
+    lengths = saved["lengths"]
+    assert len(lengths) == 4 and len(set(lengths)) > 1
+    assert all(10 <= n <= 80 for n in lengths)  # 2-5 s x 0.85-1.25 at 12.5 codes a second
+    by_path = {r["path"]: r for r in saved["results"]}
+    assert by_path["per row"]["min_snr_db"] == float("inf") and by_path["per row"]["calls"] == 4
+    assert by_path["batched m4"]["calls"] == 1 and by_path["batched m2"]["calls"] == 2
+    for result in saved["results"][1:]:
+        assert result["min_snr_db"] > 100 and result["max_abs"] < 1e-5, result  # float32 rounding
+        assert result["dit_ms_per_row"] + result["vocoder_ms_per_row"] <= result["ms_per_row"] + 1e-6
+    assert "| batched m4 | 4 | 1 |" in out and "# per row / batched: batched m2" in out
+    assert "is proportional to its input" in out
+
+
 def test_forced_lengths_end_each_row_at_its_own_step():
     import torch
 

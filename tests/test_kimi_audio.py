@@ -393,7 +393,7 @@ def test_a_chunk_drops_its_look_ahead_and_leaves_its_keys_as_the_next_prefix(ada
     g = torch.Generator().manual_seed(0)
     mel = stream.chunk(codes, g, final=False)
     assert mel.shape == (72, 80) and stream.start == 72
-    assert torch.equal(stream.tail, codes[-48:])
+    assert torch.equal(stream.tail, codes[None, -48:])  # [rows, look-ahead]
     assert all(k.shape[1] == 72 and v.shape[1] == 72 for k, v in stream.prefix)
     second = stream.chunk(codes, torch.Generator().manual_seed(1), final=False)
     assert second.shape == (120, 80)  # the 48 redone frames + 120 new - 48 held back
@@ -404,7 +404,7 @@ def test_a_chunk_drops_its_look_ahead_and_leaves_its_keys_as_the_next_prefix(ada
     for first in (codes, (codes + 5) % 48):
         stream = Streaming(dit, steps=4, look_ahead=48, max_kv_tokens=100)
         stream.chunk(first, torch.Generator().manual_seed(0), final=False)
-        stream.tail = codes[-48:]
+        stream.tail = codes[None, -48:]
         runs.append(stream.chunk(codes, torch.Generator().manual_seed(1), final=True))
     assert runs[0].shape == runs[1].shape == (168, 80)  # final: nothing held back
     assert not torch.allclose(runs[0], runs[1])
@@ -475,8 +475,12 @@ def test_convert_gives_text_16k_speech_and_batched_rows_equal_single_runs(adapte
 def test_registry_builds_the_adapter(checkpoint):
     from esn_core.models.base import load_adapter
 
-    adapter = load_adapter("kimi_audio", path=str(checkpoint), device="cpu", max_tokens=60)
+    adapter = load_adapter("kimi_audio", path=str(checkpoint), device="cpu", max_tokens=60,
+                           detokenizer_batch=3, detokenizer_ragged_vocoder=False)
     assert isinstance(adapter, KimiAudioAdapter) and adapter.dtype == torch.float32
+    assert adapter.detokenizer.max_rows == 3 and adapter.detokenizer.vocoder_ragged is False
+    with pytest.raises(ValueError, match="detokenizer_batch must be >= 1, got 0"):
+        KimiAudioAdapter(checkpoint, device="cpu", detokenizer_batch=0)
 
 
 def test_a_cap_below_the_prompt_is_an_error_not_an_empty_answer(adapter, inputs):
@@ -541,3 +545,127 @@ def test_both_heads_equal_transformers_qwen2_stacks_built_from_the_same_tensors(
 def test_a_row_without_audio_codes_speaks_an_empty_waveform_not_padding(adapter):
     wave = adapter.speak([], seed=1)
     assert wave.dtype == np.float32 and wave.size == 0
+
+
+# --------------------------------------------------------------------------- batched speech
+# Rows of codes: 1 chunk (12, 30 codes), several chunks with final chunks of 15, 1 and 30
+# codes (75, 61, 90), and a row without codes. Float32 on CPU, 3 Euler points.
+DECODE_LENGTHS = [12, 75, 61, 30, 0, 90]
+# Measured on CPU float32: batched vs alone, max |diff| 2.2e-7 on waves peaking at ~0.38
+# (SNR >= 134 dB). BigVGAN's oneDNN convolutions round differently at another batch size
+# and a shorter final chunk's masked attention differs in the last bits; in float64 (the
+# adapter fixture) the two are bit-identical (test_convert_...).
+MAX_ABS, MIN_SNR_DB = 2e-6, 110.0
+
+
+def decode_codes(lengths=DECODE_LENGTHS):
+    return [[(7 * i + r) % 48 for i in range(n)] for r, n in enumerate(lengths)]
+
+
+def seeded(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    error = (reference.double() - other.double()).pow(2).sum()
+    return float("inf") if error == 0 else float(10 * torch.log10(reference.double().pow(2).sum() / error))
+
+
+@pytest.fixture(scope="module", params=["grouped", "ragged"])
+def detokenizer32(checkpoint, request):
+    """The checkpoint's detokenizer in float32. ``grouped``: its vocoder, whose output is
+    2 samples longer than 480 per frame (a transposed convolution with odd k - s), so mels
+    of different lengths go through one call per length. ``ragged``: a BigVGAN whose
+    output is exactly 480 per frame, so they share a padded call (``ragged_time_axis``)."""
+    import json
+
+    from bigvgan.bigvgan import BigVGAN
+    from bigvgan.env import AttrDict
+
+    from esn_core.models.kimi_detokenizer import Detokenizer, load_dit, load_vocoder
+
+    dit = load_dit(checkpoint / "audio_detokenizer", "cpu", torch.float32)
+    vocoder = load_vocoder(checkpoint / "vocoder", "cpu", torch.float32)
+    if request.param == "ragged":
+        config = json.loads((checkpoint / "vocoder" / "config.json").read_text())
+        config["upsample_kernel_sizes"] = [16, 12, 11, 4]  # every k - s even
+        torch.manual_seed(7)
+        vocoder = BigVGAN(AttrDict(config), use_cuda_kernel=False).eval()
+        vocoder.remove_weight_norm()
+    det = Detokenizer(dit, vocoder, steps=3)
+    assert det._vocoder_is_proportional() == (request.param == "ragged")
+    return det
+
+
+@pytest.fixture(scope="module")
+def alone32(detokenizer32):
+    return [detokenizer32(c, g) for c, g in zip(decode_codes(), seeded(range(len(DECODE_LENGTHS))))]
+
+
+def assert_close_to(alone, batched):
+    assert [w.shape for w in batched] == [w.shape for w in alone]
+    for n, a, b in zip(DECODE_LENGTHS, alone, batched):
+        if n == 0:
+            assert b.numel() == 0 and b.dtype == torch.float32
+            continue
+        assert float(a.abs().max()) > 0.1  # a real signal, far above the tolerance
+        assert float((a - b).abs().max()) <= MAX_ABS and snr_db(a, b) >= MIN_SNR_DB, n
+
+
+def test_batched_decode_equals_each_row_alone(detokenizer32, alone32):
+    codes = decode_codes()
+    batched = detokenizer32.batch(codes, seeded(range(len(codes))))
+    assert_close_to(alone32, batched)
+    # Calls of at most 2 rows (longest first): the same rows, the same tolerance.
+    assert_close_to(alone32, detokenizer32.batch(codes, seeded(range(len(codes))), max_rows=2))
+    # max_rows=1 is one row per call: the single-row path itself.
+    ones = detokenizer32.batch(codes, seeded(range(len(codes))), max_rows=1)
+    assert all(torch.equal(a, b) for a, b in zip(alone32, ones))
+    n = detokenizer32.dit.input_linear.weight.shape[0]
+    assert n == 16  # the tiny DiT (the tolerance above is for these shapes)
+
+
+def test_batched_decode_ignores_row_order_and_other_rows_seeds(detokenizer32):
+    codes = decode_codes()
+    seeds = list(range(len(codes)))
+    first = detokenizer32.batch(codes, seeded(seeds))
+    assert all(torch.equal(a, b) for a, b in zip(first, detokenizer32.batch(codes, seeded(seeds))))
+    # Rows are grouped by length, so any order gives the same calls: bit-identical rows.
+    order = [4, 2, 5, 0, 3, 1]
+    shuffled = detokenizer32.batch([codes[i] for i in order], seeded([seeds[i] for i in order]))
+    assert all(torch.equal(first[i], w) for i, w in zip(order, shuffled))
+    # A new seed for one row moves that row only; its batch-mates are untouched, to the bit.
+    moved = detokenizer32.batch(codes, seeded([seeds[0], 99, *seeds[2:]]))
+    assert not torch.allclose(moved[1], first[1], atol=1e-3)
+    assert all(torch.equal(first[i], moved[i]) for i in range(len(codes)) if i != 1)
+    with pytest.raises(ValueError, match="6 rows of codes but 5 generators"):
+        detokenizer32.batch(codes, seeded(seeds[:5]))
+
+
+def test_batched_decode_restarts_positions_like_each_row_alone(detokenizer32, monkeypatch):
+    from esn_core.models import kimi_detokenizer
+
+    codes = decode_codes([130, 100])  # 5 and 4 chunks
+    before = [detokenizer32(c, g) for c, g in zip(codes, seeded([1, 2]))]
+    # A 400-position window restarts after the second chunk (192 + 2 x 120 > 400).
+    monkeypatch.setattr(kimi_detokenizer, "MAX_POSITIONS", 400)
+    alone = [detokenizer32(c, g) for c, g in zip(codes, seeded([1, 2]))]
+    assert all(not torch.allclose(a, b, atol=1e-3) for a, b in zip(before, alone))  # it restarted
+    batched = detokenizer32.batch(codes, seeded([1, 2]))
+    for a, b in zip(alone, batched):
+        assert float((a - b).abs().max()) <= MAX_ABS and snr_db(a, b) >= MIN_SNR_DB
+
+
+def test_a_final_chunk_padded_beside_a_longer_one_sees_only_its_own_frames(adapter):
+    from esn_core.models.kimi_detokenizer import Streaming
+
+    dit = adapter.detokenizer.dit  # float64: the masked call equals the row alone exactly
+    short, long = torch.arange(40) % 48, (3 * torch.arange(120)) % 48
+    alone = Streaming(dit, steps=3).chunk(short, torch.Generator().manual_seed(5), final=True)
+    stream = Streaming(dit, steps=3)
+    mels = stream.chunks([long, short], seeded([6, 5]), [False, True])
+    assert mels[1].shape == (40, 80) and mels[0].shape == (72, 80)
+    torch.testing.assert_close(mels[1], alone, rtol=0, atol=1e-12)
+    assert stream.tail.shape == (1, 48) and stream.prefix[0][0].shape[:2] == (1, 72)  # row 0 only
+    with pytest.raises(ValueError, match="only final chunks may be shorter"):
+        Streaming(dit, steps=3).chunks([long, short], seeded([6, 5]), [False, False])

@@ -28,8 +28,10 @@ What this module does, each part our own code on transformers' classes:
   LM, called once per step with the audio stream as ``input_ids`` and the 2-D
   ``attention_mask``; its end ids are the audio end tokens (``msg_end``, ``media_end``).
 
-Rows are generated together (one step loop per batch) and decoded to speech one row at a
-time (upstream's detokenizer is one stream per call).
+Rows are generated together (one step loop per batch) and decoded to speech together too
+(``Detokenizer.batch``, up to ``detokenizer_batch`` rows per call; upstream's detokenizer is
+one stream per call): each row's waveform is its decode alone up to float rounding (the
+batched kernels' reduction order, and the masked attention of shorter final chunks).
 """
 
 from __future__ import annotations
@@ -160,8 +162,13 @@ class KimiAudioAdapter(LALMAdapter):
     ``max_tokens``: upstream's cap on prompt + answer (12.5 × 120 = 1500 positions).
     ``audio_temperature`` / ``audio_top_k`` / ``audio_delay``: upstream's audio sampling
     (0.8, 10) and text-to-audio delay (6 steps). ``detokenizer_steps``: Euler points of
-    each flow-matching chunk (upstream: 30). ``batch_size``: rows per ``convert`` call the
-    workflow should send.
+    each flow-matching chunk (upstream: 30). ``detokenizer_batch``: rows the speech decoder
+    runs together in ``convert`` (1: one row at a time, bit for bit ``speak``).
+    ``detokenizer_ragged_vocoder``: BigVGAN takes a chunk index's mels of different lengths
+    in one padded call (when its output length is proportional to its input; else, or when
+    off, one call per distinct length; which is faster depends on the device:
+    benchmarks/kimi_detokenizer_batched.py times both). ``batch_size``:
+    rows per ``convert`` call the workflow should send.
     """
 
     name = "kimi_audio"
@@ -170,11 +177,14 @@ class KimiAudioAdapter(LALMAdapter):
                  dtype: str | None = None, instruction_template: str | None = None,
                  max_tokens: int = int(TOKEN_RATE * 120), audio_temperature: float = 0.8,
                  audio_top_k: int = 10, audio_delay: int = 6, batch_size: int = 8,
-                 detokenizer_steps: int = 30):
+                 detokenizer_steps: int = 30, detokenizer_batch: int = 8,
+                 detokenizer_ragged_vocoder: bool = True):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if int(detokenizer_batch) < 1:
+            raise ValueError(f"detokenizer_batch must be >= 1, got {detokenizer_batch!r}")
         self.path = check_checkpoint(path)
         self.tokenizer = KimiTokenizer(self.path / TIKTOKEN)
         lm = load_lm(self.path, DTYPES[dtype], device)
@@ -183,7 +193,8 @@ class KimiAudioAdapter(LALMAdapter):
         self.detokenizer = Detokenizer(
             load_dit(self.path / DETOKENIZER_DIR, device, DTYPES[dtype]),
             load_vocoder(self.path / VOCODER_DIR, device, DTYPES[dtype]),
-            steps=int(detokenizer_steps),
+            steps=int(detokenizer_steps), max_rows=int(detokenizer_batch),
+            vocoder_ragged=bool(detokenizer_ragged_vocoder),
         )
         self._attach(lm, instruction_template, max_tokens,
                      Sampling(audio_temperature, audio_top_k, audio_delay), batch_size)
@@ -311,19 +322,26 @@ class KimiAudioAdapter(LALMAdapter):
 
     def speak(self, codes: Sequence[int], seed: int) -> np.ndarray:
         """The 16 kHz waveform of one row's audio codes; its noise from its own seed."""
+        return self.speak_rows([codes], [seed], max_rows=1)[0]
+
+    def speak_rows(self, codes: Sequence[Sequence[int]], seeds: Sequence[int],
+                   max_rows: int | None = None) -> list[np.ndarray]:
+        """16 kHz waveforms of many rows decoded together, row ``b``'s noise from a
+        generator seeded ``seeds[b]`` (as ``speak`` draws it)."""
         if self.detokenizer is None:
             raise RuntimeError("this adapter was built without its speech decoder")
-        generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        wave = self.detokenizer(list(codes), generator)
-        return to_16k(wave.cpu().numpy(), OUTPUT_RATE)
+        generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+        waves = self.detokenizer.batch([list(c) for c in codes], generators, max_rows=max_rows)
+        return [to_16k(wave.cpu().numpy(), OUTPUT_RATE) for wave in waves]
 
     def convert(self, requests: list[EVCRequest]) -> list[EVCOutput]:
         if not requests:
             return []
-        rows = self.generate(self.prepare(requests), [r.seed for r in requests])
+        seeds = [r.seed for r in requests]
+        rows = self.generate(self.prepare(requests), seeds)
+        waves = self.speak_rows([row.codes for row in rows], seeds)
         return [
             EVCOutput(attempt_id=request.attempt_id, decoded_text=row.text,
-                      waveform=self.speak(row.codes, request.seed), sample_rate=SOURCE_RATE,
-                      n_positions=row.n_positions)
-            for request, row in zip(requests, rows)
+                      waveform=wave, sample_rate=SOURCE_RATE, n_positions=row.n_positions)
+            for request, row, wave in zip(requests, rows, waves)
         ]

@@ -54,7 +54,6 @@ from transformers import (
 )
 
 from esn_core.hooks import Capture, HookEngine, Intervention, MLPGroup
-from esn_core.stats import write_counts
 
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
@@ -235,6 +234,9 @@ def per_call_cost(model, engine, layout, batch: int, device: str, calls: int = 2
 
 
 def main() -> None:
+    # Imported here: kimi_audio_throughput imports this module's helpers on hosts without polars.
+    from esn_core.stats import write_counts
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_arguments(ap)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])

@@ -8,7 +8,7 @@ The batch-1 loop stands in for upstream's loop, which is batch 1 only and cannot
 
 What is not timed (say so beside any figure): the source encoders (Whisper-large-v3 and the
 WhisperVQ tokenizer, one row at a time) and the speech decoder (flow-matching DiT + BigVGAN,
-one row at a time). The prompt's Whisper features are random tensors of the real width.
+timed on its own by ``kimi_detokenizer_batched.py``). The prompt's Whisper features are random tensors of the real width.
 
 Workload (``workloads.esd_like``, Kimi's rates): source U(2, 5) s → 12.5 audio tokens a
 second in the prompt (after a 24-token instruction); the answer's text ~3 tokens a second of

@@ -152,3 +152,36 @@ def test_tied_head_and_bad_sub_config(tmp_path):
     (ckpt / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
     with pytest.raises(TTSConfigError, match="num_vq"):
         load_checkpoint(ckpt)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_reads_the_special_tokens_and_the_chat_template(tmp_path):
+    from esn_core.models.minicpm_checkpoint import SPECIAL_TOKENS, load_tokenizer
+    from tests.tiny_minicpm import build
+
+    tok = load_tokenizer(build(tmp_path / "ckpt"))
+    ids = tok.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    assert len(set(ids)) == len(SPECIAL_TOKENS) and all(i < 300 for i in ids)  # LM vocabulary
+    text = tok.apply_chat_template(
+        [{"role": "system", "content": "clone"}, {"role": "user", "content": "<unk><unk>hi"}],
+        tokenize=False, add_generation_prompt=True, use_tts_template=True)
+    assert text == ("<|im_start|>system\nclone<|im_end|>\n<|im_start|>user\n<unk><unk>hi"
+                    "<|im_end|>\n<|im_start|>assistant\n<|tts_bos|>")
+    encoded = tok.encode(text, add_special_tokens=False)
+    assert encoded.count(tok.convert_tokens_to_ids("<unk>")) == 2  # placeholders only
+    assert encoded[-1] == tok.convert_tokens_to_ids("<|tts_bos|>")
+    assert tok.decode(tok.encode("the cat sat\n", add_special_tokens=False)) == "the cat sat\n"
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_missing_tokenizer_file_is_named(tmp_path, name):
+    from esn_core.models.minicpm_checkpoint import CheckpointError, load_tokenizer
+    from tests.tiny_minicpm import build
+
+    ckpt = build(tmp_path / "ckpt")
+    (ckpt / name).unlink()
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        load_tokenizer(ckpt)

@@ -185,3 +185,45 @@ def test_a_missing_tokenizer_file_is_named(tmp_path, name):
     (ckpt / name).unlink()
     with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
         load_tokenizer(ckpt)
+
+
+# --------------------------------------------------------------------------- EVC prompt
+
+
+@pytest.mark.parametrize("n_samples,pool,expected", [
+    # ceil(n/160) mel frames -> (f-1)//2+1 after the stride-2 conv -> (c-p)//p+1 pooled
+    (16_000, 5, 10),  # 100 frames -> 50 -> 10
+    (16_000, 2, 25),  # 100 -> 50 -> 25
+    (16_161, 5, 10),  # 102 frames -> 51 -> 10
+    (1_600, 2, 2),    # 10 -> 5 -> 2
+    (320, 1, 1),      # 2 -> 1 -> 1
+])
+def test_audio_embedding_count_is_hand_computed(n_samples, pool, expected):
+    from esn_core.models.minicpm_prompt import audio_embedding_count
+
+    assert audio_embedding_count(n_samples, pool) == expected
+
+
+def test_too_short_a_clip_is_an_error():
+    from esn_core.models.minicpm_prompt import audio_embedding_count
+
+    with pytest.raises(ValueError, match="too short"):
+        audio_embedding_count(160, 5)  # 1 frame -> 1 -> 0 embeddings
+
+
+def test_evc_prompt_is_voice_cloning_with_the_source_twice(tmp_path):
+    from esn_core.models.minicpm_checkpoint import load_tokenizer
+    from esn_core.models.minicpm_prompt import evc_prompt_ids, evc_prompt_text
+    from tests.tiny_minicpm import build
+
+    tok = load_tokenizer(build(tmp_path / "ckpt"))
+    src = "<|audio_start|><unk><unk><unk><|audio_end|>"
+    assert evc_prompt_text(tok, 3, "say it happy") == (
+        "<|im_start|>system\nClone the voice in the provided audio prompt.\n" + src +
+        "<|im_end|>\n<|im_start|>user\n" + src + "\nsay it happy<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n<|tts_bos|>")
+    ids = evc_prompt_ids(tok, 3, "say it happy")
+    assert ids.count(tok.convert_tokens_to_ids("<unk>")) == 6
+    assert ids[-1] == tok.convert_tokens_to_ids("<|tts_bos|>")
+    with pytest.raises(ValueError, match="placeholders"):
+        evc_prompt_ids(tok, 3, "say <unk> happy")

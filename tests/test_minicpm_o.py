@@ -227,3 +227,31 @@ def test_evc_prompt_is_voice_cloning_with_the_source_twice(tmp_path):
     assert ids[-1] == tok.convert_tokens_to_ids("<|tts_bos|>")
     with pytest.raises(ValueError, match="placeholders"):
         evc_prompt_ids(tok, 3, "say <unk> happy")
+
+
+def test_source_encoding_equals_stock_whisper_and_gives_one_row_per_placeholder(tmp_path):
+    import numpy as np
+
+    from esn_core.models.minicpm_checkpoint import load_checkpoint
+    from esn_core.models.minicpm_prompt import audio_embedding_count, encode_source, source_mel
+    from tests.tiny_minicpm import build
+
+    parts = load_checkpoint(build(tmp_path / "ckpt"))
+    audio_in = parts.audio_in
+    rng = np.random.default_rng(0)
+    # 120 mel frames = the tiny encoder's full window (max_source_positions 60 x stride 2),
+    # the only length stock WhisperEncoder.forward accepts: our steps must equal it there.
+    full = (0.1 * rng.standard_normal(120 * 160)).astype(np.float32)
+    mel = source_mel(full, 8)
+    assert mel.shape == (8, 120)
+    with torch.no_grad():
+        stock = audio_in.apm(mel[None]).last_hidden_state
+        pooled = audio_in.audio_avg_pooler(
+            audio_in.audio_projection_layer(stock).transpose(1, 2)).transpose(1, 2)[0]
+    torch.testing.assert_close(encode_source(audio_in, full, 8), pooled)
+    short = full[:1700]  # 11 frames -> 6 -> 3 embeddings (pool step 2)
+    assert encode_source(audio_in, short, 8).shape == (3, 16) == (
+        audio_embedding_count(1700, 2), 16)
+    too_long = np.zeros(130 * 160, dtype=np.float32)
+    with pytest.raises(ValueError, match="max_source_positions"):
+        encode_source(audio_in, too_long, 8)

@@ -20,7 +20,7 @@ TINY_CONFIG = dict(
     vocab_size=300, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False,
     audio_pool_step=2,
     audio_config=dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2, d_model=8,
-                      encoder_ffn_dim=16, max_source_positions=10),
+                      encoder_ffn_dim=32, max_source_positions=60),
     tts_config=dict(llm_dim=16, llm_intermediate_size=12, hidden_size=8, intermediate_size=12,
                     num_attention_heads=2, num_hidden_layers=2, num_key_value_heads=1,
                     num_audio_tokens=11, num_text_tokens=13, num_vq=1, projector_type="mlp",
@@ -71,7 +71,7 @@ def build(directory: Path, seed: int = 0, with_vision: bool = True) -> Path:
     (directory / "config.json").write_text(json.dumps(TINY_CONFIG, indent=1))
     write_tokenizer(directory, TINY_CONFIG["vocab_size"])
     weights = {f"llm.{k}": v for k, v in Qwen3ForCausalLM(lm_config(TINY_CONFIG)).state_dict().items()}
-    weights |= MiniCPMAudioIn(TINY_CONFIG["audio_config"], 16, 2).state_dict()
+    weights |= MiniCPMAudioIn(TINY_CONFIG["audio_config"], 16, TINY_CONFIG["audio_pool_step"]).state_dict()
     weights |= {f"tts.{k}": v for k, v in MiniCPMTTS(TINY_CONFIG["tts_config"]).state_dict().items()}
     if with_vision:
         weights["vpm.embeddings.patch_embedding.weight"] = torch.randn(4, 3, 2, 2)

@@ -65,3 +65,32 @@ def evc_prompt_ids(tokenizer, n_embeddings: int, instruction: str) -> list[int]:
         raise ValueError(f"the EVC prompt holds {ids.count(unk)} audio placeholders, expected "
                          f"{2 * n_embeddings}: does the instruction contain {AUDIO_PLACEHOLDER}?")
     return ids
+
+
+def source_mel(audio, num_mel_bins: int):
+    """A 16 kHz clip's log-mel ``[num_mel_bins, ceil(n / 160)]`` (Whisper's features,
+    unpadded: the clip padded with zeros to whole hops, as the placeholder count assumes)."""
+    import numpy as np
+    import torch
+    from transformers import WhisperFeatureExtractor
+
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+    frames = math.ceil(audio.size / HOP_LENGTH)
+    audio = np.pad(audio, (0, frames * HOP_LENGTH - audio.size))
+    extractor = WhisperFeatureExtractor(feature_size=num_mel_bins, sampling_rate=16_000)
+    mel = extractor(audio, sampling_rate=16_000, padding="do_not_pad", return_tensors="np")
+    return torch.from_numpy(mel.input_features[0][:, :frames])
+
+
+def encode_source(audio_in, audio, num_mel_bins: int):
+    """The source's audio embeddings, one row per ``<unk>`` of its placeholder (this clip
+    encoded alone)."""
+    import torch
+
+    with torch.no_grad():
+        embeds = audio_in.encode(source_mel(audio, num_mel_bins))
+    expected = audio_embedding_count(len(audio), audio_in.audio_avg_pooler.kernel_size[0])
+    if embeds.shape[0] != expected:
+        raise RuntimeError(f"the audio encoder gave {embeds.shape[0]} embeddings for a clip "
+                           f"of {len(audio)} samples; the placeholder count is {expected}")
+    return embeds

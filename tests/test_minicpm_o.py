@@ -255,3 +255,60 @@ def test_source_encoding_equals_stock_whisper_and_gives_one_row_per_placeholder(
     too_long = np.zeros(130 * 160, dtype=np.float32)
     with pytest.raises(ValueError, match="max_source_positions"):
         encode_source(audio_in, too_long, 8)
+
+
+# --------------------------------------------------------------------------- text pass
+
+
+def _text_inputs(tmp_path, lengths=(1700, 3300, 2500)):
+    import numpy as np
+
+    from esn_core.models.minicpm_checkpoint import load_checkpoint, load_tokenizer
+    from esn_core.models.minicpm_generate import prompt_embeddings
+    from esn_core.models.minicpm_prompt import encode_source, evc_prompt_ids
+    from tests.tiny_minicpm import build
+
+    ckpt = build(tmp_path / "ckpt")
+    parts, tok = load_checkpoint(ckpt, dtype=torch.float64), load_tokenizer(ckpt)
+    rng = np.random.default_rng(1)
+    unk = tok.convert_tokens_to_ids("<unk>")
+    prompts = []
+    for n, emotion in zip(lengths, ["happy", "sad", "angry"]):
+        audio = encode_source(parts.audio_in, (0.1 * rng.standard_normal(n)).astype("float32"), 8)
+        ids = evc_prompt_ids(tok, audio.shape[0], f"say it {emotion}")
+        prompts.append(prompt_embeddings(parts.llm, ids, audio, unk))
+    ends = (tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|tts_eos|>"))
+    return parts, tok, prompts, ends, tok.convert_tokens_to_ids("<|endoftext|>")
+
+
+def test_greedy_text_is_deterministic_and_batched_rows_equal_single_rows(tmp_path):
+    from esn_core.models.minicpm_generate import greedy_batch
+
+    parts, _, prompts, ends, pad = _text_inputs(tmp_path)
+    batch = greedy_batch(parts.llm, prompts, ends, pad, max_new_tokens=6)
+    again = greedy_batch(parts.llm, prompts, ends, pad, max_new_tokens=6)
+    assert [r.tokens for r in batch] == [r.tokens for r in again]
+    for b, p in enumerate(prompts):
+        (alone,) = greedy_batch(parts.llm, [p], ends, pad, max_new_tokens=6)
+        assert alone.tokens == batch[b].tokens and alone.ended == batch[b].ended
+        torch.testing.assert_close(alone.hidden, batch[b].hidden)
+        assert batch[b].prompt_length == p.shape[0]
+        fed = len(batch[b].tokens) - (0 if batch[b].ended else 1)
+        assert batch[b].hidden.shape == (fed, 16) and batch[b].n_positions == p.shape[0] + fed
+
+
+def test_an_end_token_stops_its_row_only(tmp_path):
+    from esn_core.models.minicpm_generate import greedy_batch
+
+    parts, _, prompts, ends, pad = _text_inputs(tmp_path)
+    free = greedy_batch(parts.llm, prompts, ends, pad, max_new_tokens=6)
+    # an id one row says and the others never do, declared an end token: that row stops at
+    # its first occurrence (the end fed, not counted), the other rows are untouched
+    r, mine = next((r, t) for r in range(3) for t in free[r].tokens
+                   if all(t not in free[o].tokens for o in range(3) if o != r))
+    cut = free[r].tokens.index(mine)
+    stopped = greedy_batch(parts.llm, prompts, (mine,) + ends, pad, max_new_tokens=6)
+    assert stopped[r].tokens == free[r].tokens[:cut] and stopped[r].ended
+    assert stopped[r].n_positions == prompts[r].shape[0] + cut
+    for b in [o for o in range(3) if o != r]:
+        assert stopped[b].tokens == free[b].tokens and not stopped[b].ended

@@ -100,7 +100,9 @@ def lm_config(config: dict) -> Qwen3Config:
     keys = {k: v for k, v in config.items() if k not in SUB_CONFIGS}
     keys.pop("architectures", None), keys.pop("auto_map", None), keys.pop("model_type", None)
     lm = Qwen3Config(**keys)
-    lm._attn_implementation = "eager"
+    # SDPA: eager attention turns a left-padded row's fully masked padding queries into NaN,
+    # which then reaches the real positions through their (zero-weight) values.
+    lm._attn_implementation = "sdpa"
     return lm
 
 

@@ -312,3 +312,27 @@ def test_an_end_token_stops_its_row_only(tmp_path):
     assert stopped[r].n_positions == prompts[r].shape[0] + cut
     for b in [o for o in range(3) if o != r]:
         assert stopped[b].tokens == free[b].tokens and not stopped[b].ended
+
+
+def test_lm_capture_counts_the_positions_the_text_pass_reports(tmp_path):
+    import numpy as np
+
+    from esn_core.hooks import Capture, HookEngine, MLPGroup, find_gated_mlps
+    from esn_core.models.minicpm_generate import greedy_batch
+
+    parts, _, prompts, ends, pad = _text_inputs(tmp_path)
+    free = greedy_batch(parts.llm, prompts, ends, pad, max_new_tokens=6)
+    # declare row 0's third token an end token so one row ends early and the others cap
+    stop = (free[0].tokens[2],) + ends
+    group = MLPGroup(find_gated_mlps(parts.llm.model.layers), root=parts.llm, eos_token_ids=stop)
+    assert len(group.mlps) == 2
+    engine = HookEngine({"lm": group})
+    with engine.session(capture={"lm": Capture()}) as session:
+        rows = greedy_batch(parts.llm, prompts, stop, pad, max_new_tokens=6)
+    counts = session.counts("lm")
+    assert counts.T.tolist() == [r.n_positions for r in rows]
+    assert rows[0].ended and rows[0].n_positions == prompts[0].shape[0] + 2
+    for b, p in enumerate(prompts):
+        with engine.session(capture={"lm": Capture()}) as alone:
+            greedy_batch(parts.llm, [p], stop, pad, max_new_tokens=6)
+        np.testing.assert_array_equal(alone.counts("lm").K[0], counts.K[b])

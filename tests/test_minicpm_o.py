@@ -152,3 +152,187 @@ def test_tied_head_and_bad_sub_config(tmp_path):
     (ckpt / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
     with pytest.raises(TTSConfigError, match="num_vq"):
         load_checkpoint(ckpt)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_reads_the_special_tokens_and_the_chat_template(tmp_path):
+    from esn_core.models.minicpm_checkpoint import SPECIAL_TOKENS, load_tokenizer
+    from tests.tiny_minicpm import build
+
+    tok = load_tokenizer(build(tmp_path / "ckpt"))
+    ids = tok.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    assert len(set(ids)) == len(SPECIAL_TOKENS) and all(i < 300 for i in ids)  # LM vocabulary
+    text = tok.apply_chat_template(
+        [{"role": "system", "content": "clone"}, {"role": "user", "content": "<unk><unk>hi"}],
+        tokenize=False, add_generation_prompt=True, use_tts_template=True)
+    assert text == ("<|im_start|>system\nclone<|im_end|>\n<|im_start|>user\n<unk><unk>hi"
+                    "<|im_end|>\n<|im_start|>assistant\n<|tts_bos|>")
+    encoded = tok.encode(text, add_special_tokens=False)
+    assert encoded.count(tok.convert_tokens_to_ids("<unk>")) == 2  # placeholders only
+    assert encoded[-1] == tok.convert_tokens_to_ids("<|tts_bos|>")
+    assert tok.decode(tok.encode("the cat sat\n", add_special_tokens=False)) == "the cat sat\n"
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_missing_tokenizer_file_is_named(tmp_path, name):
+    from esn_core.models.minicpm_checkpoint import CheckpointError, load_tokenizer
+    from tests.tiny_minicpm import build
+
+    ckpt = build(tmp_path / "ckpt")
+    (ckpt / name).unlink()
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        load_tokenizer(ckpt)
+
+
+# --------------------------------------------------------------------------- EVC prompt
+
+
+@pytest.mark.parametrize("n_samples,pool,expected", [
+    # ceil(n/160) mel frames -> (f-1)//2+1 after the stride-2 conv -> (c-p)//p+1 pooled
+    (16_000, 5, 10),  # 100 frames -> 50 -> 10
+    (16_000, 2, 25),  # 100 -> 50 -> 25
+    (16_161, 5, 10),  # 102 frames -> 51 -> 10
+    (1_600, 2, 2),    # 10 -> 5 -> 2
+    (320, 1, 1),      # 2 -> 1 -> 1
+])
+def test_audio_embedding_count_is_hand_computed(n_samples, pool, expected):
+    from esn_core.models.minicpm_prompt import audio_embedding_count
+
+    assert audio_embedding_count(n_samples, pool) == expected
+
+
+def test_too_short_a_clip_is_an_error():
+    from esn_core.models.minicpm_prompt import audio_embedding_count
+
+    with pytest.raises(ValueError, match="too short"):
+        audio_embedding_count(160, 5)  # 1 frame -> 1 -> 0 embeddings
+
+
+def test_evc_prompt_is_voice_cloning_with_the_source_twice(tmp_path):
+    from esn_core.models.minicpm_checkpoint import load_tokenizer
+    from esn_core.models.minicpm_prompt import evc_prompt_ids, evc_prompt_text
+    from tests.tiny_minicpm import build
+
+    tok = load_tokenizer(build(tmp_path / "ckpt"))
+    src = "<|audio_start|><unk><unk><unk><|audio_end|>"
+    assert evc_prompt_text(tok, 3, "say it happy") == (
+        "<|im_start|>system\nClone the voice in the provided audio prompt.\n" + src +
+        "<|im_end|>\n<|im_start|>user\n" + src + "\nsay it happy<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n<|tts_bos|>")
+    ids = evc_prompt_ids(tok, 3, "say it happy")
+    assert ids.count(tok.convert_tokens_to_ids("<unk>")) == 6
+    assert ids[-1] == tok.convert_tokens_to_ids("<|tts_bos|>")
+    with pytest.raises(ValueError, match="placeholders"):
+        evc_prompt_ids(tok, 3, "say <unk> happy")
+
+
+def test_source_encoding_equals_stock_whisper_and_gives_one_row_per_placeholder(tmp_path):
+    import numpy as np
+
+    from esn_core.models.minicpm_checkpoint import load_checkpoint
+    from esn_core.models.minicpm_prompt import audio_embedding_count, encode_source, source_mel
+    from tests.tiny_minicpm import build
+
+    parts = load_checkpoint(build(tmp_path / "ckpt"))
+    audio_in = parts.audio_in
+    rng = np.random.default_rng(0)
+    # 120 mel frames = the tiny encoder's full window (max_source_positions 60 x stride 2),
+    # the only length stock WhisperEncoder.forward accepts: our steps must equal it there.
+    full = (0.1 * rng.standard_normal(120 * 160)).astype(np.float32)
+    mel = source_mel(full, 8)
+    assert mel.shape == (8, 120)
+    with torch.no_grad():
+        stock = audio_in.apm(mel[None]).last_hidden_state
+        pooled = audio_in.audio_avg_pooler(
+            audio_in.audio_projection_layer(stock).transpose(1, 2)).transpose(1, 2)[0]
+    torch.testing.assert_close(encode_source(audio_in, full, 8), pooled)
+    short = full[:1700]  # 11 frames -> 6 -> 3 embeddings (pool step 2)
+    assert encode_source(audio_in, short, 8).shape == (3, 16) == (
+        audio_embedding_count(1700, 2), 16)
+    too_long = np.zeros(130 * 160, dtype=np.float32)
+    with pytest.raises(ValueError, match="max_source_positions"):
+        encode_source(audio_in, too_long, 8)
+
+
+# --------------------------------------------------------------------------- text pass
+
+
+def _text_inputs(tmp_path, lengths=(1700, 3300, 2500)):
+    import numpy as np
+
+    from esn_core.models.minicpm_checkpoint import load_checkpoint, load_tokenizer
+    from esn_core.models.minicpm_generate import prompt_embeddings
+    from esn_core.models.minicpm_prompt import encode_source, evc_prompt_ids
+    from tests.tiny_minicpm import build
+
+    ckpt = build(tmp_path / "ckpt")
+    parts, tok = load_checkpoint(ckpt, dtype=torch.float64), load_tokenizer(ckpt)
+    rng = np.random.default_rng(1)
+    unk = tok.convert_tokens_to_ids("<unk>")
+    prompts = []
+    for n, emotion in zip(lengths, ["happy", "sad", "angry"]):
+        audio = encode_source(parts.audio_in, (0.1 * rng.standard_normal(n)).astype("float32"), 8)
+        ids = evc_prompt_ids(tok, audio.shape[0], f"say it {emotion}")
+        prompts.append(prompt_embeddings(parts.llm, ids, audio, unk))
+    ends = (tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|tts_eos|>"))
+    return parts, tok, prompts, ends, tok.convert_tokens_to_ids("<|endoftext|>")
+
+
+def test_greedy_text_is_deterministic_and_batched_rows_equal_single_rows(tmp_path):
+    from esn_core.models.minicpm_generate import greedy_batch
+
+    parts, _, prompts, ends, pad = _text_inputs(tmp_path)
+    batch = greedy_batch(parts.llm, prompts, ends, pad, max_new_tokens=6)
+    again = greedy_batch(parts.llm, prompts, ends, pad, max_new_tokens=6)
+    assert [r.tokens for r in batch] == [r.tokens for r in again]
+    for b, p in enumerate(prompts):
+        (alone,) = greedy_batch(parts.llm, [p], ends, pad, max_new_tokens=6)
+        assert alone.tokens == batch[b].tokens and alone.ended == batch[b].ended
+        torch.testing.assert_close(alone.hidden, batch[b].hidden)
+        assert batch[b].prompt_length == p.shape[0]
+        fed = len(batch[b].tokens) - (0 if batch[b].ended else 1)
+        assert batch[b].hidden.shape == (fed, 16) and batch[b].n_positions == p.shape[0] + fed
+
+
+def test_an_end_token_stops_its_row_only(tmp_path):
+    from esn_core.models.minicpm_generate import greedy_batch
+
+    parts, _, prompts, ends, pad = _text_inputs(tmp_path)
+    free = greedy_batch(parts.llm, prompts, ends, pad, max_new_tokens=6)
+    # an id one row says and the others never do, declared an end token: that row stops at
+    # its first occurrence (the end fed, not counted), the other rows are untouched
+    r, mine = next((r, t) for r in range(3) for t in free[r].tokens
+                   if all(t not in free[o].tokens for o in range(3) if o != r))
+    cut = free[r].tokens.index(mine)
+    stopped = greedy_batch(parts.llm, prompts, (mine,) + ends, pad, max_new_tokens=6)
+    assert stopped[r].tokens == free[r].tokens[:cut] and stopped[r].ended
+    assert stopped[r].n_positions == prompts[r].shape[0] + cut
+    for b in [o for o in range(3) if o != r]:
+        assert stopped[b].tokens == free[b].tokens and not stopped[b].ended
+
+
+def test_lm_capture_counts_the_positions_the_text_pass_reports(tmp_path):
+    import numpy as np
+
+    from esn_core.hooks import Capture, HookEngine, MLPGroup, find_gated_mlps
+    from esn_core.models.minicpm_generate import greedy_batch
+
+    parts, _, prompts, ends, pad = _text_inputs(tmp_path)
+    free = greedy_batch(parts.llm, prompts, ends, pad, max_new_tokens=6)
+    # declare row 0's third token an end token so one row ends early and the others cap
+    stop = (free[0].tokens[2],) + ends
+    group = MLPGroup(find_gated_mlps(parts.llm.model.layers), root=parts.llm, eos_token_ids=stop)
+    assert len(group.mlps) == 2
+    engine = HookEngine({"lm": group})
+    with engine.session(capture={"lm": Capture()}) as session:
+        rows = greedy_batch(parts.llm, prompts, stop, pad, max_new_tokens=6)
+    counts = session.counts("lm")
+    assert counts.T.tolist() == [r.n_positions for r in rows]
+    assert rows[0].ended and rows[0].n_positions == prompts[0].shape[0] + 2
+    for b, p in enumerate(prompts):
+        with engine.session(capture={"lm": Capture()}) as alone:
+            greedy_batch(parts.llm, [p], stop, pad, max_new_tokens=6)
+        np.testing.assert_array_equal(alone.counts("lm").K[0], counts.K[b])

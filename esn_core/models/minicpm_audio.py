@@ -42,6 +42,30 @@ class MiniCPMAudioIn(nn.Module):
         self.apm = WhisperEncoder(config)
         self.audio_projection_layer = ReluMLPProjector(ffn // 4, llm_hidden)
         self.audio_avg_pooler = nn.AvgPool1d(pool_step, stride=pool_step)
+        self.encoder_layer = int(audio_config.get("audio_encoder_layer", -1))
+
+    def encode(self, mel: torch.Tensor) -> torch.Tensor:
+        """``[n_embeddings, llm_hidden]`` for ONE clip's mel ``[num_mel_bins, frames]``.
+
+        One clip per call: in a padded batch Whisper's convolutions carry padded frames into
+        the real ones. Stock ``WhisperEncoder.forward`` insists on 30 s inputs, upstream's
+        subclass takes any length, so the encoder's steps run here on the clip's own frames.
+        """
+        apm = self.apm
+        x = nn.functional.gelu(apm.conv1(mel[None].to(apm.conv1.weight.dtype)))
+        x = nn.functional.gelu(apm.conv2(x)).transpose(1, 2)
+        if x.shape[1] > apm.embed_positions.weight.shape[0]:
+            raise ValueError(f"a clip of {mel.shape[-1]} mel frames exceeds the encoder's "
+                             f"{apm.embed_positions.weight.shape[0]} positions (audio_config."
+                             "max_source_positions); cut the source into 30 s pieces")
+        states = [x + apm.embed_positions.weight[: x.shape[1]]]
+        for layer in apm.layers:
+            out = layer(states[-1], attention_mask=None)
+            states.append(out[0] if isinstance(out, tuple) else out)
+        states[-1] = apm.layer_norm(states[-1])  # as the encoder's last hidden state
+        hidden = states[self.encoder_layer]
+        embeds = self.audio_projection_layer(hidden)
+        return self.audio_avg_pooler(embeds.transpose(1, 2)).transpose(1, 2)[0]
 
 
 def load_audio_in(audio_config: Mapping, llm_hidden: int, pool_step: int,

@@ -26,6 +26,13 @@ from esn_core.models.minicpm_tts import MiniCPMTTS, WeightNameError, load_tts
 
 HUB_ID = "openbmb/MiniCPM-o-4_5"
 CONFIG = "config.json"
+# The tokenizer files the hub folder ships (its own class name is remote code; the files are
+# a standard fast tokenizer, read here by transformers' PreTrainedTokenizerFast).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Special tokens the EVC prompt and the TTS hand-over use (MiniCPM-o 4.5's added tokens).
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<unk>", "<|audio_start|>",
+                  "<|audio|>", "<|audio_end|>", "<|spk_bos|>", "<|spk|>", "<|spk_eos|>",
+                  "<|tts_bos|>", "<|tts_eos|>")
 SKIPPED_PREFIXES = ("vpm.", "resampler.")  # the vision tower: unused by EVC
 SUB_CONFIGS = ("audio_config", "tts_config", "vision_config")
 
@@ -57,12 +64,45 @@ def read_config(directory: Path) -> dict:
     return config
 
 
+def load_tokenizer(directory: str | os.PathLike):
+    """The checkpoint's text tokenizer and chat template, without remote code.
+
+    Every special token of ``SPECIAL_TOKENS`` must be a single id: the prompt places audio
+    placeholders (``<unk>``) and the TTS hand-over (``<|tts_bos|>``/``<|tts_eos|>``) by id.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    for name in TOKENIZER_FILES:
+        if not (directory / name).is_file():
+            raise CheckpointError(f"MiniCPM-o checkpoint {directory} has no {name}; download "
+                                  f"{HUB_ID} there (its tokenizer files)")
+    settings = json.loads((directory / "tokenizer_config.json").read_text())
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(directory / "tokenizer.json"),
+        eos_token=settings.get("eos_token", "<|im_end|>"),
+        pad_token=settings.get("pad_token", "<|endoftext|>"),
+        unk_token=settings.get("unk_token", "<unk>"))
+    template = settings.get("chat_template")
+    if not template:
+        raise CheckpointError(f"{directory / 'tokenizer_config.json'} has no chat_template")
+    tokenizer.chat_template = template
+    for token in SPECIAL_TOKENS:
+        ids = tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1 or tokenizer.convert_ids_to_tokens(ids[0]) != token:
+            raise CheckpointError(f"{directory / 'tokenizer.json'}: special token {token!r} "
+                                  f"is not one token (got ids {ids})")
+    return tokenizer
+
+
 def lm_config(config: dict) -> Qwen3Config:
     """The top-level keys as a stock Qwen3 config (upstream's config subclasses Qwen3's)."""
     keys = {k: v for k, v in config.items() if k not in SUB_CONFIGS}
     keys.pop("architectures", None), keys.pop("auto_map", None), keys.pop("model_type", None)
     lm = Qwen3Config(**keys)
-    lm._attn_implementation = "eager"
+    # SDPA: eager attention turns a left-padded row's fully masked padding queries into NaN,
+    # which then reaches the real positions through their (zero-weight) values.
+    lm._attn_implementation = "sdpa"
     return lm
 
 

@@ -1,0 +1,93 @@
+"""MiniCPM-o 4.5's text pass, batched: the EVC prompt's embeddings (audio placeholders
+replaced by the source's audio embeddings) into stock ``Qwen3ForCausalLM``, greedy decoding
+(``num_beams=1``: upstream's ``chat(do_sample=False)`` would silently use 3 beams).
+
+Rows are left-padded; a 2-D mask and per-row positions make a row's tokens equal to the row
+run alone. Prefill feeds ``inputs_embeds``; decode steps feed the chosen ``input_ids`` so a
+hook root on the LM sees fed end tokens. A row that ended keeps feeding its end token (the
+hooks then count none of its later positions). The last layer's hidden state of every fed
+answer token is kept: the TTS is conditioned on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TextRow:
+    tokens: list[int]  # answer ids up to (not including) the end token
+    hidden: torch.Tensor  # [fed answer tokens, H] last-layer states where they were fed
+    prompt_length: int
+    ended: bool  # stopped at an end token (False: the length cap)
+
+    @property
+    def n_positions(self) -> int:
+        """SPEC §1's T for the LM: the prompt plus every token fed back (an end token
+        reached is fed once; at the cap the last answer token is not fed)."""
+        return self.prompt_length + len(self.tokens) - (0 if self.ended else 1)
+
+
+def prompt_embeddings(llm, ids: list[int], audio: torch.Tensor, placeholder: int) -> torch.Tensor:
+    """``[len(ids), H]``: token embeddings with each run of ``placeholder`` ids replaced, in
+    order, by the rows of ``audio`` (the prompt holds the source twice: reference + input)."""
+    ids_t = torch.tensor(ids, device=llm.device)
+    embeds = llm.get_input_embeddings()(ids_t).clone()
+    where = torch.nonzero(ids_t == placeholder).flatten()
+    if where.numel() % audio.shape[0]:
+        raise ValueError(f"{where.numel()} audio placeholders for {audio.shape[0]} audio "
+                         "embeddings per copy of the source")
+    embeds[where] = audio.to(embeds.dtype).repeat(where.numel() // audio.shape[0], 1)
+    return embeds
+
+
+@torch.no_grad()
+def greedy_batch(llm, prompts: list[torch.Tensor], end_ids: tuple[int, ...], pad_id: int,
+                 max_new_tokens: int) -> list[TextRow]:
+    """Greedy answers of left-padded ``prompts`` (each ``[L_b, H]`` embeddings)."""
+    from transformers import DynamicCache
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    rows, width = len(prompts), max(p.shape[0] for p in prompts)
+    hidden_size = prompts[0].shape[1]
+    embeds = prompts[0].new_zeros(rows, width, hidden_size)
+    mask = torch.zeros(rows, width, dtype=torch.long, device=embeds.device)
+    for b, p in enumerate(prompts):
+        embeds[b, width - p.shape[0]:] = p
+        mask[b, width - p.shape[0]:] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+              past_key_values=cache, use_cache=True, output_hidden_states=True)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    states: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+    done, ended = [False] * rows, [False] * rows
+    for step in range(max_new_tokens):
+        chosen = out.logits[:, -1].argmax(dim=-1).tolist()
+        feed, answer = [], []
+        for b in range(rows):
+            if done[b]:
+                feed.append(end_ids[0]), answer.append(False)
+                continue
+            if chosen[b] in end_ids:
+                done[b] = ended[b] = True
+            else:
+                tokens[b].append(chosen[b])
+            feed.append(chosen[b]), answer.append(not ended[b])
+        if all(done) or step == max_new_tokens - 1:
+            break  # nothing left to feed; at the cap the last token is kept, not fed
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = llm(input_ids=torch.tensor(feed, device=mask.device)[:, None],
+                  attention_mask=mask, position_ids=positions, past_key_values=cache,
+                  use_cache=True, output_hidden_states=True)
+        last = out.hidden_states[-1][:, -1]
+        for b in range(rows):
+            if answer[b]:
+                states[b].append(last[b])
+    return [TextRow(tokens[b], torch.stack(states[b]) if states[b] else
+                    embeds.new_zeros(0, hidden_size), int(prompts[b].shape[0]), ended[b])
+            for b in range(rows)]

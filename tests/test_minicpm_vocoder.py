@@ -1,0 +1,203 @@
+"""MiniCPM-o's vocoder (esn_core.models.minicpm_vocoder) on tiny token2wav assets built here:
+the same file names, YAML tags and weight names as the checkpoint's ``assets/token2wav``,
+tiny sizes (HiFT keeps its fixed default architecture, as upstream builds it without config);
+the two ONNX models are small graphs with the real models' input/output layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")  # installed by scripts/install.sh --test (the [test] extra)
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from esn_core.models import minicpm_vocoder as mv  # noqa: E402
+from esn_core.models.flow_yaml import build_flow  # noqa: E402
+from esn_core.models.hift import HiFTGenerator  # noqa: E402
+from esn_core.models.s3_flow_encoder import RelPositionAttention, relative_positions  # noqa: E402
+from esn_core.models.speech_prompt_features import kaldi_fbank, tokenizer_log_mel, vocoder_mel  # noqa: E402
+
+VOCAB = 64
+TINY_FLOW_YAML = """\
+sample_rate: 24000
+token_mel_ratio: 2
+flow: !new:cosyvoice2.flow.flow.CausalMaskedDiffWithXvec
+    input_size: 16
+    output_size: 80
+    spk_embed_dim: 8
+    output_type: 'mel'
+    vocab_size: {vocab}
+    encoder: !new:cosyvoice2.transformer.upsample_encoder_v2.UpsampleConformerEncoderV2
+        input_size: 16
+        output_size: 16
+        pre_lookahead_len: 3
+        num_blocks: 1
+        num_up_blocks: 1
+        up_stride: !ref <token_mel_ratio>
+        up_scale_factor: 2
+        attention_heads: 2
+        linear_units: 32
+        dropout_rate: 0.1
+        input_layer: 'linear'
+        pos_enc_layer_type: 'rel_pos_espnet'
+        selfattention_layer_type: 'rel_selfattn'
+    decoder: !new:cosyvoice2.flow.flow_matching.CausalConditionalCFM
+        inference_cfg_rate: 0.7
+        estimator: !new:cosyvoice2.flow.decoder_dit.DiT
+            in_channels: 320
+            out_channels: 80
+            mlp_ratio: 2.0
+            depth: 1
+            num_heads: 2
+            head_dim: 8
+            hidden_size: 16
+""".format(vocab=VOCAB)
+
+
+def _tokenizer_onnx(path):
+    """(1, 128, T) log-mel + (1,) length -> (1, ceil(T/4)) int64 codes in [0, VOCAB)."""
+    nodes = [
+        helper.make_node("ReduceMean", ["feats"], ["m"], axes=[1], keepdims=0),
+        helper.make_node("Slice", ["m", "starts", "ends", "axes", "steps"], ["s"]),
+        helper.make_node("Mul", ["s", "k"], ["sk"]),
+        helper.make_node("Abs", ["sk"], ["a"]),
+        helper.make_node("Cast", ["a"], ["i"], to=TensorProto.INT64),
+        helper.make_node("Mod", ["i", "v"], ["tokens"]),
+    ]
+    consts = [numpy_helper.from_array(np.array(x, dtype=np.int64), n) for n, x in
+              (("starts", [0]), ("ends", [2**31]), ("axes", [1]), ("steps", [4]), ("v", [VOCAB]))]
+    consts.append(numpy_helper.from_array(np.array([1000.0], dtype=np.float32), "k"))
+    graph = helper.make_graph(
+        nodes, "tiny_s3", [helper.make_tensor_value_info("feats", TensorProto.FLOAT, [1, 128, "T"]),
+                           helper.make_tensor_value_info("feats_length", TensorProto.INT32, [1])],
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, [1, "N"])], consts)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _campplus_onnx(path):
+    """(1, T, 80) fbank -> (1, 8) speaker vector (time mean, then a fixed projection)."""
+    weight = np.random.default_rng(0).standard_normal((80, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["m"], axes=[1], keepdims=0),
+         helper.make_node("MatMul", ["m", "w"], ["embedding"])], "tiny_campplus",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, "T", 80])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("minicpm_ckpt")
+    assets = root / "assets" / "token2wav"
+    assets.mkdir(parents=True)
+    (assets / "flow.yaml").write_text(TINY_FLOW_YAML)
+    torch.manual_seed(0)
+    torch.save(build_flow(assets / "flow.yaml").state_dict(), assets / "flow.pt")
+    hift = HiFTGenerator()
+    torch.save({"generator." + k: v for k, v in hift.state_dict().items()}, assets / "hift_original.pt")
+    _tokenizer_onnx(assets / "speech_tokenizer_v2_25hz.onnx")
+    _campplus_onnx(assets / "campplus.onnx")
+    return root
+
+
+@pytest.fixture(scope="module")
+def vocoder(checkpoint):
+    return mv.load_vocoder(checkpoint, device="cpu", n_timesteps=2)
+
+
+def _voice(seconds=0.4, hz=220.0):
+    t = np.arange(int(16000 * seconds)) / 16000
+    return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+CODES = [3, 17, 5, 60, 0, 22, 9]
+
+
+def test_output_is_960_samples_per_code_at_24k(vocoder):
+    wave, sr = vocoder(CODES, seed=1, prompt_wav_16k=_voice())
+    assert sr == 24000 and vocoder.samples_per_code == 960 == 24000 // 25
+    assert wave.dtype == np.float32 and wave.shape == (len(CODES) * 960,)
+    assert np.isfinite(wave).all() and np.abs(wave).max() <= 0.99 and wave.std() > 0
+
+
+def test_seeded_per_call(vocoder):
+    voice = _voice()
+    first, _ = vocoder(CODES, seed=7, prompt_wav_16k=voice)
+    other, _ = vocoder(CODES, seed=8, prompt_wav_16k=voice)
+    again, _ = vocoder(CODES, seed=7, prompt_wav_16k=voice)
+    assert np.array_equal(first, again)  # what ran in between does not matter
+    assert not np.allclose(first, other)  # the flow's start noise (and HiFT's source) are random
+
+
+def test_prompt_changes_the_voice(vocoder):
+    a, _ = vocoder(CODES, seed=1, prompt_wav_16k=_voice(hz=220.0))
+    b, _ = vocoder(CODES, seed=1, prompt_wav_16k=_voice(hz=330.0))
+    assert not np.allclose(a, b)
+
+
+def test_prompt_features_line_up(vocoder):
+    voice = vocoder.prompt(_voice(seconds=0.4))
+    # 6400 samples -> 40 log-mel frames at 100 Hz (Whisper drops the last STFT frame) -> 10 tokens
+    # (every 4th) -> 20 mel frames at 50 Hz, which is also 9600 samples at 24 kHz / 480
+    assert voice.tokens.shape == (1, 10) and voice.mel.shape == (1, 20, 80) and voice.speaker.shape == (1, 8)
+
+
+def test_no_prompt_and_no_default_voice_is_an_error(vocoder):
+    with pytest.raises(ValueError, match="HT_ref_audio.wav"):
+        vocoder(CODES, seed=1)
+
+
+def test_code_outside_the_vocabulary_is_an_error(vocoder):
+    with pytest.raises(ValueError, match=f"speech code {VOCAB} .*\\[0, {VOCAB}\\)"):
+        vocoder([1, VOCAB], seed=1, prompt_wav_16k=_voice())
+
+
+@pytest.mark.parametrize("name", mv.REQUIRED)
+def test_missing_asset_names_the_file(checkpoint, tmp_path, name):
+    folder = tmp_path / "token2wav"
+    folder.mkdir()
+    for other in mv.REQUIRED:
+        if other != name:
+            (folder / other).symlink_to(checkpoint / "assets" / "token2wav" / other)
+    with pytest.raises(mv.VocoderAssetError, match=str(folder / name)):
+        mv.load_vocoder(folder, device="cpu")
+
+
+def test_unexpected_flow_weight_names_the_file(checkpoint, tmp_path):
+    src = checkpoint / "assets" / "token2wav"
+    for name in mv.REQUIRED:
+        (tmp_path / name).symlink_to(src / name)
+    (tmp_path / "flow.pt").unlink()
+    state = torch.load(src / "flow.pt", weights_only=True)
+    state["decoder.estimator.extra"] = torch.zeros(1)
+    torch.save(state, tmp_path / "flow.pt")
+    with pytest.raises(mv.WeightNameError, match=r"flow\.pt.*unexpected \['decoder\.estimator\.extra'\]"):
+        mv.load_vocoder(tmp_path, device="cpu")
+
+
+def test_relative_shift_picks_the_offset_of_each_query_key_pair():
+    torch.manual_seed(0)
+    attn = RelPositionAttention(heads=1, dim=4)
+    t = 5
+    scores = torch.randn(1, 1, t, 2 * t - 1)  # column c is offset (t-1-c)
+    shifted = attn._shift(scores)
+    for i in range(t):
+        for j in range(t):
+            assert shifted[0, 0, i, j] == scores[0, 0, i, t - 1 - (i - j)]
+    table = relative_positions(3, 4)  # row 0: offset +2, row 2: offset 0, row 4: offset -2
+    assert torch.allclose(table[0, 2], torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    assert torch.allclose(table[0, 0, 0], torch.sin(torch.tensor(2.0)))
+    assert torch.allclose(table[0, 4, 0], torch.sin(torch.tensor(-2.0)))
+
+
+def test_feature_frame_counts_and_silence():
+    wav24 = torch.zeros(24000)
+    assert vocoder_mel(wav24).shape == (50, 80)  # 480-sample hop: 50 Hz
+    # silence: the magnitude floor sqrt(1e-9) times each filter's weight sum, clamped at 1e-5
+    assert torch.all(vocoder_mel(wav24) == float(np.log(np.float32(1e-5))))
+    assert tokenizer_log_mel(torch.zeros(16000)).shape == (128, 100)
+    fb = kaldi_fbank(torch.zeros(16000))
+    assert fb.shape == (98, 80)  # snip edges: 1 + (16000 - 400) // 160
+    assert torch.allclose(fb, torch.full_like(fb, float(np.log(np.finfo(np.float32).eps))))

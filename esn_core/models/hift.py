@@ -87,7 +87,10 @@ class HarmonicSource(nn.Module):
         phase = F.interpolate(phase * self.upsample, scale_factor=self.upsample, mode="linear").transpose(1, 2)
         voiced = (f0 > self.voiced_threshold).to(f0)
         noise_amp = voiced * self.noise_std + (1 - voiced) * self.sine_amp / 3
-        noise = noise_amp * torch.randn(phase.shape, generator=generator, device=generator.device).to(phase)
+        # filled through a transposed view: upstream's randn_like sees this layout, and torch's
+        # normal_ draws differently for non-contiguous tensors, so a seed gives upstream's noise
+        draw = torch.empty(b, self.dim, n, device=generator.device).transpose(1, 2).normal_(generator=generator)
+        noise = noise_amp * draw.to(phase)
         sines = torch.sin(phase) * self.sine_amp * voiced + noise
         return torch.tanh(self.l_linear(sines))
 

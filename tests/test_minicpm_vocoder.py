@@ -9,14 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-onnx = pytest.importorskip("onnx")  # installed by scripts/install.sh --test (the [test] extra)
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
-from esn_core.models import minicpm_vocoder as mv  # noqa: E402
-from esn_core.models.flow_yaml import build_flow  # noqa: E402
-from esn_core.models.hift import HiFTGenerator  # noqa: E402
-from esn_core.models.s3_flow_encoder import RelPositionAttention, relative_positions  # noqa: E402
-from esn_core.models.speech_prompt_features import kaldi_fbank, tokenizer_log_mel, vocoder_mel  # noqa: E402
+from esn_core.models import minicpm_vocoder as mv
+from esn_core.models.flow_yaml import build_flow
+from esn_core.models.hift import HiFTGenerator
+from esn_core.models.s3_flow_encoder import RelPositionAttention, relative_positions
+from esn_core.models.speech_prompt_features import kaldi_fbank, tokenizer_log_mel, vocoder_mel
 
 VOCAB = 64
 TINY_FLOW_YAML = """\
@@ -57,6 +54,8 @@ flow: !new:cosyvoice2.flow.flow.CausalMaskedDiffWithXvec
 
 def _tokenizer_onnx(path):
     """(1, 128, T) log-mel + (1,) length -> (1, ceil(T/4)) int64 codes in [0, VOCAB)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
     nodes = [
         helper.make_node("ReduceMean", ["feats"], ["m"], axes=[1], keepdims=0),
         helper.make_node("Slice", ["m", "starts", "ends", "axes", "steps"], ["s"]),
@@ -77,6 +76,9 @@ def _tokenizer_onnx(path):
 
 def _campplus_onnx(path):
     """(1, T, 80) fbank -> (1, 8) speaker vector (time mean, then a fixed projection)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
     weight = np.random.default_rng(0).standard_normal((80, 8)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("ReduceMean", ["input"], ["m"], axes=[1], keepdims=0),
@@ -89,6 +91,7 @@ def _campplus_onnx(path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
+    pytest.importorskip("onnx")  # writes the tiny ONNX files; installed by scripts/install.sh --test
     root = tmp_path_factory.mktemp("minicpm_ckpt")
     assets = root / "assets" / "token2wav"
     assets.mkdir(parents=True)
@@ -201,3 +204,29 @@ def test_feature_frame_counts_and_silence():
     fb = kaldi_fbank(torch.zeros(16000))
     assert fb.shape == (98, 80)  # snip edges: 1 + (16000 - 400) // 160
     assert torch.allclose(fb, torch.full_like(fb, float(np.log(np.finfo(np.float32).eps))))
+
+
+def test_kaldi_fbank_peaks_at_the_tone():
+    # Kaldi mel scale, 80 triangles from 20 Hz to 8 kHz: a 1 kHz tone peaks in the band whose
+    # centre is nearest 1 kHz on that scale (centre m = mel(20) + (m+1) * delta)
+    t = torch.arange(16000) / 16000
+    fb = kaldi_fbank(0.5 * torch.sin(2 * np.pi * 1000 * t))
+    mel = lambda f: 1127 * np.log1p(f / 700)  # noqa: E731
+    delta = (mel(8000) - mel(20)) / 81
+    expected = int(np.argmin([abs(mel(20) + (m + 1) * delta - mel(1000)) for m in range(80)]))
+    assert int(fb.mean(dim=0).argmax()) == expected
+
+
+def test_default_voice_from_the_checkpoint(checkpoint, tmp_path):
+    import soundfile
+
+    root = tmp_path / "ckpt"
+    (root / "assets").mkdir(parents=True)
+    (root / "assets" / "token2wav").symlink_to(checkpoint / "assets" / "token2wav")
+    t = np.arange(24000 * 2 // 5) / 24000  # 0.4 s at 24 kHz: resampled to 16 kHz on load
+    soundfile.write(root / "assets" / "HT_ref_audio.wav", (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24000)
+    voc = mv.load_vocoder(root, device="cpu", n_timesteps=2)
+    assert voc.default_voice.shape == (6400,)
+    wave, _ = voc(CODES, seed=1)
+    given, _ = voc(CODES, seed=1, prompt_wav_16k=voc.default_voice)
+    assert np.array_equal(wave, given)

@@ -157,22 +157,32 @@ def test_code_outside_the_vocabulary_is_an_error(vocoder):
         vocoder([1, VOCAB], seed=1, prompt_wav_16k=_voice())
 
 
-@pytest.mark.parametrize("name", mv.REQUIRED)
+ALL_ASSETS = (*mv.REQUIRED, "hift_original.pt")
+
+
+def _link_assets(checkpoint, folder, names, rename=None):
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        (folder / (rename or {}).get(name, name)).symlink_to(checkpoint / "assets" / "token2wav" / name)
+
+
+@pytest.mark.parametrize("name", ALL_ASSETS)
 def test_missing_asset_names_the_file(checkpoint, tmp_path, name):
     folder = tmp_path / "token2wav"
-    folder.mkdir()
-    for other in mv.REQUIRED:
-        if other != name:
-            (folder / other).symlink_to(checkpoint / "assets" / "token2wav" / other)
+    _link_assets(checkpoint, folder, [other for other in ALL_ASSETS if other != name])
     with pytest.raises(mv.VocoderAssetError, match=str(folder / name)):
         mv.load_vocoder(folder, device="cpu")
 
 
+def test_older_asset_sets_hold_hift_as_hift_pt(checkpoint, tmp_path, vocoder):
+    _link_assets(checkpoint, tmp_path, ALL_ASSETS, rename={"hift_original.pt": "hift.pt"})
+    older = mv.load_vocoder(tmp_path, device="cpu", n_timesteps=2)
+    assert np.array_equal(older(CODES, 4, _voice())[0], vocoder(CODES, 4, _voice())[0])
+
+
 def test_unexpected_flow_weight_names_the_file(checkpoint, tmp_path):
     src = checkpoint / "assets" / "token2wav"
-    for name in mv.REQUIRED:
-        (tmp_path / name).symlink_to(src / name)
-    (tmp_path / "flow.pt").unlink()
+    _link_assets(checkpoint, tmp_path, [name for name in ALL_ASSETS if name != "flow.pt"])
     state = torch.load(src / "flow.pt", weights_only=True)
     state["decoder.estimator.extra"] = torch.zeros(1)
     torch.save(state, tmp_path / "flow.pt")
@@ -230,3 +240,66 @@ def test_default_voice_from_the_checkpoint(checkpoint, tmp_path):
     wave, _ = voc(CODES, seed=1)
     given, _ = voc(CODES, seed=1, prompt_wav_16k=voc.default_voice)
     assert np.array_equal(wave, given)
+
+
+PUBLISHED_FLOW_YAML = """\
+flow: !new:cosyvoice2.flow.flow.CausalMaskedDiffWithXvec
+    input_size: 512
+    output_size: 80
+    spk_embed_dim: 192
+    output_type: 'mel'
+    vocab_size: 6561
+    encoder: !new:cosyvoice2.transformer.upsample_encoder_v2.UpsampleConformerEncoderV2
+        input_size: 512
+        output_size: 512
+        input_layer: 'linear'
+        pre_lookahead_len: 3
+        num_blocks: 6
+        num_up_blocks: 4
+        up_stride: 2
+        up_scale_factor: 2
+        attention_heads: 8
+        pos_enc_layer_type: 'rel_pos_espnet'
+        selfattention_layer_type: 'rel_selfattn'
+        key_bias: true
+        linear_units: 2048
+        dropout_rate: 0.1
+        positional_dropout_rate: 0.1
+        attention_dropout_rate: 0.1
+        normalize_before: true
+    decoder: !new:cosyvoice2.flow.flow_matching.CausalConditionalCFM
+        inference_cfg_rate: 0.7
+        estimator: !new:cosyvoice2.flow.decoder_dit.DiT
+            in_channels: 320
+            out_channels: 80
+            mlp_ratio: 4.0
+            depth: 16
+            num_heads: 8
+            head_dim: 64
+            hidden_size: 512
+"""
+
+
+def test_published_flow_config_builds_the_full_size_model(tmp_path):
+    # the settings the released flow.yaml is checked against by vllm-omni's MiniCPM-o reader;
+    # built on the meta device (shapes only) to keep the test fast
+    (tmp_path / "flow.yaml").write_text(PUBLISHED_FLOW_YAML)
+    with torch.device("meta"):
+        flow = build_flow(tmp_path / "flow.yaml")
+    shapes = {k: tuple(v.shape) for k, v in flow.state_dict().items()}
+    assert shapes["input_embedding.weight"] == (6561, 512)
+    assert shapes["spk_embed_affine_layer.weight"] == (80, 192)
+    assert shapes["encoder.encoders.5.self_attn.pos_bias_u"] == (8, 64)
+    assert shapes["encoder.up_encoders.3.feed_forward.w_1.weight"] == (2048, 512)
+    assert shapes["encoder.up_layer.conv.weight"] == (512, 512, 5)
+    assert shapes["decoder.estimator.in_proj.weight"] == (512, 320)
+    assert shapes["decoder.estimator.blocks.15.adaLN_modulation.1.weight"] == (9 * 512, 512)
+    assert shapes["decoder.estimator.blocks.15.conv.block.6.weight"] == (512, 512, 3)
+    assert shapes["decoder.estimator.final_layer.linear.weight"] == (80, 512)
+    assert not any(k.startswith("encoder.encoders.6.") or ".blocks.16." in k for k in shapes)
+
+
+def test_unknown_flow_class_names_the_file(tmp_path):
+    (tmp_path / "flow.yaml").write_text(PUBLISHED_FLOW_YAML.replace("decoder_dit.DiT", "decoder.ConditionalDecoder"))
+    with pytest.raises(ValueError, match=r"flow\.yaml: !new:cosyvoice2\.flow\.decoder\.ConditionalDecoder"):
+        build_flow(tmp_path / "flow.yaml")

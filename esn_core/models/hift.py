@@ -113,7 +113,8 @@ class HiFTGenerator(nn.Module):
                                        nsf_voiced_threshold)
         self.conv_pre = weight_norm(nn.Conv1d(in_channels, base_channels, 7, 1, padding=3))
         self.ups = nn.ModuleList(
-            weight_norm(nn.ConvTranspose1d(base_channels // 2**i, base_channels // 2**(i + 1), k, u, padding=(k - u) // 2))
+            weight_norm(nn.ConvTranspose1d(base_channels // 2**i, base_channels // 2**(i + 1), k, u,
+                                           padding=(k - u) // 2))
             for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes)))
         # source branch i meets stage i, so it is downsampled by the product of later stages
         cum = np.cumprod([1, *list(upsample_rates)[::-1][:-1]])[::-1]

@@ -4,8 +4,11 @@ implementation of Step-Audio2's ``Token2wav`` whole-utterance path (PyPI ``minic
 
     <checkpoint>/assets/token2wav/  (or a folder given directly)
         flow.yaml, flow.pt            token -> mel flow (conformer encoder + CFM with a DiT)
-        hift_original.pt              HiFT mel -> wave (keys ``generator.*``); ``hift.pt``
-                                      of 1.0.7 is the streaming causal vocoder, not used here
+        hift_original.pt or hift.pt   HiFT mel -> wave (keys ``generator.*``). minicpmo-utils
+                                      1.0.7 ships the whole-utterance HiFT as hift_original.pt
+                                      (its hift.pt + config.yaml are a streaming causal vocoder,
+                                      which would fail the strict load, naming the file); older
+                                      asset sets (vllm-omni's reader) hold it as hift.pt
         campplus.onnx                 CAM++ speaker embedding (onnxruntime)
         speech_tokenizer_v2_25hz.onnx S3 tokenizer for the prompt's speech tokens (onnxruntime)
     <checkpoint>/assets/HT_ref_audio.wav   default voice when no prompt is given (optional)
@@ -39,8 +42,9 @@ CODE_RATE = 25
 ASSET_SUBDIR = Path("assets") / "token2wav"
 DEFAULT_VOICE = Path("assets") / "HT_ref_audio.wav"
 FLOW_CONFIG, FLOW_WEIGHTS = "flow.yaml", "flow.pt"
-HIFT_WEIGHTS, SPEAKER_ONNX, TOKENIZER_ONNX = "hift_original.pt", "campplus.onnx", "speech_tokenizer_v2_25hz.onnx"
-REQUIRED = (FLOW_CONFIG, FLOW_WEIGHTS, HIFT_WEIGHTS, SPEAKER_ONNX, TOKENIZER_ONNX)
+HIFT_WEIGHTS = ("hift_original.pt", "hift.pt")  # first one present wins
+SPEAKER_ONNX, TOKENIZER_ONNX = "campplus.onnx", "speech_tokenizer_v2_25hz.onnx"
+REQUIRED = (FLOW_CONFIG, FLOW_WEIGHTS, SPEAKER_ONNX, TOKENIZER_ONNX)
 HIFT_PREFIX = "generator."
 
 
@@ -54,10 +58,15 @@ def asset_dir(checkpoint_dir: str | Path) -> Path:
     return root / ASSET_SUBDIR if (root / ASSET_SUBDIR).is_dir() else root
 
 
-def _require(folder: Path) -> None:
+def _require(folder: Path) -> Path:
+    """Checks every asset is there; returns the HiFT weight file to use."""
     for name in REQUIRED:
         if not (folder / name).is_file():
             raise VocoderAssetError(f"MiniCPM-o vocoder asset missing: {folder / name}")
+    for name in HIFT_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    raise VocoderAssetError(f"MiniCPM-o vocoder asset missing: {folder / HIFT_WEIGHTS[0]} (or {HIFT_WEIGHTS[1]})")
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -169,10 +178,10 @@ def load_vocoder(checkpoint_dir: str | Path, device: str | torch.device | None =
                  n_timesteps: int = 10) -> MiniCPMVocoder:
     """Build the vocoder from the checkpoint's token2wav assets (see the module docstring)."""
     folder = asset_dir(checkpoint_dir)
-    _require(folder)
+    hift_file = _require(folder)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     flow = load_flow(folder / FLOW_CONFIG, folder / FLOW_WEIGHTS)
-    hift = load_hift(folder / HIFT_WEIGHTS)
+    hift = load_hift(hift_file)
     return MiniCPMVocoder(flow, hift, _onnx_session(folder / SPEAKER_ONNX), _onnx_session(folder / TOKENIZER_ONNX),
                           _read_voice(Path(checkpoint_dir) / DEFAULT_VOICE), device, n_timesteps)
 

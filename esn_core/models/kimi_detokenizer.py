@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from esn_core.models.dit_parts import modulate, timestep_features
 from esn_core.models.kimi_modeling import load_state
 from esn_core.models.ragged import key_padding, ragged_time_axis
 
@@ -62,17 +63,6 @@ def sincos_table(n: int, dim: int) -> torch.Tensor:
         table = torch.cat([table, torch.zeros(n, 1)], dim=1)
     table[0] = 0
     return table
-
-
-def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000) -> torch.Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    args = t[:, None].float() * freqs[None].to(t.device)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
 
 
 class TimestepEmbedder(nn.Module):

@@ -5,11 +5,12 @@ Submodule names follow ``flow.pt`` (``decoder.estimator.*``)."""
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from esn_core.models.dit_parts import modulate, timestep_features
 
 
 class Transpose(nn.Module):
@@ -66,10 +67,6 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
-
-
 def _plain_norm(dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
@@ -85,9 +82,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
         (sh_a, sc_a, g_a, sh_m, sc_m, g_m, sh_c, sc_c, g_c) = self.adaLN_modulation(c).chunk(9, dim=-1)
-        x = x + g_a * self.attn(_modulate(self.norm1(x), sh_a, sc_a), key_ok)
-        x = x + g_c * self.conv(_modulate(self.norm3(x), sh_c, sc_c))
-        return x + g_m * self.mlp(_modulate(self.norm2(x), sh_m, sc_m))
+        x = x + g_a * self.attn(modulate(self.norm1(x), sh_a, sc_a), key_ok)
+        x = x + g_c * self.conv(modulate(self.norm3(x), sh_c, sc_c))
+        return x + g_m * self.mlp(modulate(self.norm2(x), sh_m, sc_m))
 
 
 class FinalLayer(nn.Module):
@@ -99,7 +96,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(_modulate(self.norm_final(x), shift, scale))
+        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 class TimestepEmbedder(nn.Module):
@@ -111,10 +108,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half).to(t)
-        args = (t * 1000)[:, None] * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        return self.mlp(timestep_features(t * 1000, self.freq_dim).to(t.dtype))
 
 
 class DiT(nn.Module):

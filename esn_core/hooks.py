@@ -735,23 +735,35 @@ class _GroupState:
         self.decode_operands = [(op.dense, op.batch_size, dtype, index) for op in self.operands]
 
 
-_PINNED: dict[tuple, torch.Tensor] = {}
+_PINNED: list[torch.Tensor] = []  # one page-locked byte buffer, grown to the largest copy
+
+
+def _pinned_bytes(n_bytes: int) -> torch.Tensor:
+    """A page-locked ``uint8`` buffer of at least ``n_bytes``, reused across calls.
+
+    Page-locking is slow to set up (about as slow as the copy it speeds up, per byte), so
+    one buffer serves every shape: the ``lm`` and ``synth`` counts of a session and a
+    run's last, smaller batch all reuse it, where a buffer per shape was freed and locked
+    again at every switch (twice a session with two groups).
+    """
+    if not _PINNED or _PINNED[0].numel() < n_bytes:
+        _PINNED.clear()  # free the old lock before taking a larger one
+        _PINNED.append(torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True))
+    return _PINNED[0]
 
 
 def _to_host(tensor: torch.Tensor) -> np.ndarray:
-    """Copy to a host array through a reused pinned buffer.
+    """Copy to a host array through the reused pinned buffer.
 
-    Pageable device-to-host copies are several times slower, and page-locking is slow to
-    set up; the result is an ordinary array, because callers keep a shard's counts and
-    gigabytes of page-locked memory would starve the host.
+    Pageable device-to-host copies are several times slower; the result is an ordinary
+    array, because callers keep a shard's counts and gigabytes of page-locked memory would
+    starve the host.
     """
     if tensor.device.type != "cuda":
         return tensor.numpy().copy()
-    key = (tuple(tensor.shape), tensor.dtype)
-    if key not in _PINNED:
-        _PINNED.clear()  # keep one buffer: batches of one run share a shape
-        _PINNED[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host = _PINNED[key]
+    tensor = tensor.contiguous()
+    n_bytes = tensor.numel() * tensor.element_size()
+    host = _pinned_bytes(n_bytes)[:n_bytes].view(tensor.dtype).view(tensor.shape)
     host.copy_(tensor)
     return host.numpy().copy()
 

@@ -273,6 +273,11 @@ def test_kimi_audio_throughput_ends_every_row_at_its_drawn_lengths(capsys):
                 "--alternate-repeats", "1"])
     out = capsys.readouterr().out
     assert "| 2 | 2 | capture |" in out and "capture overhead" in out and "the batch-1 loop" in out
+    # hooks off never leave a session; capture's time leaving them is part of its total
+    whole = {(r[0].strip(), r[2].strip()): (float(r[3]), float(r[4])) for r in
+             (line.split("|")[1:-1] for line in out.splitlines())
+             if len(r) == 7 and r[2].strip() in ("off", "capture")}
+    assert whole["2", "off"][1] == 0 and 0 < whole["2", "capture"][1] < whole["2", "capture"][0]
     # per-step overhead: every mode at every batch, ratios of hooked steps to plain neighbours
     alternating = [line.split("|")[1:-1] for line in out.splitlines()
                    if re.match(r"\| \d+ \| (control|capture|steer)", line)]
@@ -281,3 +286,11 @@ def test_kimi_audio_throughput_ends_every_row_at_its_drawn_lengths(capsys):
     for row in alternating:
         assert all(re.fullmatch(r" [\d.]+x \[[\d.]+, [\d.]+\] ", c) for c in row[2:4])
         assert int(row[4]) > 10  # hooked steps compared: about half the run's steps
+
+
+def test_counts_to_host_times_every_staging_policy():
+    out = _run("benchmarks/counts_to_host.py", "--batches", "2", "3", "--groups", "50", "7",
+               "--repeats", "1")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [r[0].strip() for r in rows] == ["2", "3"]
+    assert all(len(r) == 5 and all(float(c) >= 0 for c in r[2:]) for r in rows)

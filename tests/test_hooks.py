@@ -790,3 +790,24 @@ def test_a_decode_step_is_one_in_place_op_equal_to_the_formula(stack, monkeypatc
     torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
     assert torch.equal(got[1], g[1]) and torch.equal(untouched, g)
     torch.testing.assert_close(as_float32, want.float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked staging needs CUDA")
+def test_counts_reach_the_host_through_one_reused_pinned_buffer():
+    from esn_core import hooks
+
+    lm = torch.randint(0, 255, (6, 40), dtype=torch.uint8, device="cuda")
+    synth = torch.randint(0, 255, (6, 9), dtype=torch.uint8, device="cuda")
+    wide = torch.randint(0, 2**31 - 1, (3, 7), dtype=torch.int32, device="cuda")
+    first = hooks._to_host(lm)
+    buffer = hooks._PINNED[0].data_ptr()
+    # the other group's shape, a smaller last batch and another dtype reuse the buffer
+    for table in (synth, lm[:2], wide, lm):
+        out = hooks._to_host(table)
+        assert out.dtype == table.cpu().numpy().dtype
+        np.testing.assert_array_equal(out, table.cpu().numpy())
+        assert hooks._PINNED[0].data_ptr() == buffer
+    np.testing.assert_array_equal(first, lm.cpu().numpy())  # an array of its own, not a view
+    bigger = torch.ones(20, 40, dtype=torch.uint8, device="cuda")
+    np.testing.assert_array_equal(hooks._to_host(bigger), np.ones((20, 40), np.uint8))
+    assert hooks._PINNED[0].numel() >= 800 and len(hooks._PINNED) == 1

@@ -82,3 +82,24 @@ def test_bad_sampling_values_are_named():
         CodeSampling(temperature=0)
     with pytest.raises(ValueError, match="top_p"):
         CodeSampling(top_p=0)
+
+
+def test_synth_capture_counts_the_positions_the_rows_report(step):
+    import numpy as np
+
+    from esn_core.hooks import Capture, HookEngine, MLPGroup, find_gated_mlps
+
+    sampling = CodeSampling(min_codes=0, max_codes=15, temperature=1.0, top_p=1.0, top_k=0)
+    conds, seeds = conditions([3, 6, 4, 5, 2], seed=7), [1, 2, 3, 4, 5]
+    group = MLPGroup(find_gated_mlps(step.tts.model.layers), root=step, eos_token_ids=(10,))
+    assert len(group.mlps) == 2
+    engine = HookEngine({"synth": group})
+    with engine.session(capture={"synth": Capture()}) as session:
+        rows = generate_codes(step, conds, seeds, sampling)
+    counts = session.counts("synth")
+    assert {r.ended for r in rows} == {True, False}
+    assert counts.T.tolist() == [c.shape[0] + r.codes.shape[0] for c, r in zip(conds, rows)]
+    for b, (c, s) in enumerate(zip(conds, seeds)):
+        with engine.session(capture={"synth": Capture()}) as alone:
+            generate_codes(step, [c], [s], sampling)
+        np.testing.assert_array_equal(alone.counts("synth").K[0], counts.K[b])

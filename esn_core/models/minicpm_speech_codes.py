@@ -21,8 +21,8 @@ Batching (upstream asserts batch 1): conditions are left-padded, with a 2-D mask
 positions, so a row's codes equal the row run alone. The draw is an inverse-CDF lookup of a
 uniform drawn before the loop on the host from a generator seeded with the row's seed
 (``draw_uniforms``), so a row draws the same codes in any batch and on any device; the
-distribution is upstream's, the draws are not torch.multinomial's. A row that ended keeps
-feeding its last fed input at later steps (the hooks count none of those positions).
+distribution is upstream's, the draws are not torch.multinomial's. A row that ended feeds the
+end code at later steps (the hook root sees it fed and counts none of those positions).
 
 SPEC §1's T for ``synth``: the condition's positions plus every code fed, ``L + len(codes)``
 (the step that draws the end code feeds nothing after it).
@@ -72,16 +72,24 @@ class CodeRow:
 
 
 class SynthStep(nn.Module):
-    """One TTS step: inputs (embeddings) → per-codebook logits ``[B, num_vq, V]``.
+    """One TTS step → per-codebook logits ``[B, num_vq, V]``: the ``synth`` group's root.
 
-    Adapter-owned so a ``synth`` hook root sees the real mask and positions of every step
-    (``tts.model`` alone receives only embeddings and positions upstream)."""
+    Adapter-owned so the hook root sees every step's real mask and fed codes (upstream's
+    ``tts.model`` receives only embeddings and positions). The prefill takes the condition's
+    ``inputs_embeds``; a decode step takes ``input_ids`` ``[B, 1]`` (codebook 0's code) and,
+    with more codebooks, ``other_codes`` ``[B, 1, num_vq - 1]``, and embeds their sum as
+    upstream. A finished row feeds the end code, so the hooks stop counting it."""
 
     def __init__(self, tts):
         super().__init__()
         self.tts = tts
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, cache):
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None,
+                position_ids=None, cache=None, other_codes=None):
+        if inputs_embeds is None:
+            inputs_embeds = self.tts.emb_code[0](input_ids)
+            for q in range(1, len(self.tts.emb_code)):
+                inputs_embeds = inputs_embeds + self.tts.emb_code[q](other_codes[..., q - 1])
         out = self.tts.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                              position_ids=position_ids, past_key_values=cache, use_cache=True)
         last = out.last_hidden_state[:, -1]
@@ -143,7 +151,7 @@ def generate_codes(step: SynthStep, conditions: list[torch.Tensor], seeds: list[
     history = torch.full((rows * num_vq, sampling.max_codes), -1, dtype=torch.long,
                          device=embeds.device)
     cache = DynamicCache()
-    logits = step(embeds, mask, positions, cache)
+    logits = step(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache)
     codes = torch.zeros(rows, sampling.max_codes, num_vq, dtype=torch.long, device=embeds.device)
     done = torch.zeros(rows, dtype=torch.bool, device=embeds.device)
     length = torch.zeros(rows, dtype=torch.long)
@@ -162,14 +170,15 @@ def generate_codes(step: SynthStep, conditions: list[torch.Tensor], seeds: list[
         for b in torch.nonzero(hit).flatten().tolist():
             ended[b], length[b] = True, t
         done |= hit
-        codes[:, t] = torch.where(done[:, None], codes[:, max(t - 1, 0)], chosen)
+        codes[:, t] = chosen
         history[:, t] = chosen.reshape(-1)
         if bool(done.all()) or t == sampling.max_codes - 1:
             break
-        fed = sum(tts.emb_code[q](codes[:, t, q]) for q in range(num_vq))
+        fed = torch.where(done[:, None], torch.full_like(chosen, end), chosen)
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         positions = positions[:, -1:] + 1
-        logits = step(fed[:, None], mask, positions, cache)
+        logits = step(input_ids=fed[:, :1], attention_mask=mask, position_ids=positions,
+                      cache=cache, other_codes=fed[:, None, 1:] if num_vq > 1 else None)
     for b in range(rows):
         if not ended[b]:
             length[b] = sampling.max_codes - 1  # upstream drops the cap's last code

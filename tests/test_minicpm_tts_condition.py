@@ -9,7 +9,7 @@ from tests.tiny_minicpm import TINY_CONFIG
 @pytest.mark.parametrize("normalize", [False, True])
 def test_condition_is_text_plus_projected_state_then_text_eos_and_audio_bos(normalize):
     torch.manual_seed(0)
-    cfg = dict(TINY_CONFIG["tts_config"], text_eos_token_id=11, audio_bos_token_id=12,
+    cfg = dict(TINY_CONFIG["tts_config"], num_text_tokens=13, text_eos_token_id=11, audio_bos_token_id=12,
                normalize_projected_hidden=normalize)
     tts = MiniCPMTTS(cfg).eval()
     hidden = torch.randn(3, 16)
@@ -35,7 +35,7 @@ def test_empty_answer_is_just_the_two_boundary_embeddings():
 
 
 def test_bad_inputs_are_named():
-    tts = MiniCPMTTS(dict(TINY_CONFIG["tts_config"], text_eos_token_id=1, audio_bos_token_id=2))
+    tts = MiniCPMTTS(dict(TINY_CONFIG["tts_config"], num_text_tokens=13))
     with pytest.raises(ValueError, match="2 hidden states"):
         tts_condition(tts, [1, 2, 3], torch.zeros(2, 16))
     with pytest.raises(ValueError, match="num_text_tokens=13"):

@@ -23,7 +23,8 @@ TINY_CONFIG = dict(
                       encoder_ffn_dim=32, max_source_positions=60),
     tts_config=dict(llm_dim=16, llm_intermediate_size=12, hidden_size=8, intermediate_size=12,
                     num_attention_heads=2, num_hidden_layers=2, num_key_value_heads=1,
-                    num_audio_tokens=11, num_text_tokens=13, num_vq=1, projector_type="mlp",
+                    num_audio_tokens=11, num_text_tokens=300, num_vq=1, projector_type="mlp",
+                    text_eos_token_id=1, audio_bos_token_id=2, normalize_projected_hidden=True,
                     backbone_vocab_size=5))
 
 

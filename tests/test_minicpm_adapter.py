@@ -124,3 +124,13 @@ def test_registered_under_its_name():
 
     assert "minicpm_o_4_5" in adapter_names()
     assert _resolve("esn_core.models.minicpm_o:MiniCPMOAdapter") is MiniCPMOAdapter
+
+
+def test_config_sampling_mapping_and_unknown_keys(tmp_path):
+    from tests.tiny_minicpm import build
+
+    ckpt = build(tmp_path / "ckpt")
+    adapter = MiniCPMOAdapter(ckpt, vocoder=StubVocoder(), sampling={"top_k": 7, "min_codes": 3})
+    assert adapter.sampling == CodeSampling(top_k=7, min_codes=3)
+    with pytest.raises(ValueError, match=r"unknown keys \['topk'\]"):
+        MiniCPMOAdapter(ckpt, vocoder=StubVocoder(), sampling={"topk": 7})

@@ -33,13 +33,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 class MiniCPMOAdapter(LALMAdapter):
     name = "minicpm_o_4_5"
 
-    def __init__(self, checkpoint: str | os.PathLike, device: str = "cpu",
+    def __init__(self, path: str | os.PathLike, device: str = "cpu",
                  dtype: str = "float32", max_new_tokens: int = 256,
-                 sampling: CodeSampling = CodeSampling(), instruction_template: str | None = None,
+                 sampling: CodeSampling | dict = CodeSampling(), instruction_template: str | None = None,
                  vocoder=None, vocoder_steps: int = 10):
         from esn_core.models.minicpm_checkpoint import load_checkpoint, load_tokenizer
 
-        path = Path(checkpoint)
+        path = Path(path)
+        if isinstance(sampling, dict):  # a config file's options.sampling mapping
+            unknown = set(sampling) - set(CodeSampling.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"model.options.sampling: unknown keys {sorted(unknown)}")
+            sampling = CodeSampling(**sampling)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         parts = load_checkpoint(path, dtype=DTYPES[dtype])

@@ -134,3 +134,32 @@ def test_config_sampling_mapping_and_unknown_keys(tmp_path):
     assert adapter.sampling == CodeSampling(top_k=7, min_codes=3)
     with pytest.raises(ValueError, match=r"unknown keys \['topk'\]"):
         MiniCPMOAdapter(ckpt, vocoder=StubVocoder(), sampling={"topk": 7})
+
+
+def test_the_real_vocoder_path_on_tiny_token2wav_assets(tmp_path):
+    """No stub: the adapter loads the token2wav assets beside the checkpoint, as on a real one."""
+    pytest.importorskip("onnx")
+    from esn_core.models.flow_yaml import build_flow
+    from esn_core.models.hift import HiFTGenerator
+    from tests.test_minicpm_vocoder import TINY_FLOW_YAML, _campplus_onnx, _tokenizer_onnx
+    from tests.tiny_minicpm import build
+
+    ckpt = build(tmp_path / "ckpt")
+    assets = ckpt / "assets" / "token2wav"
+    assets.mkdir(parents=True)
+    (assets / "flow.yaml").write_text(TINY_FLOW_YAML)
+    torch.manual_seed(0)
+    torch.save(build_flow(assets / "flow.yaml").state_dict(), assets / "flow.pt")
+    torch.save({"generator." + k: v for k, v in HiFTGenerator().state_dict().items()},
+               assets / "hift_original.pt")
+    _tokenizer_onnx(assets / "speech_tokenizer_v2_25hz.onnx")
+    _campplus_onnx(assets / "campplus.onnx")
+    src = tmp_path / "src.wav"
+    sf.write(src, (0.1 * np.random.default_rng(0).standard_normal(3300)).astype("float32"), 16_000)
+    adapter = MiniCPMOAdapter(ckpt, max_new_tokens=4, vocoder_steps=2,
+                              sampling=CodeSampling(min_codes=3, max_codes=5))
+    request = EVCRequest("a", str(src), "t", "s", "happy", seed=1)
+    out = adapter.convert([request])[0]
+    n_codes = adapter.last_codes[0].shape[0]
+    assert n_codes >= 3 and out.waveform.size == n_codes * 640 and out.sample_rate == 16_000
+    np.testing.assert_array_equal(adapter.convert([request])[0].waveform, out.waveform)

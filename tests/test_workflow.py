@@ -259,6 +259,52 @@ def test_workflow_runs_end_to_end_on_a_tiny_kimi_audio(tmp_path):
     assert set(table3["selector"]) == {"cas", "random"}
 
 
+def test_workflow_runs_end_to_end_on_a_tiny_minicpm_o(tmp_path):
+    """MiniCPM-o 4.5 through the whole workflow (random weights, tiny token2wav assets)."""
+    pytest.importorskip("onnx")
+    import torch
+    from test_minicpm_vocoder import TINY_FLOW_YAML, _campplus_onnx, _tokenizer_onnx
+    from tiny_minicpm import build
+
+    from esn_core.models.flow_yaml import build_flow
+    from esn_core.models.hift import HiFTGenerator
+
+    checkpoint = build(tmp_path / "MiniCPM-o-tiny", max_source_positions=1500)
+    assets = checkpoint / "assets" / "token2wav"
+    assets.mkdir(parents=True)
+    (assets / "flow.yaml").write_text(TINY_FLOW_YAML)
+    torch.manual_seed(0)
+    torch.save(build_flow(assets / "flow.yaml").state_dict(), assets / "flow.pt")
+    torch.save({"generator." + k: v for k, v in HiFTGenerator().state_dict().items()},
+               assets / "hift_original.pt")
+    _tokenizer_onnx(assets / "speech_tokenizer_v2_25hz.onnx")
+    _campplus_onnx(assets / "campplus.onnx")
+    labels = tmp_path / "human_labels.csv"
+    rule = SplitRule.for_demo(8)
+    roles = rule.speaker_roles(["0011", "0012", "0013"])
+    rows = [f"{spk}_{i:06d}.{t},{t}" for spk in ("0011", "0012", "0013") for i in range(1, 9)
+            for t in ("happy", "angry", "sad", "surprise") if rule.split_of(roles[spk], i) == "identification"]
+    labels.write_text("attempt_id,human_label\n" + "\n".join(rows) + "\n")
+    config = _config(
+        model={"adapter": "minicpm_o_4_5", "path": str(checkpoint), "batch_size": 16, "shard_sources": 16,
+               "options": {"dtype": "float32", "max_new_tokens": 4, "vocoder_steps": 2,
+                           "sampling": {"min_codes": 2, "max_codes": 6}}},
+        corpus={"demo": {"speakers": 3, "utterances": 8}},
+        success={"tau_wer": 100.0, "human_labels": str(labels)},
+        judges={"filter": "human"},
+        evaluation={"max_sources": 1, "bootstrap": 20},
+    )
+    workdir = _workdir(tmp_path / "wf", config)
+    proc = _snakemake(workdir, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    results = workdir / "results"
+    attempts = pl.read_parquet(results / "sample/attempts/shard0.parquet")
+    counts = pl.read_parquet(next((results / "sample/counts/synth").glob("shard*.parquet")))
+    assert attempts.height == counts.height > 0 and (attempts["n_positions"] > 0).all()
+    table3 = pl.read_parquet(results / "tables/table3_selectors.parquet")
+    assert set(table3["selector"]) == {"cas", "random"}
+
+
 def test_outputs_are_readable_by_collaborators_under_the_umask(finished):
     umask = os.umask(0o022)
     os.umask(umask)

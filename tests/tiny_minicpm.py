@@ -23,7 +23,8 @@ TINY_CONFIG = dict(
                       encoder_ffn_dim=32, max_source_positions=60),
     tts_config=dict(llm_dim=16, llm_intermediate_size=12, hidden_size=8, intermediate_size=12,
                     num_attention_heads=2, num_hidden_layers=2, num_key_value_heads=1,
-                    num_audio_tokens=11, num_text_tokens=13, num_vq=1, projector_type="mlp",
+                    num_audio_tokens=11, num_text_tokens=300, num_vq=1, projector_type="mlp",
+                    text_eos_token_id=1, audio_bos_token_id=2, normalize_projected_hidden=True,
                     backbone_vocab_size=5))
 
 
@@ -65,14 +66,20 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
         add_bos_token=False, chat_template=CHAT_TEMPLATE), indent=1))
 
 
-def build(directory: Path, seed: int = 0, with_vision: bool = True) -> Path:
+def build(directory: Path, seed: int = 0, with_vision: bool = True,
+          max_source_positions: int | None = None) -> Path:
+    """``max_source_positions``: a longer audio window (the workflow's demo clips run longer
+    than the tiny encoder's 1.2 s)."""
+    config = json.loads(json.dumps(TINY_CONFIG))
+    if max_source_positions is not None:
+        config["audio_config"]["max_source_positions"] = max_source_positions
     torch.manual_seed(seed)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(TINY_CONFIG, indent=1))
-    write_tokenizer(directory, TINY_CONFIG["vocab_size"])
-    weights = {f"llm.{k}": v for k, v in Qwen3ForCausalLM(lm_config(TINY_CONFIG)).state_dict().items()}
-    weights |= MiniCPMAudioIn(TINY_CONFIG["audio_config"], 16, TINY_CONFIG["audio_pool_step"]).state_dict()
-    weights |= {f"tts.{k}": v for k, v in MiniCPMTTS(TINY_CONFIG["tts_config"]).state_dict().items()}
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    write_tokenizer(directory, config["vocab_size"])
+    weights = {f"llm.{k}": v for k, v in Qwen3ForCausalLM(lm_config(config)).state_dict().items()}
+    weights |= MiniCPMAudioIn(config["audio_config"], 16, config["audio_pool_step"]).state_dict()
+    weights |= {f"tts.{k}": v for k, v in MiniCPMTTS(config["tts_config"]).state_dict().items()}
     if with_vision:
         weights["vpm.embeddings.patch_embedding.weight"] = torch.randn(4, 3, 2, 2)
         weights["resampler.query"] = torch.randn(2, 16)

@@ -91,6 +91,7 @@ _REGISTRY: dict[str, str] = {
     "planted": "esn_core.models.planted:PlantedAdapter",
     "qwen2_5_omni": "esn_core.models.qwen_omni:QwenOmniAdapter",
     "kimi_audio": "esn_core.models.kimi_audio:KimiAudioAdapter",
+    "minicpm_o_4_5": "esn_core.models.minicpm_o:MiniCPMOAdapter",
 }
 
 

@@ -294,3 +294,29 @@ def test_counts_to_host_times_every_staging_policy():
     rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
     assert [r[0].strip() for r in rows] == ["2", "3"]
     assert all(len(r) == 5 and all(float(c) >= 0 for c in r[2:]) for r in rows)
+
+
+def test_minicpm_o_throughput_ends_every_row_at_its_drawn_lengths(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import minicpm_o_throughput as bench
+    from workloads import esd_like
+
+    adapter = bench.build("tiny", "cpu", "float32")
+    attempts = esd_like(3, seed=2)
+    texts, codes, _, _ = bench.convert(adapter, attempts, seed=0)
+    assert [len(t.tokens) for t in texts] == [a.text_tokens for a in attempts]
+    assert [c.codes.shape[0] for c in codes] == [bench.answer_codes(a, adapter.sampling)
+                                                  for a in attempts]
+    assert all(t.ended for t in texts) and all(c.ended for c in codes)
+    # at least upstream's 50 codes; 25 a second of speech otherwise
+    assert all(c.codes.shape[0] >= 50 for c in codes)
+
+    bench.main(["--batches", "1", "2", "--attempts", "2", "--single-rows", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| [12] \| ", line)]
+    assert [(r[0].strip(), r[2].strip()) for r in rows] == [
+        ("1", "off"), ("1", "capture"), ("2", "off"), ("2", "capture")]
+    for r in rows:  # text and code seconds are parts of the total
+        total, text_s, code_s = map(float, r[3:6])
+        assert 0 < text_s and 0 < code_s and text_s + code_s <= total
+    assert "capture overhead" in out and "the batch-1 loop" in out

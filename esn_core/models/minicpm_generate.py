@@ -60,8 +60,11 @@ def greedy_batch(llm, prompts: list[torch.Tensor], end_ids: tuple[int, ...], pad
         mask[b, width - p.shape[0]:] = 1
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     cache = DynamicCache()
+    # Only the last position's logits are read, and no prefill state conditions the TTS
+    # (an answer token's state is taken where it is fed): at batch 256 the full logits and
+    # every layer's states would each hold ~10 GB.
     out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-              past_key_values=cache, use_cache=True, output_hidden_states=True)
+              past_key_values=cache, use_cache=True, logits_to_keep=1)
     tokens: list[list[int]] = [[] for _ in range(rows)]
     states: list[list[torch.Tensor]] = [[] for _ in range(rows)]
     done, ended = [False] * rows, [False] * rows

@@ -1,0 +1,244 @@
+"""MiniCPM-o 4.5's batched EVC at full shape on random weights: utterances/hour, hooks, memory.
+
+What is timed: the adapter's text pass (``greedy_batch`` on stock ``Qwen3ForCausalLM``), each
+row's TTS condition and the batched speech codes (``generate_codes`` through ``SynthStep``),
+batch 1 against batched, hooks off and capturing both groups (``lm``: 36 Qwen3 layers,
+``synth``: the 20 TTS backbone layers). The batch-1 loop (same code, one row per call)
+stands in for upstream's ``chat``, which is batch 1 only and cannot run on our transformers.
+
+What is not timed (say so beside any figure): the Whisper audio-in (one row at a time; the
+prompt's audio embeddings are random tensors of the LM's width) and the vocoder (S3 flow +
+HiFT, one row per call).
+
+Shapes: Qwen3-8B's (hidden 4096, 12,288 gate neurons, 36 layers, 32/8 heads, vocab 151,748)
+and MiniCPMTTSConfig's defaults (hidden 768, 3072 neurons, 20 layers, 12 heads; 6,562 codes
+= S3's 6,561 + the end code). Workload (``workloads.esd_like``): source U(2, 5) s → its audio
+embeddings twice (voice reference + input) plus ``SYSTEM_TOKENS`` of prompt text; the answer's
+text ~3 tokens a second of source; its speech the source's duration × U(0.85, 1.25) at 25
+codes a second, at least upstream's 50. Random weights never end on their own, so the text
+pass and the code loop are forced to end each row at its drawn lengths (``ForcedText``,
+``ForcedCodes``): rows of a batch finish at different steps, as real conversions do.
+
+    python benchmarks/minicpm_o_throughput.py --shape full --device cuda --batches 1 64 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import Qwen3ForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
+
+from workloads import Attempt, describe, esd_like, spread  # noqa: E402
+from esn_core.hooks import Capture, HookEngine  # noqa: E402
+from esn_core.models.minicpm_checkpoint import MiniCPMParts, lm_config  # noqa: E402
+from esn_core.models.minicpm_generate import greedy_batch  # noqa: E402
+from esn_core.models.minicpm_o import MiniCPMOAdapter  # noqa: E402
+from esn_core.models.minicpm_prompt import audio_embedding_count  # noqa: E402
+from esn_core.models.minicpm_speech_codes import CodeSampling, generate_codes  # noqa: E402
+from esn_core.models.minicpm_tts import MiniCPMTTS  # noqa: E402
+from esn_core.models.minicpm_tts_condition import tts_condition  # noqa: E402
+
+SHAPES = {
+    "full": dict(
+        lm=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151748,
+                max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                tie_word_embeddings=False),
+        tts=dict(llm_dim=4096, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                 num_hidden_layers=20, num_key_value_heads=12, num_audio_tokens=6562,
+                 num_text_tokens=151748, num_vq=1, projector_type="mlp",
+                 normalize_projected_hidden=True)),
+    "tiny": dict(
+        lm=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8, vocab_size=300, max_position_embeddings=4096,
+                rms_norm_eps=1e-6, tie_word_embeddings=False),
+        tts=dict(llm_dim=16, hidden_size=8, intermediate_size=12, num_attention_heads=2,
+                 num_hidden_layers=2, num_key_value_heads=1, num_audio_tokens=11,
+                 num_text_tokens=300, num_vq=1, projector_type="mlp",
+                 text_eos_token_id=5, audio_bos_token_id=6, normalize_projected_hidden=True)),
+}
+SYSTEM_TOKENS = 40  # the system prompt, the turns' markers and the instruction
+CODE_RATE = 25  # S3 codes a second
+
+
+class SpecialIds:
+    """The four token names the adapter looks up, at the vocabulary's top (random weights:
+    which ids they are does not matter, only that the forcing and the hooks agree)."""
+
+    def __init__(self, vocab: int):
+        self.ids = {"<unk>": vocab - 4, "<|endoftext|>": vocab - 3, "<|tts_eos|>": vocab - 2,
+                    "<|im_end|>": vocab - 1}
+
+    def convert_tokens_to_ids(self, name: str) -> int:
+        return self.ids[name]
+
+
+def answer_codes(attempt: Attempt, sampling: CodeSampling) -> int:
+    return max(sampling.min_codes, round(attempt.codec_tokens * CODE_RATE / 50))
+
+
+class ForcedText:
+    """The LM with each row's end token (the first end id) at answer step ``lengths[b]`` and
+    never before; edited on the device, no host sync added."""
+
+    def __init__(self, llm, end_ids, lengths):
+        self.llm, self.end_ids = llm, list(end_ids)
+        self.at = torch.tensor(lengths, device=llm.device)
+        self.calls = 0
+
+    def __call__(self, **inputs):
+        out = self.llm(**inputs)
+        last = out.logits[:, -1]
+        last[:, self.end_ids] = -torch.inf
+        last[:, self.end_ids[0]] = torch.where(self.at == self.calls, 1e4, -torch.inf)
+        self.calls += 1
+        return out
+
+
+class ForcedCodes(nn.Module):
+    """``SynthStep`` with each row's end code drawn at step ``lengths[b]`` and never before."""
+
+    def __init__(self, step, lengths):
+        super().__init__()
+        self.inner, self.tts = step, step.tts
+        self.end = step.tts.emb_code[0].num_embeddings - 1
+        self.at = torch.tensor(lengths, device=step.tts.emb_code[0].weight.device)
+        self.calls = 0
+
+    def forward(self, **inputs):
+        logits = self.inner(**inputs)
+        logits[:, :, self.end] = torch.where(self.at == self.calls, 1e4, -torch.inf)[:, None]
+        self.calls += 1
+        return logits
+
+
+def build(shape: str, device: str, dtype: str) -> MiniCPMOAdapter:
+    cfg = SHAPES[shape]
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):  # random weights made in place, not moved there
+            llm, tts = Qwen3ForCausalLM(lm_config(cfg["lm"])), MiniCPMTTS(cfg["tts"])
+    finally:
+        torch.set_default_dtype(previous)
+    config = dict(cfg["lm"], tts_config=cfg["tts"], audio_pool_step=5)
+    adapter = MiniCPMOAdapter.__new__(MiniCPMOAdapter)
+    adapter._attach(MiniCPMParts(llm.eval(), nn.Identity(), tts.eval(), config),
+                    SpecialIds(cfg["lm"]["vocab_size"]), vocoder=None, device=torch.device(device),
+                    max_new_tokens=4096, sampling=CodeSampling(), template=None)
+    return adapter
+
+
+def prompts_for(adapter: MiniCPMOAdapter, attempts: list[Attempt], seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    width = adapter.llm.config.hidden_size
+    dtype = adapter.llm.model.embed_tokens.weight.dtype
+    lengths = [SYSTEM_TOKENS + 2 * audio_embedding_count(int(a.source_seconds * 16000), 5)
+               for a in attempts]
+    return [(torch.randn(n, width, generator=g) * 0.02).to(adapter.llm.device, dtype)
+            for n in lengths]
+
+
+def convert(adapter: MiniCPMOAdapter, attempts: list[Attempt], seed: int):
+    """Text, conditions and codes of ``attempts`` in one batch, each row ending at its lengths;
+    returns (text rows, code rows, text seconds, code seconds)."""
+    prompts = prompts_for(adapter, attempts, seed)
+    device = str(adapter.llm.device)
+    start = time.perf_counter()
+    forced = ForcedText(adapter.llm, adapter.end_ids, [a.text_tokens for a in attempts])
+    texts = greedy_batch(forced, prompts, adapter.end_ids, adapter.pad, adapter.max_new_tokens)
+    conditions = [tts_condition(adapter.tts, t.tokens[:t.hidden.shape[0]], t.hidden) for t in texts]
+    sync(device)
+    middle = time.perf_counter()
+    step = ForcedCodes(adapter.step, [answer_codes(a, adapter.sampling) for a in attempts])
+    codes = generate_codes(step, conditions, [seed + i for i in range(len(attempts))],
+                           adapter.sampling)
+    sync(device)
+    return texts, codes, middle - start, time.perf_counter() - middle
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_rows(adapter, engine, attempts, batch: int, mode: str):
+    """(seconds, text seconds, code seconds) for every attempt in calls of ``batch`` rows."""
+    device = str(adapter.llm.device)
+    sync(device)
+    start, text_s, code_s = time.perf_counter(), 0.0, 0.0
+    for i in range(0, len(attempts), batch):
+        chunk = attempts[i:i + batch]
+        if mode == "capture":
+            with engine.session(capture={"lm": Capture(), "synth": Capture()}):
+                _, _, a, b = convert(adapter, chunk, seed=i)
+        else:
+            _, _, a, b = convert(adapter, chunk, seed=i)
+        text_s, code_s = text_s + a, code_s + b
+    sync(device)
+    return time.perf_counter() - start, text_s, code_s
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--attempts", type=int, default=None,
+                    help="rows per batched measurement (default: the largest batch)")
+    ap.add_argument("--single-rows", type=int, default=4,
+                    help="rows the batch-1 loop is timed on (spread over the length range)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+
+    build_start = time.perf_counter()
+    adapter = build(args.shape, args.device, dtype)
+    engine = HookEngine(adapter.groups())
+    print(f"# MiniCPM-o 4.5 {args.shape} shape, {dtype}, {args.device}, "
+          f"built in {time.perf_counter() - build_start:.1f} s")
+    attempts = esd_like(args.attempts or max(args.batches), seed=args.seed)
+    codes = [answer_codes(a, adapter.sampling) for a in attempts]
+    print(f"# workload: {describe(attempts)}; answer codes 25/s ({min(codes)}-{max(codes)})")
+    convert(adapter, spread(attempts, 2), seed=10_000)  # warm-up (kernels, allocator)
+
+    rates: dict[tuple[int, str], float] = {}
+    print("| batch | rows | mode | s (median) | text s | codes s | utterances/hour | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch in sorted(args.batches):
+        rows = spread(attempts, args.single_rows) if batch == 1 else attempts
+        convert(adapter, attempts[:batch], seed=20_000)  # this batch size's first call
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        times = {mode: [] for mode in ("off", "capture")}
+        for _ in range(args.repeats):  # modes interleaved, so drift hits them alike
+            for mode in times:
+                times[mode].append(timed_rows(adapter, engine, rows, batch, mode))
+        peak = (torch.cuda.max_memory_allocated() / 2**30
+                if args.device.startswith("cuda") else float("nan"))
+        for mode, runs in times.items():
+            total, text_s, code_s = (float(np.median([r[k] for r in runs])) for k in range(3))
+            rates[batch, mode] = len(rows) / total * 3600
+            print(f"| {batch} | {len(rows)} | {mode} | {total:.3f} | {text_s:.3f} | "
+                  f"{code_s:.3f} | {rates[batch, mode]:,.0f} | {peak:.1f} |")
+    for batch in sorted(args.batches):
+        print(f"# batch {batch}: capture overhead {rates[batch, 'off'] / rates[batch, 'capture']:.3f}x")
+        if batch != 1 and 1 in args.batches:
+            for mode in ("off", "capture"):
+                print(f"# batch {batch} {mode}: {rates[batch, mode] / rates[1, mode]:.1f}x "
+                      "the batch-1 loop")
+
+
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,8 @@ pass and the code loop are forced to end each row at its drawn lengths (``Forced
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +38,7 @@ from transformers import Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
 
+from hook_overhead import Alternator, alternating_ratios, steering_plan  # noqa: E402
 from workloads import Attempt, describe, esd_like, spread  # noqa: E402
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
 from esn_core.models.minicpm_checkpoint import MiniCPMParts, lm_config  # noqa: E402
@@ -89,8 +92,8 @@ class ForcedText:
     """The LM with each row's end token (the first end id) at answer step ``lengths[b]`` and
     never before; edited on the device, no host sync added."""
 
-    def __init__(self, llm, end_ids, lengths):
-        self.llm, self.end_ids = llm, list(end_ids)
+    def __init__(self, llm, end_ids, lengths, after_step=None):
+        self.llm, self.end_ids, self.after_step = llm, list(end_ids), after_step
         self.at = torch.tensor(lengths, device=llm.device)
         self.calls = 0
 
@@ -100,15 +103,17 @@ class ForcedText:
         last[:, self.end_ids] = -torch.inf
         last[:, self.end_ids[0]] = torch.where(self.at == self.calls, 1e4, -torch.inf)
         self.calls += 1
+        if self.after_step is not None:
+            self.after_step()
         return out
 
 
 class ForcedCodes(nn.Module):
     """``SynthStep`` with each row's end code drawn at step ``lengths[b]`` and never before."""
 
-    def __init__(self, step, lengths):
+    def __init__(self, step, lengths, after_step=None):
         super().__init__()
-        self.inner, self.tts = step, step.tts
+        self.inner, self.tts, self.after_step = step, step.tts, after_step
         self.end = step.tts.emb_code[0].num_embeddings - 1
         self.at = torch.tensor(lengths, device=step.tts.emb_code[0].weight.device)
         self.calls = 0
@@ -117,6 +122,8 @@ class ForcedCodes(nn.Module):
         logits = self.inner(**inputs)
         logits[:, :, self.end] = torch.where(self.at == self.calls, 1e4, -torch.inf)[:, None]
         self.calls += 1
+        if self.after_step is not None:
+            self.after_step()
         return logits
 
 
@@ -148,18 +155,24 @@ def prompts_for(adapter: MiniCPMOAdapter, attempts: list[Attempt], seed: int) ->
             for n in lengths]
 
 
-def convert(adapter: MiniCPMOAdapter, attempts: list[Attempt], seed: int):
+def convert(adapter: MiniCPMOAdapter, attempts: list[Attempt], seed: int,
+            text_step=None, code_step=None):
     """Text, conditions and codes of ``attempts`` in one batch, each row ending at its lengths;
-    returns (text rows, code rows, text seconds, code seconds)."""
+    returns (text rows, code rows, text seconds, code seconds). ``text_step`` / ``code_step``,
+    if given, are called after each forward of the text pass / the code loop."""
     prompts = prompts_for(adapter, attempts, seed)
     device = str(adapter.llm.device)
     start = time.perf_counter()
-    forced = ForcedText(adapter.llm, adapter.end_ids, [a.text_tokens for a in attempts])
+    forced = ForcedText(adapter.llm, adapter.end_ids, [a.text_tokens for a in attempts],
+                        text_step)
     texts = greedy_batch(forced, prompts, adapter.end_ids, adapter.pad, adapter.max_new_tokens)
     conditions = [tts_condition(adapter.tts, t.tokens[:t.hidden.shape[0]], t.hidden) for t in texts]
     sync(device)
     middle = time.perf_counter()
-    step = ForcedCodes(adapter.step, [answer_codes(a, adapter.sampling) for a in attempts])
+    if text_step is not None and hasattr(text_step, "finished"):
+        text_step.finished()  # the code loop's prefill runs hooked
+    step = ForcedCodes(adapter.step, [answer_codes(a, adapter.sampling) for a in attempts],
+                       code_step)
     codes = generate_codes(step, conditions, [seed + i for i in range(len(attempts))],
                            adapter.sampling)
     sync(device)
@@ -188,6 +201,62 @@ def timed_rows(adapter, engine, attempts, batch: int, mode: str):
     return time.perf_counter() - start, text_s, code_s
 
 
+ALTERNATING = ("control", "capture", "steer", "capture+steer")
+LOOPS = ("text", "codes")
+
+
+class LoopClock:
+    """After each forward of one loop: sync, stamp, alternate the session's hooks
+    (``hook_overhead.Alternator``, a fresh one per loop so each loop's prefill runs hooked)."""
+
+    def __init__(self, session, device: str):
+        self.session, self.device = session, device
+        self.stamps: list[float] = []
+        self.alternator = Alternator(session, 2)
+
+    def __call__(self) -> None:
+        sync(self.device)
+        self.stamps.append(time.perf_counter())
+        self.alternator()
+
+    def finished(self) -> None:
+        self.alternator.close()
+
+
+def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int):
+    """Per-step hook cost in each loop: hooks on for every other forward of one conversion,
+    each hooked step over its two plain neighbours (as ``kimi_audio_throughput``); capture
+    and steering on both groups (steering: 0.5 % of each group's neurons per row, one row
+    unsteered)."""
+    device = str(adapter.llm.device)
+    layouts = {name: group.layout for name, group in adapter.groups().items()}
+    plans = {name: steering_plan(layout, batch, 0.005, seed=batch) for name, layout in layouts.items()}
+    both = lambda: {"lm": Capture(), "synth": Capture()}  # noqa: E731
+    sessions = {
+        "control": lambda: contextlib.nullcontext(None),
+        "capture": lambda: engine.session(capture=both()),
+        "steer": lambda: engine.session(interventions=plans),
+        "capture+steer": lambda: engine.session(capture=both(), interventions=plans),
+    }
+    out = {(m, loop): {"steps": [], "means": []} for m in ALTERNATING for loop in LOOPS}
+    for repeat in range(repeats):
+        shift = repeat % len(ALTERNATING)
+        for mode in ALTERNATING[shift:] + ALTERNATING[:shift]:
+            with sessions[mode]() as session:
+                clocks = {loop: LoopClock(session, device) for loop in LOOPS}
+                try:
+                    convert(adapter, attempts[:batch], seed=repeat, text_step=clocks["text"],
+                            code_step=clocks["codes"])
+                finally:
+                    for clock in clocks.values():
+                        clock.finished()
+            for loop, clock in clocks.items():
+                ratios, mean_ratio, _ = alternating_ratios(clock.stamps, 2)
+                out[mode, loop]["steps"] += ratios
+                out[mode, loop]["means"].append(mean_ratio)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -200,6 +269,8 @@ def main(argv=None) -> None:
                     help="rows the batch-1 loop is timed on (spread over the length range)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--alternate-repeats", type=int, default=1,
+                    help="conversions per hooked mode for the per-step overhead (0: skip it)")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
@@ -216,7 +287,7 @@ def main(argv=None) -> None:
     rates: dict[tuple[int, str], float] = {}
     print("| batch | rows | mode | s (median) | text s | codes s | utterances/hour | peak GiB |")
     print("|---|---|---|---|---|---|---|---|")
-    for batch in sorted(args.batches):
+    for batch in sorted(args.batches) if args.repeats else ():
         rows = spread(attempts, args.single_rows) if batch == 1 else attempts
         convert(adapter, attempts[:batch], seed=20_000)  # this batch size's first call
         if args.device.startswith("cuda"):
@@ -232,7 +303,18 @@ def main(argv=None) -> None:
             rates[batch, mode] = len(rows) / total * 3600
             print(f"| {batch} | {len(rows)} | {mode} | {total:.3f} | {text_s:.3f} | "
                   f"{code_s:.3f} | {rates[batch, mode]:,.0f} | {peak:.1f} |")
-    for batch in sorted(args.batches):
+    if args.alternate_repeats:
+        print("\n| batch | loop | mode | hooked step / plain neighbours (median) "
+              "| mean hooked / mean plain | steps |")
+        print("|---|---|---|---|---|---|")
+        for batch in sorted(args.batches):
+            result = alternating_overhead(adapter, engine, attempts, batch, args.alternate_repeats)
+            for loop in LOOPS:
+                for mode in ALTERNATING:
+                    r = result[mode, loop]
+                    print(f"| {batch} | {loop} | {mode} | {statistics.median(r['steps']):.3f}x | "
+                          f"{statistics.median(r['means']):.3f}x | {len(r['steps'])} |")
+    for batch in sorted(args.batches) if args.repeats else ():
         print(f"# batch {batch}: capture overhead {rates[batch, 'off'] / rates[batch, 'capture']:.3f}x")
         if batch != 1 and 1 in args.batches:
             for mode in ("off", "capture"):

@@ -313,10 +313,16 @@ def test_minicpm_o_throughput_ends_every_row_at_its_drawn_lengths(capsys):
 
     bench.main(["--batches", "1", "2", "--attempts", "2", "--single-rows", "1", "--repeats", "1"])
     out = capsys.readouterr().out
-    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| [12] \| ", line)]
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| [12] \| \d+ \| (off|capture) \|", line)]
     assert [(r[0].strip(), r[2].strip()) for r in rows] == [
         ("1", "off"), ("1", "capture"), ("2", "off"), ("2", "capture")]
     for r in rows:  # text and code seconds are parts of the total
         total, text_s, code_s = map(float, r[3:6])
         assert 0 < text_s and 0 < code_s and text_s + code_s <= total
     assert "capture overhead" in out and "the batch-1 loop" in out
+    # per-step overhead: each loop, every mode, every batch
+    alternating = [line.split("|")[1:-1] for line in out.splitlines()
+                   if re.match(r"\| \d+ \| (text|codes) \|", line)]
+    assert [tuple(c.strip() for c in r[:3]) for r in alternating] == [
+        (b, loop, m) for b in ("1", "2") for loop in bench.LOOPS for m in bench.ALTERNATING]
+    assert all(int(r[5]) >= 2 for r in alternating if r[1].strip() == "codes")

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without
 from hook_overhead import (  # noqa: E402
     Alternator, alternating_ratios, quartiles, steering_plan,
 )
-from workloads import Attempt, describe, esd_like, spread  # noqa: E402
+from workloads import Attempt, add_throughput_arguments, describe, esd_like, spread  # noqa: E402
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
 from esn_core.models.kimi_audio import TOKEN_RATE, KimiAudioAdapter  # noqa: E402
 from esn_core.models.kimi_generate import Sampling  # noqa: E402
@@ -203,14 +203,7 @@ def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int, de
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--attempts", type=int, default=None,
-                    help="rows per batched measurement (default: the largest batch)")
-    ap.add_argument("--single-rows", type=int, default=4,
-                    help="rows the batch-1 loop is timed on (spread over the length range)")
+    add_throughput_arguments(ap, SHAPES)
     ap.add_argument("--modes", nargs="+", choices=["off", "capture"], default=["off", "capture"])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)

@@ -39,7 +39,7 @@ from transformers import Qwen3ForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
 
 from hook_overhead import Alternator, alternating_ratios, steering_plan  # noqa: E402
-from workloads import Attempt, describe, esd_like, spread  # noqa: E402
+from workloads import Attempt, add_throughput_arguments, describe, esd_like, spread  # noqa: E402
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
 from esn_core.models.minicpm_checkpoint import MiniCPMParts, lm_config  # noqa: E402
 from esn_core.models.minicpm_generate import greedy_batch  # noqa: E402
@@ -259,14 +259,7 @@ def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--attempts", type=int, default=None,
-                    help="rows per batched measurement (default: the largest batch)")
-    ap.add_argument("--single-rows", type=int, default=4,
-                    help="rows the batch-1 loop is timed on (spread over the length range)")
+    add_throughput_arguments(ap, SHAPES)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--alternate-repeats", type=int, default=1,

@@ -95,3 +95,15 @@ class ForcedLengths:
         forced = torch.full_like(scores, -torch.inf)
         forced[:, end_ids[0]] = 0.0
         return torch.where(ending, forced, scores)
+
+
+def add_throughput_arguments(ap, shapes) -> None:
+    """The options the adapter throughput benchmarks share (shape, device, batches, rows)."""
+    ap.add_argument("--shape", choices=sorted(shapes), default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--attempts", type=int, default=None,
+                    help="rows per batched measurement (default: the largest batch)")
+    ap.add_argument("--single-rows", type=int, default=4,
+                    help="rows the batch-1 loop is timed on (spread over the length range)")

@@ -316,9 +316,9 @@ def test_minicpm_o_throughput_ends_every_row_at_its_drawn_lengths(capsys):
     rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| [12] \| \d+ \| (off|capture) \|", line)]
     assert [(r[0].strip(), r[2].strip()) for r in rows] == [
         ("1", "off"), ("1", "capture"), ("2", "off"), ("2", "capture")]
-    for r in rows:  # text and code seconds are parts of the total
+    for r in rows:  # text and code seconds are parts of the total, each printed to 1 ms
         total, text_s, code_s = map(float, r[3:6])
-        assert 0 < text_s and 0 < code_s and text_s + code_s <= total
+        assert 0 < text_s and 0 < code_s and text_s + code_s <= total + 0.0015
     assert "capture overhead" in out and "the batch-1 loop" in out
     # per-step overhead: each loop, every mode, every batch
     alternating = [line.split("|")[1:-1] for line in out.splitlines()

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
 
-from esn_core.hooks import _to_host  # noqa: E402
+from esn_core.hooks import _pinned_bytes, _to_host  # noqa: E402
 
 
 def per_shape_pinned(tensor: torch.Tensor):
@@ -38,12 +38,24 @@ def per_shape_pinned(tensor: torch.Tensor):
     return host.numpy().copy()
 
 
+def pinned_parallel_host_copy(tensor: torch.Tensor):
+    """The one pinned buffer, then torch's multi-threaded copy into a fresh host tensor: the
+    single-threaded numpy copy runs at page-fault speed (~3.4 GB/s)."""
+    tensor = tensor.contiguous()
+    host = tensor
+    if tensor.is_cuda:
+        n_bytes = tensor.numel() * tensor.element_size()
+        host = _pinned_bytes(n_bytes)[:n_bytes].view(tensor.dtype).view(tensor.shape)
+        host.copy_(tensor)
+    return torch.empty(tensor.shape, dtype=tensor.dtype).copy_(host).numpy()
+
+
 def pageable(tensor: torch.Tensor):
     return tensor.cpu().numpy().copy()
 
 
 POLICIES = {"pinned per shape": per_shape_pinned, "pinned, one buffer": _to_host,
-            "pageable": pageable}
+            "pinned, parallel host copy": pinned_parallel_host_copy, "pageable": pageable}
 
 
 def session_seconds(policy, tables: list[torch.Tensor], device: str) -> float:
@@ -70,8 +82,11 @@ def main(argv=None) -> None:
     for batch in args.batches:
         tables = [torch.randint(0, 200, (batch, n), dtype=torch.uint8, device=args.device)
                   for n in args.groups]
-        for policy in POLICIES.values():
+        for name, policy in POLICIES.items():
             session_seconds(policy, tables, args.device)  # first call: buffers, page faults
+            for table in tables:  # every policy ships the same bytes
+                if not (policy(table) == table.cpu().numpy()).all():
+                    raise AssertionError(f"{name} changed the counts")
         times = {name: [] for name in POLICIES}
         for _ in range(args.repeats):  # policies interleaved, so drift hits them alike
             for name, policy in POLICIES.items():

@@ -246,7 +246,7 @@ def main(argv=None) -> None:
             seconds = float(np.median(times[mode]))
             rates[batch, mode] = len(rows) / seconds * 3600
             print(f"| {batch} | {len(rows)} | {mode} | {seconds:.3f} | "
-                  f"{float(np.median(leaving[mode])):.3f} | {rates[batch, mode]:,.0f} | {peak:.1f} |")
+                  f"{float(np.median(leaving[mode])):.4f} | {rates[batch, mode]:,.0f} | {peak:.1f} |")
     if args.alternate_repeats:
         print("\n| batch | mode | hooked step / plain neighbours: median [quartiles of runs] "
               "| mean hooked / mean plain [quartiles] | steps |")

@@ -273,7 +273,8 @@ def test_kimi_audio_throughput_ends_every_row_at_its_drawn_lengths(capsys):
                 "--alternate-repeats", "1"])
     out = capsys.readouterr().out
     assert "| 2 | 2 | capture |" in out and "capture overhead" in out and "the batch-1 loop" in out
-    # hooks off never leave a session; capture's time leaving them is part of its total
+    # hooks off never leave a session; capture's time leaving them (~1 ms here, printed to
+    # 0.1 ms) is part of its total
     whole = {(r[0].strip(), r[2].strip()): (float(r[3]), float(r[4])) for r in
              (line.split("|")[1:-1] for line in out.splitlines())
              if len(r) == 7 and r[2].strip() in ("off", "capture")}
@@ -293,7 +294,17 @@ def test_counts_to_host_times_every_staging_policy():
                "--repeats", "1")
     rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
     assert [r[0].strip() for r in rows] == ["2", "3"]
-    assert all(len(r) == 5 and all(float(c) >= 0 for c in r[2:]) for r in rows)
+    assert all(len(r) == 6 and all(float(c) >= 0 for c in r[2:]) for r in rows)
+
+
+def test_capture_profile_finds_the_session_exit_and_the_counting_ops():
+    out = _run("benchmarks/capture_profile.py", "--batches", "2", "--top", "400", "--repeats", "1")
+    host = out.split("extra host ms")[1]
+    extra_calls = {r[0].strip(): int(r[2].replace(",", "")) for r in
+                   (line.split("|")[1:-1] for line in host.splitlines()[2:]) if len(r) == 3}
+    # capture adds one exit, and comparisons (the prefill's and the step flushes' g > 0)
+    assert extra_calls["capture session exit"] == 1 and extra_calls["aten::gt"] > 0
+    assert re.search(r"\| off \| [\d.]+ \|", out) and re.search(r"\| capture \| [\d.]+ \|", out)
 
 
 def test_minicpm_o_throughput_ends_every_row_at_its_drawn_lengths(capsys):

@@ -811,3 +811,57 @@ def test_counts_reach_the_host_through_one_reused_pinned_buffer():
     bigger = torch.ones(20, 40, dtype=torch.uint8, device="cuda")
     np.testing.assert_array_equal(hooks._to_host(bigger), np.ones((20, 40), np.uint8))
     assert hooks._PINNED[0].numel() >= 800 and len(hooks._PINNED) == 1
+
+
+@pytest.mark.parametrize("buffer_bytes", [1, 2**20])  # every step flushed alone; 32 at once
+def test_byte_counters_fold_into_int32_before_a_byte_overflows(monkeypatch, buffer_bytes):
+    """The counter fed by hand: a 200-position prefill with padding, 150 decode steps in
+    which rows finish at different steps, over layers of two widths (two step-buffer runs).
+    Counts pass 255, so the byte counts fold into the int32 table mid-run; the result must
+    equal the positives at the real positions, summed by numpy."""
+    from esn_core.hooks import _Counter
+    from esn_core.layout import NeuronLayout
+
+    monkeypatch.setattr(_Counter, "BUFFER_BYTES", buffer_bytes)
+    sizes, batch = (4, 4, 3), 3
+    counter = _Counter(NeuronLayout(sizes), Capture())
+    gen = torch.Generator().manual_seed(0)
+    want = [np.zeros((batch, d), np.int64) for d in sizes]
+    valid = torch.ones(batch, 200, dtype=torch.bool)
+    valid[1, :30] = False  # left padding
+    valid[2, :199] = False  # a row with one real prompt position
+    counter.begin_positions(valid)
+    for layer, d in enumerate(sizes):
+        g = torch.randn(batch, 200, d, generator=gen) + 1.5  # ~93% positive
+        counter.count(layer, g)
+        want[layer] += ((g > 0) & valid[:, :, None]).sum(dim=1).numpy()
+    finished = torch.zeros(batch, dtype=torch.bool)
+    for step in range(150):
+        if step in (40, 90):
+            finished = finished.clone()
+            finished[0 if step == 40 else 2] = True
+        counter.begin_step(finished[:, None] if finished.any() else None, batch, "cpu")  # [B, 1], as the root hands it
+        for layer, d in enumerate(sizes):
+            x = torch.randn(batch, 1, d, generator=gen) + 1.5
+            g = counter.silu_into_step(layer, x)
+            want[layer] += ((g > 0)[:, 0] & ~finished[:, None]).numpy()
+    got = counter.result()
+    assert counter.wide_all is not None  # the bytes were folded at least once
+    np.testing.assert_array_equal(got.T, [200 + 40, 170 + 150, 1 + 90])
+    np.testing.assert_array_equal(got.K, np.concatenate(want, axis=1))
+    assert got.K.dtype == np.int32 and got.K.max() > 255
+
+
+def test_counts_that_fit_a_byte_leave_as_bytes_in_the_flat_order():
+    from esn_core.hooks import _Counter
+    from esn_core.layout import NeuronLayout
+
+    counter = _Counter(NeuronLayout((2, 2, 3)), Capture())
+    g = [torch.tensor([[[1.0, -1.0], [2.0, 3.0]]]), torch.tensor([[[-1.0, -2.0], [0.0, 5.0]]]),
+         torch.tensor([[[1.0, 1.0, -1.0], [1.0, -1.0, -1.0]]])]
+    counter.begin_positions(torch.ones(1, 2, dtype=torch.bool), "all")
+    for layer, activations in enumerate(g):
+        counter.count(layer, activations)
+    got = counter.result()
+    assert counter.wide_all is None and got.K.dtype == np.uint8
+    assert got.K.tolist() == [[2, 1, 0, 1, 2, 1, 0]] and got.T.tolist() == [2]

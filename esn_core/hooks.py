@@ -749,7 +749,7 @@ class _GroupState:
                     slots.operands[mlp].copy_(self.decode_operands[layer][0])
 
     def begin_graph_step(self, slots: GraphSlots, layers: Sequence[int]) -> None:
-        """Before a captured step replays: bound to ``slots``, this step's row validity in.
+        """Before a captured step replays: bound to ``slots``, this step's counting limits in (from the rows' validity).
 
         The root's pre-hook has already reserved an eager step-buffer slot for this step;
         the captured step counts into ``slots`` instead, so the reservation is taken back.
@@ -760,28 +760,29 @@ class _GroupState:
         counter = self.counter
         counter.filled -= 1
         counter.slot = -1
-        valid = slots.valid[self.group.root]
+        limits = slots.limits[self.group.root]
         if self.finished is None:
-            valid.fill_(True)
+            limits.zero_()
             counter.T += 1
         else:
-            torch.logical_not(self.finished, out=valid.view(self.finished.shape))
-            counter.T += valid.view(-1)
+            finished = self.finished.view(limits.shape)
+            torch.where(finished, slots.infinity(limits), slots.zero(limits), out=limits)
+            counter.T += finished.view(-1).logical_not()
 
     def static_activation(self, layer: int, function, slots: GraphSlots):
         """The function a captured decode step runs at ``layer``: tensor ops on ``slots``
         only (fixed addresses, no host work), counting then intervening as ``on_activation``."""
         mlp = self.group.mlps[layer]
         counts = slots.counts.get(mlp) if self.counter is not None else None
-        valid = slots.valid.get(self.group.root) if counts is not None else None
+        limits = slots.limits.get(self.group.root) if counts is not None else None
         operand = slots.operands.get(mlp)
         operation = _OPERATIONS[self.intervention.method][1] if operand is not None else None
-        zero = torch.zeros((), dtype=mlp.gate_proj.weight.dtype)
 
         def captured(x: torch.Tensor) -> torch.Tensor:
             g = function(x)
             if counts is not None:
-                counts.add_(torch.gt(g, zero).logical_and_(valid))
+                # Two kernels a layer: a finished row's limit is +inf, so nothing of it counts.
+                counts.add_(torch.gt(g, limits))
             return g if operation is None else operation(g, operand)
 
         return captured
@@ -1031,7 +1032,7 @@ class GraphSlots:
     A graph replays the kernels it recorded on the addresses it recorded, so what changes
     between steps and sessions lives here, not in a session: per hooked MLP an int32
     ``[B, 1, D]`` count and the intervention's ``[B, 1, D]`` operand, per group root the
-    step's ``[B, 1, 1]`` row validity. A session binds itself before each replay
+    step's ``[B, 1, 1]`` counting limits (0 for a real row, +inf for a finished one). A session binds itself before each replay
     (``_GroupState.bind_graph_step``) and adds the counts to its own when it ends.
     """
 
@@ -1039,7 +1040,8 @@ class GraphSlots:
         self.batch = batch
         self.counts: dict[nn.Module, torch.Tensor] = {}
         self.operands: dict[nn.Module, torch.Tensor] = {}
-        self.valid: dict[nn.Module, torch.Tensor] = {}
+        self.limits: dict[nn.Module, torch.Tensor] = {}
+        self._constants: dict[tuple, torch.Tensor] = {}
 
     def allocate(self, state: _GroupState, layer: int, signature) -> None:
         counting, method, touched = signature
@@ -1049,14 +1051,28 @@ class GraphSlots:
         if counting:
             self.counts[mlp] = torch.zeros(shape, dtype=torch.int32, device=weight.device)
             root = state.group.root
-            if root not in self.valid:
-                self.valid[root] = torch.ones(self.batch, 1, 1, dtype=torch.bool, device=weight.device)
+            if root not in self.limits:
+                self.limits[root] = torch.zeros(self.batch, 1, 1, dtype=weight.dtype, device=weight.device)
         if touched:
             self.operands[mlp] = torch.empty(shape, dtype=weight.dtype, device=weight.device)
 
     def reset_counts(self) -> None:
         for counts in self.counts.values():
             counts.zero_()
+
+    def zero(self, like: torch.Tensor) -> torch.Tensor:
+        return self._constant(like, 0.0)
+
+    def infinity(self, like: torch.Tensor) -> torch.Tensor:
+        return self._constant(like, torch.inf)
+
+    def _constant(self, like: torch.Tensor, value: float) -> torch.Tensor:
+        # 0-dim device tensors made once: a Python scalar in ``torch.where`` is copied to the
+        # device on every call.
+        key = (value, like.dtype, like.device)
+        if key not in self._constants:
+            self._constants[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+        return self._constants[key]
 
 
 def _padding_mask(attention_mask, seq: int, decoding: bool) -> torch.Tensor | None:

@@ -94,6 +94,7 @@ class ForcedText:
 
     def __init__(self, llm, end_ids, lengths, after_step=None):
         self.llm, self.end_ids, self.after_step = llm, list(end_ids), after_step
+        self.__wrapped__ = llm  # callers read the LM's signature through it (cache keyword)
         self.at = torch.tensor(lengths, device=llm.device)
         self.calls = 0
 

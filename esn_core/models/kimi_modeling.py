@@ -26,13 +26,14 @@ through the values).
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from esn_core.models.cache_keyword import cache_keyword
 
 # The Qwen2 fields of Kimi's config.json that the rebuilt layers read.
 QWEN2_FIELDS = (
@@ -113,8 +114,7 @@ def _layer_takes_cache() -> str:
     """The keyword under which this transformers' decoder layer takes its KV cache."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-    names = inspect.signature(Qwen2DecoderLayer.forward).parameters
-    return "cache" if "cache" in names else "past_key_values"
+    return cache_keyword(Qwen2DecoderLayer)
 
 
 class KimiBackbone(nn.Module):

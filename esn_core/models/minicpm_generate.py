@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from esn_core.models.cache_keyword import cache_keyword
+
 
 @dataclass
 class TextRow:
@@ -63,8 +65,9 @@ def greedy_batch(llm, prompts: list[torch.Tensor], end_ids: tuple[int, ...], pad
     # Only the last position's logits are read, and no prefill state conditions the TTS
     # (an answer token's state is taken where it is fed): at batch 256 the full logits and
     # every layer's states would each hold ~10 GB.
+    cache_kw = {cache_keyword(llm): cache}
     out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-              past_key_values=cache, use_cache=True, logits_to_keep=1)
+              use_cache=True, logits_to_keep=1, **cache_kw)
     tokens: list[list[int]] = [[] for _ in range(rows)]
     states: list[list[torch.Tensor]] = [[] for _ in range(rows)]
     done, ended = [False] * rows, [False] * rows
@@ -85,8 +88,8 @@ def greedy_batch(llm, prompts: list[torch.Tensor], end_ids: tuple[int, ...], pad
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         positions = positions[:, -1:] + 1
         out = llm(input_ids=torch.tensor(feed, device=mask.device)[:, None],
-                  attention_mask=mask, position_ids=positions, past_key_values=cache,
-                  use_cache=True, output_hidden_states=True)
+                  attention_mask=mask, position_ids=positions, use_cache=True,
+                  output_hidden_states=True, **cache_kw)
         last = out.hidden_states[-1][:, -1]
         for b in range(rows):
             if answer[b]:

@@ -77,6 +77,7 @@ from esn_core.hooks import MLPGroup, _padding_mask, find_gated_mlps
 from esn_core.models import audio as audio_io
 from esn_core.models.audio import load_source
 from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter, check_template
+from esn_core.models.cache_keyword import cache_keyword
 from esn_core.models.graphed_decode import GraphedDecode
 from esn_core.models.ragged import key_padding, ragged_time_axis
 
@@ -883,7 +884,8 @@ class QwenOmniAdapter(LALMAdapter):
                 cache = StaticCache(config=config, max_cache_len=length)
                 self._caches[(part, batch)] = (length, cache)
             cache.reset()  # the talker reads "nothing cached yet" to know it is prefilling
-            settings[f"{part}_past_key_values"] = cache
+            # generate hands it to forward under the name forward takes (5.17: past_key_values)
+            settings[f"{part}_{cache_keyword(getattr(self.model, part))}"] = cache
             settings[f"{part}_disable_compile"] = True
         return settings
 

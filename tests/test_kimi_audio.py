@@ -20,8 +20,9 @@ from esn_core.models.kimi_audio import (
     CheckpointError, KimiAudioAdapter, audio_token_count, check_checkpoint, load_lm, load_source,
 )
 from esn_core.models.kimi_generate import Sampling
-from esn_core.models.kimi_modeling import attention_bias, load_state
+from esn_core.models.kimi_modeling import attention_bias
 from esn_core.models.kimi_tokens import N_SPECIAL, KimiTokenizer, evc_prompt
+from esn_core.models.weights import load_exact
 
 SEEDS = [10, 11, 12]  # with these the tiny model caps row 0 and ends rows 1 and 2 early
 EMOTIONS = ["happy", "sad", "angry"]
@@ -86,7 +87,7 @@ def test_checkpoint_names_load_exactly_and_round_trip(checkpoint):
     broken = dict(saved)
     broken["model.layers.0.mlp.gate.weight"] = broken.pop("model.layers.0.mlp.gate_proj.weight")
     with pytest.raises(ValueError, match=r"tiny.*gate_proj.*gate\.weight"):
-        load_state(lm, broken, "Kimi-Audio-tiny/model.safetensors")
+        load_exact(lm, broken, "Kimi-Audio-tiny/model.safetensors")
 
 
 def test_mimo_branch_reads_its_layer_and_heads_are_text_then_audio(adapter):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from esn_core.models.minicpm_tts import (MiniCPMTTS, TTSConfigError, WeightNameError,
-                                         load_tts)
+from esn_core.models.minicpm_tts import MiniCPMTTS, TTSConfigError, load_tts
+from esn_core.models.weights import WeightNameError
 
 TINY_TTS = dict(llm_dim=16, llm_intermediate_size=12, hidden_size=8, intermediate_size=12,
                 num_attention_heads=2, num_hidden_layers=2, num_key_value_heads=1,

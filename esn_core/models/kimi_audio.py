@@ -51,13 +51,14 @@ from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter, check_templ
 from esn_core.models.kimi_generate import (
     PromptBatch, RowResult, Sampling, generate_two_streams, pad_prompts,
 )
-from esn_core.models.kimi_modeling import KimiAudioLM, kimi_config, load_state, read_config
+from esn_core.models.kimi_modeling import KimiAudioLM, kimi_config, read_config
 from esn_core.models.kimi_checkpoint import (  # noqa: F401 (CheckpointError: re-exported)
     CONFIG, DETOKENIZER_DIR, TIKTOKEN, VOCODER_DIR, VQ_DIR, WHISPER_DIR, CheckpointError,
-    check_checkpoint, read_safetensors, weight_files,
+    check_checkpoint,
 )
 from esn_core.models.kimi_detokenizer import Detokenizer, load_dit, load_vocoder
 from esn_core.models.kimi_tokens import KimiTokenizer, TwoStreams, evc_prompt
+from esn_core.models.weights import load_exact, read_safetensors, weight_files
 from esn_core.models.kimi_vq import SourceTokenizer
 
 SOURCE_RATE = 16_000
@@ -78,7 +79,7 @@ def load_lm(directory: Path, dtype: torch.dtype, device) -> KimiAudioLM:
         lm = KimiAudioLM(config)
     # Allocated once, on the device and in the dtype it runs in; the weights are copied in.
     lm = lm.to(dtype=dtype).to_empty(device=device).place(device, dtype)
-    load_state(lm, read_safetensors(weight_files(directory, [])), str(directory))
+    load_exact(lm, read_safetensors(weight_files(directory, [])), str(directory))
     return lm.eval()
 
 
@@ -119,7 +120,7 @@ class WhisperFeatures:
                 state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
                 break
         self.encoder = WhisperEncoder(config)
-        load_state(self.encoder, state, f"{directory} (Whisper encoder)")
+        load_exact(self.encoder, state, f"{directory} (Whisper encoder)")
         self.encoder = self.encoder.to(device=device, dtype=dtype).eval()
         self.dtype, self.device = dtype, device
 

@@ -1,4 +1,4 @@
-"""Kimi-Audio's checkpoint folder: which files it must hold, and reading its safetensors.
+"""Kimi-Audio's checkpoint folder: which files it must hold (reading them: ``weights``).
 
 Upstream's layout (``moonshotai/Kimi-Audio-7B-Instruct``): ``config.json``,
 ``model*.safetensors``, ``tiktoken.model``, ``whisper-large-v3/``, ``audio_detokenizer/``,
@@ -8,12 +8,10 @@ upstream and expected here as ``glm-4-voice-tokenizer/``.
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+from esn_core.models.weights import weight_files
 
 HUB_ID = "moonshotai/Kimi-Audio-7B-Instruct"
 CONFIG = "config.json"
@@ -29,23 +27,6 @@ class CheckpointError(FileNotFoundError):
 
 
 # --------------------------------------------------------------------------- checkpoint
-
-
-def weight_files(directory: Path, missing: list[str]) -> list[Path]:
-    """The safetensors files of ``directory`` (one file or an index's shards); names of
-    missing ones are appended to ``missing``."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{index} is not a safetensors index: {err}") from err
-        missing += [str(Path(directory.name) / s) for s in shards if not (directory / s).is_file()]
-        return [directory / s for s in shards]
-    if (directory / "model.safetensors").is_file():
-        return [directory / "model.safetensors"]
-    missing.append(f"{directory.name}/model.safetensors (or model.safetensors.index.json and shards)")
-    return []
 
 
 def check_checkpoint(directory: str | os.PathLike) -> Path:
@@ -65,12 +46,12 @@ def check_checkpoint(directory: str | os.PathLike) -> Path:
     whisper = directory / WHISPER_DIR
     if not (whisper / "config.json").is_file():
         missing.append(f"{WHISPER_DIR}/config.json")
-    weight_files(whisper, missing)
+    weight_files(whisper, missing, f"{WHISPER_DIR}/")
     vq = directory / VQ_DIR
     for name in ("config.json", "preprocessor_config.json"):
         if not (vq / name).is_file():
             missing.append(f"{VQ_DIR}/{name}")
-    weight_files(vq, missing)
+    weight_files(vq, missing, f"{VQ_DIR}/")
     for part, name in ((DETOKENIZER_DIR, "config.yaml"), (DETOKENIZER_DIR, "model.pt"),
                        (VOCODER_DIR, "config.json"), (VOCODER_DIR, "model.pt")):
         if not (directory / part / name).is_file():
@@ -79,12 +60,3 @@ def check_checkpoint(directory: str | os.PathLike) -> Path:
         raise CheckpointError(f"Kimi-Audio checkpoint at {directory} is incomplete: missing "
                               f"{', '.join(missing)}")
     return directory
-
-
-def read_safetensors(files: Sequence[Path]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        state.update(load_file(str(path)))
-    return state

@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 from esn_core.models.dit_parts import modulate, timestep_features
-from esn_core.models.kimi_modeling import load_state
 from esn_core.models.ragged import key_padding, ragged_time_axis
+from esn_core.models.weights import load_exact
 
 FRAME_SAMPLES = 480  # 24 kHz samples per 50 Hz mel frame (upstream hard-codes it)
 MAX_POSITIONS = 4096
@@ -480,7 +480,7 @@ def load_dit(directory: Path, device, dtype) -> DiT:
     state = state.get("state_dict", state)
     state = {k[len("speech_model."):]: v for k, v in state.items() if k.startswith("speech_model.")}
     dit = DiT(dit_config)
-    load_state(dit, state, str(directory / "model.pt"))
+    load_exact(dit, state, str(directory / "model.pt"))
     return dit.to(device=device, dtype=dtype).eval()
 
 
@@ -499,6 +499,6 @@ def load_vocoder(directory: Path, device, dtype) -> nn.Module:
                          f"{math.prod(h.upsample_rates)}, the detokenizer's frames are {FRAME_SAMPLES}")
     vocoder = BigVGAN(h, use_cuda_kernel=False)
     state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
-    load_state(vocoder, state.get("generator", state), str(directory / "model.pt"))
+    load_exact(vocoder, state.get("generator", state), str(directory / "model.pt"))
     vocoder.remove_weight_norm()
     return vocoder.to(device=device, dtype=dtype).eval()

@@ -3,7 +3,7 @@
 Upstream ships its LM as remote code that imports flash-attn and runs one row at a time.
 This module builds the same network from ``Qwen2DecoderLayer`` / ``Qwen2RMSNorm`` /
 ``Qwen2RotaryEmbedding`` with the parameter names of upstream's state dict, so the real
-checkpoint loads with 0 missing / 0 unexpected keys (``load_state``):
+checkpoint loads with 0 missing / 0 unexpected keys (``weights.load_exact``):
 
 * ``model.embed_tokens``: one table for both input streams; a position's input is the sum
   of its audio-stream and text-stream embeddings.
@@ -227,14 +227,3 @@ class KimiAudioLM(nn.Module):
         if last_only:
             text_h, audio_h = text_h[:, -1], audio_h[:, -1]
         return self.lm_head(text_h), self.mimo_output(audio_h)
-
-
-def load_state(model: nn.Module, state: dict, where: str) -> None:
-    """Load ``state`` exactly: any missing or unexpected key is an error naming ``where``."""
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{where}: state dict does not match the model: "
-            f"missing {result.missing_keys[:8]} ({len(result.missing_keys)}), "
-            f"unexpected {result.unexpected_keys[:8]} ({len(result.unexpected_keys)})"
-        )

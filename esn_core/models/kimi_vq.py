@@ -29,8 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from esn_core.models.kimi_checkpoint import read_safetensors, weight_files
-from esn_core.models.kimi_modeling import load_state
+from esn_core.models.weights import load_exact, read_safetensors, weight_files
 
 SOURCE_RATE = 16_000
 UNUSED_KEYS = ("ema_count", "ema_weight")  # training-time EMA statistics of the codebook
@@ -148,7 +147,7 @@ class SourceTokenizer:
                 continue
             state[name] = tensor
         self.model = WhisperVQ(config)
-        load_state(self.model, state, f"{directory} (WhisperVQ tokenizer)")
+        load_exact(self.model, state, f"{directory} (WhisperVQ tokenizer)")
         self.model = self.model.to(device).eval()  # float32, as upstream runs it
         self.device = device
 

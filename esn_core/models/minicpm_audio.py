@@ -17,7 +17,8 @@ from torch import nn
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from esn_core.models.minicpm_tts import ReluMLPProjector, load_exact
+from esn_core.models.minicpm_tts import ReluMLPProjector
+from esn_core.models.weights import load_exact
 
 PREFIXES = ("apm.", "audio_projection_layer.")
 

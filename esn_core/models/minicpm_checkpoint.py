@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from esn_core.models.kimi_checkpoint import weight_files
 from esn_core.models.minicpm_audio import PREFIXES as AUDIO_PREFIXES
 from esn_core.models.minicpm_audio import MiniCPMAudioIn, load_audio_in
-from esn_core.models.minicpm_tts import MiniCPMTTS, WeightNameError, load_tts
+from esn_core.models.minicpm_tts import MiniCPMTTS, load_tts
+from esn_core.models.weights import WeightNameError, load_exact, read_safetensors, weight_files
 
 HUB_ID = "openbmb/MiniCPM-o-4_5"
 CONFIG = "config.json"
@@ -111,10 +110,7 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
     files = weight_files(directory, missing)
     if missing:
         raise CheckpointError(f"MiniCPM-o checkpoint {directory} is missing: {', '.join(missing)}")
-    weights: dict[str, torch.Tensor] = {}
-    for f in files:
-        weights.update(load_file(str(f)))
-    return weights
+    return read_safetensors(files)
 
 
 def load_checkpoint(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MiniCPMParts:
@@ -131,14 +127,9 @@ def load_checkpoint(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
         raise WeightNameError(f"{directory}: weights under no known prefix: {stray[:8]}")
     llm = Qwen3ForCausalLM(lm_config(config))
     own = {k[4:]: v for k, v in weights.items() if k.startswith("llm.")}
-    expected = set(llm.state_dict())
-    if config.get("tie_word_embeddings") and "lm_head.weight" not in own:
-        expected.discard("lm_head.weight")  # tied: lives in embed_tokens
-    lost, extra = sorted(expected - set(own)), sorted(set(own) - expected)
-    if lost or extra:
-        raise WeightNameError(f"LM weights under 'llm.' do not match Qwen3ForCausalLM: "
-                              f"missing {lost[:8]}, unexpected {extra[:8]}")
-    llm.load_state_dict(own, strict=False)  # strictness checked above (tied head aside)
+    # A tied head lives in embed_tokens: the checkpoint may leave it out.
+    tied = ("lm_head.weight",) if config.get("tie_word_embeddings") and "lm_head.weight" not in own else ()
+    load_exact(llm, own, f"{directory}: LM weights under 'llm.' (Qwen3ForCausalLM)", may_lack=tied)
     audio_in = load_audio_in(config["audio_config"], config["hidden_size"],
                              config.get("audio_pool_step", 5), weights)
     tts = load_tts(config["tts_config"], weights)

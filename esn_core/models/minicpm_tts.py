@@ -18,6 +18,8 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 from transformers import LlamaConfig, LlamaModel
 
+from esn_core.models.weights import WeightNameError, load_exact  # noqa: F401 (re-exported)
+
 # tts_config keys the module's shapes depend on (the checkpoint's config.json spelling).
 SHAPE_KEYS = ("llm_dim", "hidden_size", "intermediate_size", "num_attention_heads",
               "num_hidden_layers", "num_key_value_heads", "num_audio_tokens", "num_text_tokens",
@@ -120,10 +122,6 @@ class MiniCPMTTS(nn.Module):
             for _ in range(cfg["num_vq"]))
 
 
-class WeightNameError(KeyError):
-    """Checkpoint weights that do not match the module's names; the message lists them."""
-
-
 def load_tts(cfg: Mapping, weights: Mapping[str, torch.Tensor], prefix: str = "tts.") -> MiniCPMTTS:
     """A ``MiniCPMTTS`` holding the ``prefix``-ed entries of ``weights`` (the checkpoint's
     flat state dict). Every module parameter must be present and every ``prefix``-ed weight
@@ -132,14 +130,3 @@ def load_tts(cfg: Mapping, weights: Mapping[str, torch.Tensor], prefix: str = "t
     own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     load_exact(tts, own, f"TTS weights under {prefix!r}")
     return tts
-
-
-def load_exact(module: nn.Module, own: Mapping[str, torch.Tensor], what: str) -> None:
-    """Load ``own`` into ``module``; a ``WeightNameError`` names ``what`` and the missing and
-    unexpected names unless they match exactly."""
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - set(own)), sorted(set(own) - expected)
-    if missing or unexpected:
-        raise WeightNameError(f"{what} do not match the module: "
-                              f"missing {missing[:8]}, unexpected {unexpected[:8]}")
-    module.load_state_dict(own, strict=True)

@@ -80,6 +80,7 @@ from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter, check_templ
 from esn_core.models.cache_keyword import cache_keyword
 from esn_core.models.graphed_decode import GraphedDecode
 from esn_core.models.ragged import key_padding, ragged_time_axis
+from esn_core.models.weights import weight_files
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +165,7 @@ def check_checkpoint(directory: Path, repo_id: str = HUB_ID) -> Path:
     missing: list[str] = []
     if not (directory / "config.json").is_file():
         missing.append("config.json")
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{index} is not a safetensors index: {err}") from err
-        missing += [s for s in shards if not (directory / s).is_file()]
-    elif not (directory / "model.safetensors").is_file():
-        missing.append("model.safetensors.index.json (and its model-*.safetensors shards)")
+    weight_files(directory, missing)
     for name in ("preprocessor_config.json", "tokenizer_config.json", SPEAKER_FILE):
         if not (directory / name).is_file():
             missing.append(name)

@@ -197,6 +197,29 @@ def steering_plan(layout, batch: int, r: float, seed: int) -> Intervention:
     return Intervention("steer", tuple(masks), tuple([1.0] * batch))
 
 
+# The sessions an adapter benchmark alternates per step (``kimi_audio_throughput``,
+# ``minicpm_o_throughput``): ``control`` toggles nothing at the same Python cost.
+ADAPTER_MODES = ("control", "capture", "steer", "capture+steer")
+
+
+def adapter_sessions(engine: HookEngine, captured: tuple[str, ...], plans: dict[str, Intervention]):
+    """mode -> a fresh session of that mode: capture on the ``captured`` groups, steering
+    with ``plans`` (group -> plan), both, or none."""
+    capture = lambda: {group: Capture() for group in captured}  # noqa: E731
+    return {
+        "control": lambda: contextlib.nullcontext(None),
+        "capture": lambda: engine.session(capture=capture()),
+        "steer": lambda: engine.session(interventions=plans),
+        "capture+steer": lambda: engine.session(capture=capture(), interventions=plans),
+    }
+
+
+def rotated(modes: tuple[str, ...], repeat: int) -> tuple[str, ...]:
+    """``modes`` started at a different one each repeat, so no mode always runs first."""
+    shift = repeat % len(modes)
+    return modes[shift:] + modes[:shift]
+
+
 def per_call_cost(model, engine, layout, batch: int, device: str, calls: int = 2000) -> dict:
     """Microseconds per ``act_fn`` call of one decode step, plain and hooked.
 

@@ -29,7 +29,6 @@ step is compared with its plain neighbours; ``control`` shows what noise alone g
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -41,7 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
 
 from hook_overhead import (  # noqa: E402
-    Alternator, alternating_ratios, quartiles, steering_plan,
+    ADAPTER_MODES as ALTERNATING, Alternator, adapter_sessions, alternating_ratios, quartiles,
+    rotated, steering_plan, sync,
 )
 from workloads import Attempt, add_throughput_arguments, describe, esd_like, spread  # noqa: E402
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
@@ -131,11 +131,6 @@ def run(adapter: KimiAudioAdapter, attempts: list[Attempt], seed: int, after_ste
         adapter.lm = real_lm
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed_rows(adapter, engine, attempts, batch: int, mode: str, device: str):
     """``(seconds, exit seconds)``: time to generate every attempt in calls of ``batch``
     rows, hooks as ``mode`` says, and of that the time spent leaving the capture sessions
@@ -156,9 +151,6 @@ def timed_rows(adapter, engine, attempts, batch: int, mode: str, device: str):
     return time.perf_counter() - start, leaving
 
 
-ALTERNATING = ("control", "capture", "steer", "capture+steer")
-
-
 def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int, device: str,
                          period: int = 2) -> dict[str, dict[str, list[float]]]:
     """Per-step hook cost: each hooked mode runs one ``generate`` with its hooks on for one
@@ -169,18 +161,11 @@ def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int, de
     both groups; steering is on ``lm``, per-row masks of 0.5 % of its neurons, one row
     unsteered, as an evaluation batch mixes them."""
     plan = steering_plan(adapter.groups()["lm"].layout, batch, 0.005, seed=batch)
-    sessions = {
-        "control": lambda: contextlib.nullcontext(None),
-        "capture": lambda: engine.session(capture={"lm": Capture(), "synth": Capture()}),
-        "steer": lambda: engine.session(interventions={"lm": plan}),
-        "capture+steer": lambda: engine.session(capture={"lm": Capture(), "synth": Capture()},
-                                                interventions={"lm": plan}),
-    }
+    sessions = adapter_sessions(engine, ("lm", "synth"), {"lm": plan})
     chunk = attempts[:batch]
     out = {m: {"steps": [], "runs": [], "means": []} for m in ALTERNATING}
     for repeat in range(repeats):
-        shift = repeat % len(ALTERNATING)
-        for mode in ALTERNATING[shift:] + ALTERNATING[:shift]:
+        for mode in rotated(ALTERNATING, repeat):
             stamps: list[float] = []
             with sessions[mode]() as session:
                 alternator = Alternator(session, period)

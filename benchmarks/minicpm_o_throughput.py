@@ -25,7 +25,6 @@ pass and the code loop are forced to end each row at its drawn lengths (``Forced
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -38,7 +37,10 @@ from transformers import Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
 
-from hook_overhead import Alternator, alternating_ratios, steering_plan  # noqa: E402
+from hook_overhead import (  # noqa: E402
+    ADAPTER_MODES as ALTERNATING, Alternator, adapter_sessions, alternating_ratios, rotated,
+    steering_plan, sync,
+)
 from workloads import Attempt, add_throughput_arguments, describe, esd_like, spread  # noqa: E402
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
 from esn_core.models.minicpm_checkpoint import MiniCPMParts, lm_config  # noqa: E402
@@ -180,11 +182,6 @@ def convert(adapter: MiniCPMOAdapter, attempts: list[Attempt], seed: int,
     return texts, codes, middle - start, time.perf_counter() - middle
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed_rows(adapter, engine, attempts, batch: int, mode: str):
     """(seconds, text seconds, code seconds) for every attempt in calls of ``batch`` rows."""
     device = str(adapter.llm.device)
@@ -202,7 +199,6 @@ def timed_rows(adapter, engine, attempts, batch: int, mode: str):
     return time.perf_counter() - start, text_s, code_s
 
 
-ALTERNATING = ("control", "capture", "steer", "capture+steer")
 LOOPS = ("text", "codes")
 
 
@@ -232,17 +228,10 @@ def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int):
     device = str(adapter.llm.device)
     layouts = {name: group.layout for name, group in adapter.groups().items()}
     plans = {name: steering_plan(layout, batch, 0.005, seed=batch) for name, layout in layouts.items()}
-    both = lambda: {"lm": Capture(), "synth": Capture()}  # noqa: E731
-    sessions = {
-        "control": lambda: contextlib.nullcontext(None),
-        "capture": lambda: engine.session(capture=both()),
-        "steer": lambda: engine.session(interventions=plans),
-        "capture+steer": lambda: engine.session(capture=both(), interventions=plans),
-    }
+    sessions = adapter_sessions(engine, ("lm", "synth"), plans)
     out = {(m, loop): {"steps": [], "means": []} for m in ALTERNATING for loop in LOOPS}
     for repeat in range(repeats):
-        shift = repeat % len(ALTERNATING)
-        for mode in ALTERNATING[shift:] + ALTERNATING[:shift]:
+        for mode in rotated(ALTERNATING, repeat):
             with sessions[mode]() as session:
                 clocks = {loop: LoopClock(session, device) for loop in LOOPS}
                 try:

@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from esn_core.models.minicpm_speech_codes import (CodeSampling, SynthStep, draw,
-                                                  generate_codes, penalise_repeats,
-                                                  top_p_top_k)
+from esn_core.models.minicpm_speech_codes import (CodeSampling, SynthStep, generate_codes,
+                                                  penalise_repeats, top_p_top_k)
 from esn_core.models.minicpm_tts import MiniCPMTTS
 from tests.tiny_minicpm import TINY_CONFIG
 
@@ -35,11 +34,6 @@ def test_top_p_then_top_k_keep_at_least_min_keep():
     assert kept.sum() == 3
     kept = torch.isfinite(top_p_top_k(logits, 1.0, 2, 1))
     assert kept.tolist() == [[True, True, False, False, False]]
-
-
-def test_draw_is_the_inverse_cdf():
-    logits = torch.log(torch.tensor([[0.25, 0.25, 0.5]])).repeat(3, 1)
-    assert draw(logits, torch.tensor([0.1, 0.3, 0.9])).tolist() == [0, 1, 2]
 
 
 def test_batched_rows_equal_rows_alone(step):

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from esn_core.models.kimi_generate import draw_uniforms
+from esn_core.models.seeded_draws import draw_uniforms, inverse_cdf
 
 
 @dataclass(frozen=True)
@@ -124,13 +124,6 @@ def top_p_top_k(logits: torch.Tensor, top_p: float, top_k: int, min_keep: int) -
     return logits
 
 
-def draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One code per row of ``logits`` [N, V]: inverse CDF of softmax at ``uniforms`` [N]."""
-    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
-    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
-    return torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1)[:, 0]
-
-
 @torch.no_grad()
 def generate_codes(step: SynthStep, conditions: list[torch.Tensor], seeds: list[int],
                    sampling: CodeSampling = CodeSampling()) -> list[CodeRow]:
@@ -168,7 +161,7 @@ def generate_codes(step: SynthStep, conditions: list[torch.Tensor], seeds: list[
         if t < sampling.min_codes:
             flat[:, end] = -torch.inf
         u = uniforms[:, t * num_vq:(t + 1) * num_vq].reshape(-1)
-        chosen = draw(flat, u).view(rows, num_vq)
+        chosen = inverse_cdf(flat.softmax(dim=-1), u).view(rows, num_vq)
         hit = chosen.eq(end).any(dim=1) & ~ended
         length = torch.where(hit, t, length)
         ended |= hit

@@ -139,21 +139,11 @@ def test_config_sampling_mapping_and_unknown_keys(tmp_path):
 def test_the_real_vocoder_path_on_tiny_token2wav_assets(tmp_path):
     """No stub: the adapter loads the token2wav assets beside the checkpoint, as on a real one."""
     pytest.importorskip("onnx")
-    from esn_core.models.flow_yaml import build_flow
-    from esn_core.models.hift import HiFTGenerator
-    from tests.test_minicpm_vocoder import TINY_FLOW_YAML, _campplus_onnx, _tokenizer_onnx
+    from tests.test_minicpm_vocoder import write_token2wav_assets
     from tests.tiny_minicpm import build
 
     ckpt = build(tmp_path / "ckpt")
-    assets = ckpt / "assets" / "token2wav"
-    assets.mkdir(parents=True)
-    (assets / "flow.yaml").write_text(TINY_FLOW_YAML)
-    torch.manual_seed(0)
-    torch.save(build_flow(assets / "flow.yaml").state_dict(), assets / "flow.pt")
-    torch.save({"generator." + k: v for k, v in HiFTGenerator().state_dict().items()},
-               assets / "hift_original.pt")
-    _tokenizer_onnx(assets / "speech_tokenizer_v2_25hz.onnx")
-    _campplus_onnx(assets / "campplus.onnx")
+    write_token2wav_assets(ckpt)
     src = tmp_path / "src.wav"
     sf.write(src, (0.1 * np.random.default_rng(0).standard_normal(3300)).astype("float32"), 16_000)
     adapter = MiniCPMOAdapter(ckpt, max_new_tokens=4, vocoder_steps=2,

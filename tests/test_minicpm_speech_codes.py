@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from esn_core.models.minicpm_speech_codes import (CodeSampling, SynthStep, draw,
-                                                  generate_codes, penalise_repeats,
-                                                  top_p_top_k)
+from esn_core.models.minicpm_speech_codes import (CodeSampling, SynthStep, generate_codes,
+                                                  penalise_repeats, top_p_top_k)
 from esn_core.models.minicpm_tts import MiniCPMTTS
 from tests.tiny_minicpm import TINY_CONFIG
 
@@ -35,11 +34,6 @@ def test_top_p_then_top_k_keep_at_least_min_keep():
     assert kept.sum() == 3
     kept = torch.isfinite(top_p_top_k(logits, 1.0, 2, 1))
     assert kept.tolist() == [[True, True, False, False, False]]
-
-
-def test_draw_is_the_inverse_cdf():
-    logits = torch.log(torch.tensor([[0.25, 0.25, 0.5]])).repeat(3, 1)
-    assert draw(logits, torch.tensor([0.1, 0.3, 0.9])).tolist() == [0, 1, 2]
 
 
 def test_batched_rows_equal_rows_alone(step):
@@ -103,3 +97,48 @@ def test_synth_capture_counts_the_positions_the_rows_report(step):
         with engine.session(capture={"synth": Capture()}) as alone:
             generate_codes(step, [c], [s], sampling)
         np.testing.assert_array_equal(alone.counts("synth").K[0], counts.K[b])
+
+
+def test_codes_equal_the_pinned_runs_of_the_two_sync_loop():
+    """Every row of every pinned run (tests/minicpm_code_runs.py): codes, end and positions
+    bit for bit as the loop gave them before it kept its state on the device."""
+    import json
+
+    from tests.minicpm_code_runs import CASES, GOLDEN, run_case
+
+    golden = json.loads(GOLDEN.read_text())
+    assert sorted(golden) == sorted(name for name, *_ in CASES)
+    for name, *args in CASES:
+        assert run_case(*args) == golden[name], name
+
+
+# Tensor methods and torch functions that read a tensor's values on the host (a device sync
+# on an accelerator); ``.to("cpu")`` is left out: the model calls ``.to`` for dtypes too.
+HOST_READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "cpu",
+              "numpy", "nonzero")
+
+
+def test_the_loop_reads_the_device_once_a_step(step, monkeypatch):
+    import collections
+    import sys
+
+    reads = collections.Counter()
+
+    def counted(name, original):
+        def wrapper(*args, **kwargs):
+            caller = sys._getframe(1).f_code
+            reads[f"{name} at {caller.co_filename}:{caller.co_name}"] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    for name in ("nonzero", "equal", "is_nonzero"):
+        monkeypatch.setattr(torch, name, counted(f"torch.{name}", getattr(torch, name)))
+    steps = 30  # no row can end before min_codes: every run takes all the steps
+    rows = generate_codes(step, conditions([3, 5, 4]), [1, 2, 3],
+                          CodeSampling(min_codes=steps, max_codes=steps))
+    monkeypatch.undo()
+    assert [r.codes.shape[0] for r in rows] == [steps - 1] * 3
+    # one test a step (has every row ended?), skipped at the cap; three reads after the loop
+    assert sum(reads.values()) <= steps + 3, dict(reads)

@@ -89,11 +89,10 @@ def _campplus_onnx(path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    pytest.importorskip("onnx")  # writes the tiny ONNX files; installed by scripts/install.sh --test
-    root = tmp_path_factory.mktemp("minicpm_ckpt")
-    assets = root / "assets" / "token2wav"
+def write_token2wav_assets(checkpoint):
+    """The tiny token2wav assets under ``checkpoint/assets/token2wav`` (seeded: the same
+    weights every call), as a real checkpoint holds them; needs the ``onnx`` package."""
+    assets = checkpoint / "assets" / "token2wav"
     assets.mkdir(parents=True)
     (assets / "flow.yaml").write_text(TINY_FLOW_YAML)
     torch.manual_seed(0)
@@ -102,6 +101,13 @@ def checkpoint(tmp_path_factory):
     torch.save({"generator." + k: v for k, v in hift.state_dict().items()}, assets / "hift_original.pt")
     _tokenizer_onnx(assets / "speech_tokenizer_v2_25hz.onnx")
     _campplus_onnx(assets / "campplus.onnx")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    pytest.importorskip("onnx")  # writes the tiny ONNX files; installed by scripts/install.sh --test
+    root = tmp_path_factory.mktemp("minicpm_ckpt")
+    write_token2wav_assets(root)
     return root
 
 

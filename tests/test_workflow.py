@@ -195,14 +195,14 @@ def test_plan_variants_are_anchor_plus_one_at_a_time_sweeps():
         Plan(_config(judges={"report": ["e2v"]}))
 
 
-def test_workflow_runs_end_to_end_on_a_tiny_qwen2_5_omni(tmp_path):
-    """The paper's model class through the whole workflow (random weights: relaxed tau_wer)."""
-    from tiny_omni import build_tiny_omni
+def _run_on_human_labels(tmp_path: Path, adapter: str, checkpoint: Path, options: dict) -> None:
+    """The whole workflow on a tiny random-weight ``adapter`` checkpoint, 3 demo speakers × 8
+    utterances: it must finish, count a ``synth`` position for every attempt and tabulate
+    both selectors.
 
-    checkpoint = build_tiny_omni(tmp_path / "Qwen2.5-Omni-tiny")
-    # Random weights never sound emotional, so success comes from imported human labels (the
-    # CAS-H path of SPEC §3): every identification attempt "sounds" like its target.
-    # Labels name identification attempts only: a label for any other id is refused.
+    Random weights never sound emotional, so success comes from imported human labels (the
+    CAS-H path of SPEC §3): every identification attempt "sounds" like its target.
+    Labels name identification attempts only: a label for any other id is refused."""
     labels = tmp_path / "human_labels.csv"
     rule = SplitRule.for_demo(8)
     roles = rule.speaker_roles(["0011", "0012", "0013"])
@@ -210,9 +210,8 @@ def test_workflow_runs_end_to_end_on_a_tiny_qwen2_5_omni(tmp_path):
             for t in ("happy", "angry", "sad", "surprise") if rule.split_of(roles[spk], i) == "identification"]
     labels.write_text("attempt_id,human_label\n" + "\n".join(rows) + "\n")
     config = _config(
-        model={"adapter": "qwen2_5_omni", "path": str(checkpoint), "batch_size": 16, "shard_sources": 16,
-               "options": {"dtype": "float32", "max_new_tokens": 6, "talker_max_new_tokens": 12,
-                           "token2wav_steps": 2}},
+        model={"adapter": adapter, "path": str(checkpoint), "batch_size": 16, "shard_sources": 16,
+               "options": options},
         corpus={"demo": {"speakers": 3, "utterances": 8}},
         success={"tau_wer": 100.0, "human_labels": str(labels)},
         judges={"filter": "human"},  # human labels decide every variant's success sets
@@ -229,80 +228,36 @@ def test_workflow_runs_end_to_end_on_a_tiny_qwen2_5_omni(tmp_path):
     assert set(table3["selector"]) == {"cas", "random"}
 
 
+def test_workflow_runs_end_to_end_on_a_tiny_qwen2_5_omni(tmp_path):
+    """The paper's model class through the whole workflow (random weights: relaxed tau_wer)."""
+    from tiny_omni import build_tiny_omni
+
+    checkpoint = build_tiny_omni(tmp_path / "Qwen2.5-Omni-tiny")
+    _run_on_human_labels(tmp_path, "qwen2_5_omni", checkpoint,
+                         {"dtype": "float32", "max_new_tokens": 6, "talker_max_new_tokens": 12,
+                          "token2wav_steps": 2})
+
+
 def test_workflow_runs_end_to_end_on_a_tiny_kimi_audio(tmp_path):
     """Kimi-Audio through the whole workflow (random weights: success from human labels)."""
     from tiny_kimi import build_checkpoint
 
     checkpoint = build_checkpoint(tmp_path / "Kimi-Audio-tiny")
-    labels = tmp_path / "human_labels.csv"
-    rule = SplitRule.for_demo(8)
-    roles = rule.speaker_roles(["0011", "0012", "0013"])
-    rows = [f"{spk}_{i:06d}.{t},{t}" for spk in ("0011", "0012", "0013") for i in range(1, 9)
-            for t in ("happy", "angry", "sad", "surprise") if rule.split_of(roles[spk], i) == "identification"]
-    labels.write_text("attempt_id,human_label\n" + "\n".join(rows) + "\n")
-    config = _config(
-        model={"adapter": "kimi_audio", "path": str(checkpoint), "batch_size": 16, "shard_sources": 16,
-               "options": {"dtype": "float32", "max_tokens": 120, "detokenizer_steps": 2}},
-        corpus={"demo": {"speakers": 3, "utterances": 8}},
-        success={"tau_wer": 100.0, "human_labels": str(labels)},
-        judges={"filter": "human"},
-        evaluation={"max_sources": 1, "bootstrap": 20},
-    )
-    workdir = _workdir(tmp_path / "wf", config)
-    proc = _snakemake(workdir, timeout=1200)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    results = workdir / "results"
-    attempts = pl.read_parquet(results / "sample/attempts/shard0.parquet")
-    counts = pl.read_parquet(next((results / "sample/counts/synth").glob("shard*.parquet")))
-    assert attempts.height == counts.height > 0 and (attempts["n_positions"] > 0).all()
-    table3 = pl.read_parquet(results / "tables/table3_selectors.parquet")
-    assert set(table3["selector"]) == {"cas", "random"}
+    _run_on_human_labels(tmp_path, "kimi_audio", checkpoint,
+                         {"dtype": "float32", "max_tokens": 120, "detokenizer_steps": 2})
 
 
 def test_workflow_runs_end_to_end_on_a_tiny_minicpm_o(tmp_path):
     """MiniCPM-o 4.5 through the whole workflow (random weights, tiny token2wav assets)."""
     pytest.importorskip("onnx")
-    import torch
-    from test_minicpm_vocoder import TINY_FLOW_YAML, _campplus_onnx, _tokenizer_onnx
+    from test_minicpm_vocoder import write_token2wav_assets
     from tiny_minicpm import build
 
-    from esn_core.models.flow_yaml import build_flow
-    from esn_core.models.hift import HiFTGenerator
-
     checkpoint = build(tmp_path / "MiniCPM-o-tiny", max_source_positions=1500)
-    assets = checkpoint / "assets" / "token2wav"
-    assets.mkdir(parents=True)
-    (assets / "flow.yaml").write_text(TINY_FLOW_YAML)
-    torch.manual_seed(0)
-    torch.save(build_flow(assets / "flow.yaml").state_dict(), assets / "flow.pt")
-    torch.save({"generator." + k: v for k, v in HiFTGenerator().state_dict().items()},
-               assets / "hift_original.pt")
-    _tokenizer_onnx(assets / "speech_tokenizer_v2_25hz.onnx")
-    _campplus_onnx(assets / "campplus.onnx")
-    labels = tmp_path / "human_labels.csv"
-    rule = SplitRule.for_demo(8)
-    roles = rule.speaker_roles(["0011", "0012", "0013"])
-    rows = [f"{spk}_{i:06d}.{t},{t}" for spk in ("0011", "0012", "0013") for i in range(1, 9)
-            for t in ("happy", "angry", "sad", "surprise") if rule.split_of(roles[spk], i) == "identification"]
-    labels.write_text("attempt_id,human_label\n" + "\n".join(rows) + "\n")
-    config = _config(
-        model={"adapter": "minicpm_o_4_5", "path": str(checkpoint), "batch_size": 16, "shard_sources": 16,
-               "options": {"dtype": "float32", "max_new_tokens": 4, "vocoder_steps": 2,
-                           "sampling": {"min_codes": 2, "max_codes": 6}}},
-        corpus={"demo": {"speakers": 3, "utterances": 8}},
-        success={"tau_wer": 100.0, "human_labels": str(labels)},
-        judges={"filter": "human"},
-        evaluation={"max_sources": 1, "bootstrap": 20},
-    )
-    workdir = _workdir(tmp_path / "wf", config)
-    proc = _snakemake(workdir, timeout=1200)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    results = workdir / "results"
-    attempts = pl.read_parquet(results / "sample/attempts/shard0.parquet")
-    counts = pl.read_parquet(next((results / "sample/counts/synth").glob("shard*.parquet")))
-    assert attempts.height == counts.height > 0 and (attempts["n_positions"] > 0).all()
-    table3 = pl.read_parquet(results / "tables/table3_selectors.parquet")
-    assert set(table3["selector"]) == {"cas", "random"}
+    write_token2wav_assets(checkpoint)
+    _run_on_human_labels(tmp_path, "minicpm_o_4_5", checkpoint,
+                         {"dtype": "float32", "max_new_tokens": 4, "vocoder_steps": 2,
+                          "sampling": {"min_codes": 2, "max_codes": 6}})
 
 
 def test_outputs_are_readable_by_collaborators_under_the_umask(finished):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from esn_core.models.kimi_tokens import SpecialIds, TwoStreams
+from esn_core.models.seeded_draws import draw_uniforms, inverse_cdf
 
 
 @dataclass(frozen=True)
@@ -96,22 +97,6 @@ def pad_prompts(prompts: list[TwoStreams], features: list[torch.Tensor | None], 
                        None if feats is None else feats.to(**to))
 
 
-def draw_uniforms(seeds: list[int], counts: list[int], device) -> torch.Tensor:
-    """``[B, max(counts)]`` uniforms: row ``b``'s first ``counts[b]`` draws of a CPU generator
-    seeded ``seeds[b]`` (the rest zero).
-
-    Drawn once, before the loop, on the host: the same seed gives the same draws on every
-    device, and the loop draws nothing per step (no per-row kernel, no host sync). A row's
-    draws depend on its seed and its own cap only, so a row in a batch draws as it would alone.
-    """
-    width = max(max(counts), 1)
-    draws = torch.zeros(len(seeds), width)
-    for b, (seed, n) in enumerate(zip(seeds, counts)):
-        if n > 0:
-            draws[b, :n] = torch.rand(n, generator=torch.Generator().manual_seed(int(seed)))
-    return draws.to(device)
-
-
 def sample_audio(logits: torch.Tensor, uniforms: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """Each row's audio token (``logits``: ``[B, V]``, ``uniforms``: ``[B]`` in [0, 1)).
 
@@ -126,10 +111,8 @@ def sample_audio(logits: torch.Tensor, uniforms: torch.Tensor, sampling: Samplin
         probs, index = torch.topk(probs, min(sampling.audio_top_k, probs.shape[-1]), dim=-1)
     else:
         index = None
-    cdf = probs.cumsum(dim=-1)
-    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
-    pick = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1)
-    return pick[:, 0] if index is None else index.gather(1, pick)[:, 0]
+    pick = inverse_cdf(probs, uniforms)
+    return pick if index is None else index.gather(1, pick[:, None])[:, 0]
 
 
 # no_grad, not inference_mode: the hooks' counters are made during the loop and updated

@@ -23,6 +23,8 @@ uniform drawn before the loop on the host from a generator seeded with the row's
 (``draw_uniforms``), so a row draws the same codes in any batch and on any device; the
 distribution is upstream's, the draws are not torch.multinomial's. A row that ended feeds the
 end code at later steps (the hook root sees it fed and counts none of those positions).
+The loop's state (each row's end and length) stays on the device: one host sync a step, to
+learn whether every row has ended, and one read of the codes after the loop.
 
 SPEC §1's T for ``synth``: the condition's positions plus every code fed, ``L + len(codes)``
 (the step that draws the end code feeds nothing after it).
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from esn_core.models.kimi_generate import draw_uniforms
+from esn_core.models.seeded_draws import draw_uniforms, inverse_cdf
 
 
 @dataclass(frozen=True)
@@ -122,13 +124,6 @@ def top_p_top_k(logits: torch.Tensor, top_p: float, top_k: int, min_keep: int) -
     return logits
 
 
-def draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One code per row of ``logits`` [N, V]: inverse CDF of softmax at ``uniforms`` [N]."""
-    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
-    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
-    return torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1)[:, 0]
-
-
 @torch.no_grad()
 def generate_codes(step: SynthStep, conditions: list[torch.Tensor], seeds: list[int],
                    sampling: CodeSampling = CodeSampling()) -> list[CodeRow]:
@@ -153,9 +148,10 @@ def generate_codes(step: SynthStep, conditions: list[torch.Tensor], seeds: list[
     cache = DynamicCache()
     logits = step(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache)
     codes = torch.zeros(rows, sampling.max_codes, num_vq, dtype=torch.long, device=embeds.device)
-    done = torch.zeros(rows, dtype=torch.bool, device=embeds.device)
-    length = torch.zeros(rows, dtype=torch.long)
-    ended = [False] * rows
+    # The loop's state stays on the device: one host sync a step (has every row ended?).
+    ended = torch.zeros(rows, dtype=torch.bool, device=embeds.device)
+    # A row that never draws the end code keeps max_codes - 1: upstream drops the cap's last code.
+    length = torch.full((rows,), sampling.max_codes - 1, dtype=torch.long, device=embeds.device)
     for t in range(sampling.max_codes):
         flat = logits.reshape(rows * num_vq, vocab) / sampling.temperature
         if t > 0:
@@ -165,22 +161,20 @@ def generate_codes(step: SynthStep, conditions: list[torch.Tensor], seeds: list[
         if t < sampling.min_codes:
             flat[:, end] = -torch.inf
         u = uniforms[:, t * num_vq:(t + 1) * num_vq].reshape(-1)
-        chosen = draw(flat, u).view(rows, num_vq)
-        hit = chosen.eq(end).any(dim=1) & ~done
-        for b in torch.nonzero(hit).flatten().tolist():
-            ended[b], length[b] = True, t
-        done |= hit
+        chosen = inverse_cdf(flat.softmax(dim=-1), u).view(rows, num_vq)
+        hit = chosen.eq(end).any(dim=1) & ~ended
+        length = torch.where(hit, t, length)
+        ended |= hit
         codes[:, t] = chosen
         history[:, t] = chosen.reshape(-1)
-        if bool(done.all()) or t == sampling.max_codes - 1:
+        if t == sampling.max_codes - 1 or bool(ended.all()):
             break
-        fed = torch.where(done[:, None], torch.full_like(chosen, end), chosen)
+        fed = torch.where(ended[:, None], torch.full_like(chosen, end), chosen)
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         positions = positions[:, -1:] + 1
         logits = step(input_ids=fed[:, :1], attention_mask=mask, position_ids=positions,
                       cache=cache, other_codes=fed[:, None, 1:] if num_vq > 1 else None)
-    for b in range(rows):
-        if not ended[b]:
-            length[b] = sampling.max_codes - 1  # upstream drops the cap's last code
-    return [CodeRow(codes[b, :int(length[b])].cpu(), int(conditions[b].shape[0]), ended[b])
+    # to the host once, after the loop
+    codes, length, ended = codes[:, :t + 1].cpu(), length.tolist(), ended.tolist()
+    return [CodeRow(codes[b, :length[b]], int(conditions[b].shape[0]), ended[b])
             for b in range(rows)]

@@ -48,6 +48,7 @@ def test_load_is_strict_and_exact():
 @pytest.mark.parametrize("field,value,message", [
     ("num_vq", 0, "num_vq"), ("hidden_size", "8", "hidden_size"),
     ("projector_type", "conv", "projector_type"), ("backbone_model", "gpt2", "backbone_model"),
+    ("interleaved", True, "interleaved"), ("condition_type", "hidden", "condition_type"),
     ("num_key_value_heads", 3, "num_key_value_heads")])
 def test_bad_config_value_names_the_field(field, value, message):
     with pytest.raises(TTSConfigError, match=message):
@@ -336,3 +337,24 @@ def test_lm_capture_counts_the_positions_the_text_pass_reports(tmp_path):
         with engine.session(capture={"lm": Capture()}) as alone:
             greedy_batch(parts.llm, [p], stop, pad, max_new_tokens=6)
         np.testing.assert_array_equal(alone.counts("lm").K[0], counts.K[b])
+
+
+@pytest.mark.parametrize("penalty", [1.02, 4.0])  # upstream's greedy setting; one that bites
+def test_greedy_text_equals_transformers_generate_with_upstreams_greedy_config(tmp_path, penalty):
+    """Each batched row's answer is what transformers' own ``generate`` gives that row alone
+    with upstream's ``chat(do_sample=False, num_beams=1)`` settings (repetition penalty on
+    the generated tokens, the prompt fed as embeddings)."""
+    from esn_core.models.minicpm_generate import greedy_batch
+
+    parts, _, prompts, ends, pad = _text_inputs(tmp_path)
+    rows = greedy_batch(parts.llm, prompts, ends, pad, max_new_tokens=12, repetition_penalty=penalty)
+    for b, p in enumerate(prompts):
+        out = parts.llm.generate(inputs_embeds=p[None], attention_mask=torch.ones(1, p.shape[0], dtype=torch.long),
+                                 do_sample=False, num_beams=1, repetition_penalty=penalty,
+                                 eos_token_id=list(ends), pad_token_id=pad, max_new_tokens=12)[0].tolist()
+        cut = next((i for i, t in enumerate(out) if t in ends), len(out))
+        assert rows[b].tokens == out[:cut] and rows[b].ended == (cut < len(out))
+    if penalty > 2:  # a penalty this strong changes what the unpenalised answers repeat
+        plain = greedy_batch(parts.llm, prompts, ends, pad, max_new_tokens=12, repetition_penalty=1.0)
+        assert any(len(set(r.tokens)) < len(r.tokens) for r in plain)
+        assert [r.tokens for r in plain] != [r.tokens for r in rows]

@@ -1,6 +1,9 @@
 """MiniCPM-o 4.5's text pass, batched: the EVC prompt's embeddings (audio placeholders
 replaced by the source's audio embeddings) into stock ``Qwen3ForCausalLM``, greedy decoding
-(``num_beams=1``: upstream's ``chat(do_sample=False)`` would silently use 3 beams).
+as upstream's ``chat(do_sample=False, num_beams=1)`` configures it (``prepare_generation_config``
+of OpenBMB's 4.5 code): argmax after transformers' repetition penalty of 1.02 on the tokens
+generated so far (the prompt is embeddings, so it is not penalised). Without ``num_beams=1``
+upstream silently uses 3 beams (and a penalty of 1.2).
 
 Rows are left-padded; a 2-D mask and per-row positions make a row's tokens equal to the row
 run alone. Prefill feeds ``inputs_embeds``; decode steps feed the chosen ``input_ids`` so a
@@ -16,6 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from esn_core.models.cache_keyword import cache_keyword
+
+# Upstream's greedy setting (do_sample=False, num_beams=1).
+GREEDY_REPETITION_PENALTY = 1.02
 
 
 @dataclass
@@ -47,12 +53,16 @@ def prompt_embeddings(llm, ids: list[int], audio: torch.Tensor, placeholder: int
 
 @torch.no_grad()
 def greedy_batch(llm, prompts: list[torch.Tensor], end_ids: tuple[int, ...], pad_id: int,
-                 max_new_tokens: int) -> list[TextRow]:
-    """Greedy answers of left-padded ``prompts`` (each ``[L_b, H]`` embeddings)."""
+                 max_new_tokens: int,
+                 repetition_penalty: float = GREEDY_REPETITION_PENALTY) -> list[TextRow]:
+    """Greedy answers of left-padded ``prompts`` (each ``[L_b, H]`` embeddings); a token a
+    row has generated has its logit divided by ``repetition_penalty`` (multiplied if negative)."""
     from transformers import DynamicCache
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be positive, got {repetition_penalty}")
     rows, width = len(prompts), max(p.shape[0] for p in prompts)
     hidden_size = prompts[0].shape[1]
     embeds = prompts[0].new_zeros(rows, width, hidden_size)
@@ -71,8 +81,17 @@ def greedy_batch(llm, prompts: list[torch.Tensor], end_ids: tuple[int, ...], pad
     tokens: list[list[int]] = [[] for _ in range(rows)]
     states: list[list[torch.Tensor]] = [[] for _ in range(rows)]
     done, ended = [False] * rows, [False] * rows
+    seen = None  # [B, V] bool: tokens each row has generated
     for step in range(max_new_tokens):
-        chosen = out.logits[:, -1].argmax(dim=-1).tolist()
+        logits = out.logits[:, -1].float()  # as generate scores them
+        if seen is None:
+            seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        elif repetition_penalty != 1.0:
+            penalised = torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+            logits = torch.where(seen, penalised, logits)
+        picked = logits.argmax(dim=-1)
+        seen[torch.arange(rows, device=seen.device), picked] = True
+        chosen = picked.tolist()
         feed, answer = [], []
         for b in range(rows):
             if done[b]:

@@ -46,6 +46,15 @@ def check_tts_config(cfg: Mapping) -> dict:
     if cfg.get("projector_type", "mlp") not in PROJECTOR_TYPES:
         raise TTSConfigError(f"tts_config.projector_type must be one of {PROJECTOR_TYPES}, "
                              f"got {cfg['projector_type']!r}")
+    # Upstream's other TTS path (text in chunks of 10 tokens, each followed by audio_bos, and
+    # its own sampling defaults) is taken when ``interleaved`` is set; only the default
+    # path is built here, and upstream refuses any condition but hidden_text_merge.
+    if cfg.get("interleaved", False):
+        raise TTSConfigError("tts_config.interleaved is true: only upstream's non-interleaved "
+                             "TTS path is built")
+    if cfg.get("condition_type", "hidden_text_merge") != "hidden_text_merge":
+        raise TTSConfigError(f"tts_config.condition_type must be 'hidden_text_merge' (the only "
+                             f"one upstream implements), got {cfg['condition_type']!r}")
     if cfg["num_attention_heads"] % cfg["num_key_value_heads"] or \
             cfg["hidden_size"] % cfg["num_attention_heads"]:
         raise TTSConfigError("tts_config.hidden_size must divide by num_attention_heads, and "

@@ -1,7 +1,9 @@
 """The TTS condition of one answer: what MiniCPM-o 4.5 feeds its TTS backbone at step 0.
 
-As upstream builds it (and as the published ports agree): for each answer token in the TTS
-span, ``emb_text(token) + projector_semantic(h)`` with ``h`` the LM's last-layer hidden state
+As OpenBMB's 4.5 code builds it (``MiniCPMO45/modeling_minicpmo.py`` of
+OpenBMB/minicpm-o-4_5-pytorch-simple-demo at 67abcfd, ``_generate_speech_non_streaming``;
+the published ports agree): for each answer token in the TTS span (after ``<|tts_bos|>``, up
+to and without ``<|tts_eos|>``), ``emb_text(token) + projector_semantic(h)`` with ``h`` the LM's last-layer hidden state
 where that token was fed, the projected part L2-normalised when the TTS config sets
 ``normalize_projected_hidden`` (the 4.5 checkpoint does; the config class defaults to off);
 then ``emb_text(text_eos_token_id)`` and ``emb_text(audio_bos_token_id)``. No speaker
@@ -14,9 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# upstream MiniCPMTTSConfig's defaults (Qwen3 ids of <|tts_eos|>-side text end and audio bos)
-DEFAULT_TEXT_EOS = 151692
-DEFAULT_AUDIO_BOS = 151687
+# Used when tts_config lacks the keys, as upstream's MiniCPMTTSConfig class defaults
+# (configuration_minicpmo.py of the same code); a third-party fixture of the 4.5 checkpoint's
+# config.json sets 151692 / 151687, which are then read.
+DEFAULT_TEXT_EOS = 21133
+DEFAULT_AUDIO_BOS = 21132
 
 
 def tts_condition(tts, tokens: list[int], hidden: torch.Tensor) -> torch.Tensor:

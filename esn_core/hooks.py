@@ -548,7 +548,8 @@ class _Counter:
         self.flush()
         T = self.T.cpu().numpy()
         if self.wide_all is None:  # every count fits in a byte: they leave as they are
-            K = _to_host(torch.cat([c.permute(1, 0, 2).reshape(c.shape[1], -1) for c in self.byte_runs], dim=1))
+            flat = [c.permute(1, 0, 2).reshape(c.shape[1], -1) for c in self.byte_runs]  # [B, L_r D_r]
+            K = _to_host(torch.cat(flat, dim=1))
         else:
             self._fold()
             # Counts never exceed T: ship them in the narrowest type that holds T.
@@ -563,8 +564,8 @@ class _Counter:
 
 def _validity_limits(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where ``valid``, +inf where not, in ``dtype``: thresholds that count only real positions."""
-    inf = torch.tensor(torch.inf, dtype=dtype, device=valid.device)
-    return torch.where(valid, torch.zeros((), dtype=dtype, device=valid.device), inf)
+    # A Python scalar is a kernel argument: no host-to-device copy in the decode loop.
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, torch.inf)
 
 
 # A byte counts up to 255.
@@ -749,7 +750,8 @@ class _GroupState:
                     slots.operands[mlp].copy_(self.decode_operands[layer][0])
 
     def begin_graph_step(self, slots: GraphSlots, layers: Sequence[int]) -> None:
-        """Before a captured step replays: bound to ``slots``, this step's counting limits in (from the rows' validity).
+        """Before a captured step replays: bound to ``slots``, this step's counting limits
+        (from the rows' validity) in.
 
         The root's pre-hook has already reserved an eager step-buffer slot for this step;
         the captured step counts into ``slots`` instead, so the reservation is taken back.
@@ -766,7 +768,7 @@ class _GroupState:
             counter.T += 1
         else:
             finished = self.finished.view(limits.shape)
-            torch.where(finished, slots.infinity(limits), slots.zero(limits), out=limits)
+            limits.zero_().masked_fill_(finished, torch.inf)
             counter.T += finished.view(-1).logical_not()
 
     def static_activation(self, layer: int, function, slots: GraphSlots):
@@ -1032,8 +1034,9 @@ class GraphSlots:
     A graph replays the kernels it recorded on the addresses it recorded, so what changes
     between steps and sessions lives here, not in a session: per hooked MLP an int32
     ``[B, 1, D]`` count and the intervention's ``[B, 1, D]`` operand, per group root the
-    step's ``[B, 1, 1]`` counting limits (0 for a real row, +inf for a finished one). A session binds itself before each replay
-    (``_GroupState.bind_graph_step``) and adds the counts to its own when it ends.
+    step's ``[B, 1, 1]`` counting limits (0 for a real row, +inf for a finished one). A
+    session binds itself before each replay (``_GroupState.bind_graph_step``) and adds the
+    counts to its own when it ends.
     """
 
     def __init__(self, batch: int):
@@ -1041,7 +1044,6 @@ class GraphSlots:
         self.counts: dict[nn.Module, torch.Tensor] = {}
         self.operands: dict[nn.Module, torch.Tensor] = {}
         self.limits: dict[nn.Module, torch.Tensor] = {}
-        self._constants: dict[tuple, torch.Tensor] = {}
 
     def allocate(self, state: _GroupState, layer: int, signature) -> None:
         counting, method, touched = signature
@@ -1059,20 +1061,6 @@ class GraphSlots:
     def reset_counts(self) -> None:
         for counts in self.counts.values():
             counts.zero_()
-
-    def zero(self, like: torch.Tensor) -> torch.Tensor:
-        return self._constant(like, 0.0)
-
-    def infinity(self, like: torch.Tensor) -> torch.Tensor:
-        return self._constant(like, torch.inf)
-
-    def _constant(self, like: torch.Tensor, value: float) -> torch.Tensor:
-        # 0-dim device tensors made once: a Python scalar in ``torch.where`` is copied to the
-        # device on every call.
-        key = (value, like.dtype, like.device)
-        if key not in self._constants:
-            self._constants[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
-        return self._constants[key]
 
 
 def _padding_mask(attention_mask, seq: int, decoding: bool) -> torch.Tensor | None:

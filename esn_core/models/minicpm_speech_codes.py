@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from esn_core.models.cache_keyword import cache_keyword
 from esn_core.models.seeded_draws import draw_uniforms, inverse_cdf
 
 
@@ -85,6 +86,7 @@ class SynthStep(nn.Module):
     def __init__(self, tts):
         super().__init__()
         self.tts = tts
+        self._cache_kw = cache_keyword(tts.model)  # read once: this runs every step
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None,
                 position_ids=None, cache=None, other_codes=None):
@@ -93,7 +95,7 @@ class SynthStep(nn.Module):
             for q in range(1, len(self.tts.emb_code)):
                 inputs_embeds = inputs_embeds + self.tts.emb_code[q](other_codes[..., q - 1])
         out = self.tts.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                             position_ids=position_ids, past_key_values=cache, use_cache=True)
+                             position_ids=position_ids, use_cache=True, **{self._cache_kw: cache})
         last = out.last_hidden_state[:, -1]
         with parametrize.cached():  # weight norm computed once per step, as upstream
             return torch.stack([head(last).float() for head in self.tts.head_code], dim=1)

@@ -19,8 +19,9 @@ a row, what that row computes alone:
 
 The results equal the single-row decode up to the rounding of kernels run at another shape
 (exactly, where the backend's kernels do not depend on the length); the adapters' tests
-state the measured difference. Used by the Qwen2.5-Omni adapter's token2wav; the BigVGAN of
-Kimi-Audio and the HiFT of MiniCPM-o are convolution stacks of the same kind.
+state the measured difference. Used by the Qwen2.5-Omni adapter's token2wav, Kimi-Audio's
+BigVGAN and MiniCPM-o's HiFT (whose last stage runs on an STFT frame axis of ``120 n + 1``
+steps, not a multiple of its ``n`` mel frames: it passes its own ``lengths_at`` rule).
 """
 
 from __future__ import annotations

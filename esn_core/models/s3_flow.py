@@ -3,7 +3,12 @@ whole-utterance path: prompt tokens and generated tokens are encoded together, t
 mel frames condition the ODE, and only the generated frames are returned.
 
 Randomness: upstream draws the ODE start noise once per process (a buffer filled at
-construction); here it comes from the caller's ``torch.Generator`` so each row is seeded."""
+construction); here it comes from the caller's ``torch.Generator`` so each row is seeded.
+
+Rows of different lengths (``inference_rows``) share one encoder and one CFM call, padded at
+the end: attention masks the keys past each row's end, every conv is causal except the
+encoder's look-ahead (which is fed zeros there, as a row alone pads), and each row draws its
+noise from its own generator at its own length."""
 
 from __future__ import annotations
 

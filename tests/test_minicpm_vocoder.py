@@ -369,7 +369,9 @@ def test_flow_and_hift_rows_equal_rows_alone_in_float64(vocoder):
 
     from esn_core.models.s3_flow import FlowRow
 
-    flow, hift = copy.deepcopy(vocoder.flow).double(), copy.deepcopy(vocoder.hift).double()
+    flow = copy.deepcopy(vocoder.flow).double()
+    torch.manual_seed(6)  # a narrow HiFT (same layers, rates and STFT) keeps float64 fast
+    hift = HiFTGenerator(base_channels=32, f0_channels=16).double().eval()
     gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
     torch.manual_seed(5)
     rows = [FlowRow(torch.randint(0, VOCAB, (n,)), torch.randint(0, VOCAB, (p,)),

@@ -14,13 +14,23 @@ class StubVocoder:
     """960 samples per code at 24 kHz, the code value as the level (+ seed), like the real
     vocoder's shape contract; records its calls."""
 
+    sample_rate = 24_000
+
     def __init__(self):
-        self.calls = []
+        self.calls = []  # (codes, seed, prompt length) per row, either path
+        self.batches = []  # (rows, max_rows) per batch call; "alone" per __call__
 
     def __call__(self, codes, seed, prompt_wav_16k):
+        self.batches.append("alone")
+        return self._wave(codes, seed, prompt_wav_16k), self.sample_rate
+
+    def batch(self, codes_per_row, seeds, prompts_wav_16k, max_rows=None):
+        self.batches.append((len(codes_per_row), max_rows))
+        return [self._wave(*row) for row in zip(codes_per_row, seeds, prompts_wav_16k)]
+
+    def _wave(self, codes, seed, prompt_wav_16k):
         self.calls.append((list(codes), seed, len(prompt_wav_16k)))
-        wave = np.repeat(np.asarray(codes, dtype=np.float32) / 20 + seed / 1000, 960)
-        return wave, 24_000
+        return np.repeat(np.asarray(codes, dtype=np.float32) / 20 + seed / 1000, 960)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +81,24 @@ def test_batched_rows_equal_rows_alone(setup):
         assert torch.equal(adapter.last_codes[0], batch_codes[b])
         assert adapter.last_synth_positions[0] == batch_synth[b]
         np.testing.assert_array_equal(alone.waveform, batch[b].waveform)
+
+
+def test_vocoder_rows_in_batches_or_one_call_per_row(setup, tmp_path):
+    from tests.tiny_minicpm import build
+
+    adapter, requests, vocoder = setup
+    batched = adapter.convert(requests)
+    assert vocoder.batches[-1] == (3, 16)  # all rows in one batch call, the default size
+    try:
+        adapter.vocoder_batch_size = 1
+        alone = adapter.convert(requests)
+        assert vocoder.batches[-3:] == ["alone"] * 3
+    finally:
+        adapter.vocoder_batch_size = 16
+    for a, b in zip(alone, batched):
+        np.testing.assert_array_equal(a.waveform, b.waveform)
+    with pytest.raises(ValueError, match="vocoder_batch_size must be >= 1 .*got 0"):
+        MiniCPMOAdapter(tmp_path / "not_read", vocoder=StubVocoder(), vocoder_batch_size=0)
 
 
 def test_capture_counts_on_both_groups_equal_the_rows(setup):
@@ -149,7 +177,8 @@ def test_the_real_vocoder_path_on_tiny_token2wav_assets(tmp_path):
     adapter = MiniCPMOAdapter(ckpt, max_new_tokens=4, vocoder_steps=2,
                               sampling=CodeSampling(min_codes=3, max_codes=5))
     request = EVCRequest("a", str(src), "t", "s", "happy", seed=1)
-    out = adapter.convert([request])[0]
+    out = adapter.convert([request])[0]  # MiniCPMVocoder.batch (the default vocoder_batch_size)
     n_codes = adapter.last_codes[0].shape[0]
     assert n_codes >= 3 and out.waveform.size == n_codes * 640 and out.sample_rate == 16_000
+    adapter.vocoder_batch_size = 1  # the per-row path: a one-row batch is the single-row call
     np.testing.assert_array_equal(adapter.convert([request])[0].waveform, out.waveform)

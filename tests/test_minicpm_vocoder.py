@@ -309,3 +309,100 @@ def test_unknown_flow_class_names_the_file(tmp_path):
     (tmp_path / "flow.yaml").write_text(PUBLISHED_FLOW_YAML.replace("decoder_dit.DiT", "decoder.ConditionalDecoder"))
     with pytest.raises(ValueError, match=r"flow\.yaml: !new:cosyvoice2\.flow\.decoder\.ConditionalDecoder"):
         build_flow(tmp_path / "flow.yaml")
+
+
+# -- batched rows (MiniCPMVocoder.batch) ---------------------------------------------------
+# Rows of different code lengths and different prompts (0.3 / 0.4 / 0.6 s: 8 / 10 / 15 prompt
+# tokens), so both the flow's [prompt, codes] axis and HiFT's mel axis are ragged.
+ROWS = [([3, 17, 5, 60, 0, 22, 9], 1, (0.4, 220.0)),
+        ([8, 1, 44, 13, 2, 63, 7, 7, 30, 11, 5, 19, 40, 2, 6], 2, (0.3, 300.0)),
+        ([50, 4, 9, 21], 3, (0.6, 180.0))]
+# float32: a batched row vs the row alone differs only by the rounding of kernels run at
+# another shape (measured on CPU: max 1.0e-7, SNR >= 122 dB); a padding leak is ~1e-1
+F32_MAX_ABS, F32_MIN_SNR_DB = 1e-6, 100.0
+
+
+def _rows(order=(0, 1, 2)):
+    picked = [ROWS[i] for i in order]
+    return [c for c, _, _ in picked], [s for _, s, _ in picked], [_voice(*v) for _, _, v in picked]
+
+
+def _snr_db(reference, other):
+    return 10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / np.sum((reference - other).astype(np.float64) ** 2))
+
+
+def _assert_close_f32(alone, batched):
+    assert batched.dtype == np.float32 and batched.shape == alone.shape
+    assert np.abs(batched - alone).max() <= F32_MAX_ABS
+    assert np.array_equal(batched, alone) or _snr_db(alone, batched) >= F32_MIN_SNR_DB
+
+
+@pytest.fixture(scope="module")
+def rows_alone(vocoder):
+    return [vocoder(c, s, w)[0] for c, s, w in zip(*_rows())]
+
+
+def test_batched_rows_equal_rows_alone_in_float32(vocoder, rows_alone):
+    waves = vocoder.batch(*_rows())
+    assert [w.shape for w in waves] == [(len(c) * 960,) for c, _, _ in ROWS]
+    for alone, batched in zip(rows_alone, waves):
+        _assert_close_f32(alone, batched)
+
+
+def test_a_row_does_not_depend_on_its_neighbours_or_their_order(vocoder, rows_alone):
+    reversed_rows = vocoder.batch(*_rows((2, 1, 0)))
+    for alone, batched in zip(rows_alone, reversed_rows[::-1]):
+        _assert_close_f32(alone, batched)
+    codes, seeds, voices = _rows((0, 2))  # row 0 without the longest row beside it
+    _assert_close_f32(rows_alone[0], vocoder.batch(codes, seeds, voices)[0])
+
+
+def test_one_row_batch_is_the_single_row_call(vocoder, rows_alone):
+    codes, seeds, voices = _rows((1,))
+    assert np.array_equal(vocoder.batch(codes, seeds, voices)[0], rows_alone[1])
+
+
+def test_micro_batches_give_each_row_its_own_wave(vocoder, rows_alone):
+    # [prompt + codes] lengths 17, 23, 19: groups of two, longest first, are rows {1, 2} and {0}
+    waves = vocoder.batch(*_rows(), max_rows=2)
+    for alone, batched in zip(rows_alone, waves):
+        _assert_close_f32(alone, batched)
+    assert np.array_equal(waves[0], rows_alone[0])  # row 0 ran in a group of its own
+
+
+def test_flow_and_hift_rows_equal_rows_alone_in_float64(vocoder):
+    import copy
+
+    from esn_core.models.s3_flow import FlowRow
+
+    flow = copy.deepcopy(vocoder.flow).double()
+    torch.manual_seed(6)  # a narrow HiFT (same layers, rates and STFT) keeps float64 fast
+    hift = HiFTGenerator(base_channels=32, f0_channels=16).double().eval()
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    torch.manual_seed(5)
+    rows = [FlowRow(torch.randint(0, VOCAB, (n,)), torch.randint(0, VOCAB, (p,)),
+                    torch.randn(2 * p, 80, dtype=torch.float64), torch.randn(8, dtype=torch.float64))
+            for n, p in [(4, 5), (9, 2), (2, 7)]]
+    batched = flow.inference_rows(rows, 2, [gen(i) for i in range(3)])
+    for i, (row, mel) in enumerate(zip(rows, batched)):
+        alone = flow.inference(row.tokens[None], row.prompt_tokens[None], row.prompt_mel[None],
+                               row.speaker[None], 2, gen(i))[0]
+        assert mel.shape == alone.shape == (80, 2 * len(row.tokens))
+        assert (mel - alone).abs().max() <= 1e-12  # measured 1.9e-15; a leak is ~0.2
+    mels = [torch.randn(80, n, dtype=torch.float64) for n in (5, 9, 2)]
+    for i, (mel, wave) in enumerate(zip(mels, hift.rows(mels, [gen(i) for i in range(3)]))):
+        alone = hift(mel[None], gen(i))[0]
+        assert wave.shape == alone.shape == (mel.shape[1] * 480,)
+        assert (wave - alone).abs().max() <= 1e-12  # measured 2.2e-16
+
+
+def test_batch_inputs_are_checked(vocoder):
+    codes, seeds, voices = _rows()
+    with pytest.raises(ValueError, match="3 rows of codes, 2 seeds and 3 prompts"):
+        vocoder.batch(codes, seeds[:2], voices)
+    with pytest.raises(ValueError, match="row 1 has none"):
+        vocoder.batch([codes[0], []], seeds[:2], voices[:2])
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+        vocoder.batch(codes, seeds, voices, max_rows=0)
+    with pytest.raises(ValueError, match="HT_ref_audio.wav"):
+        vocoder.batch(codes[:1], seeds[:1], [None])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esn_core.models.ragged import key_padding, past_the_end, ragged_time_axis, valid_lengths
+from esn_core.models.ragged import key_padding, longest_first, past_the_end, ragged_time_axis, valid_lengths
 
 
 class EdgePad(nn.Module):
@@ -116,3 +116,11 @@ def test_unsupported_padding_and_wrong_batches_are_refused():
         with ragged_time_axis(model, [0, 3]):
             pass
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_longest_first_groups_rows_of_similar_length():
+    assert longest_first([3, 9, 5, 9, 1], max_rows=2) == [[1, 3], [2, 0], [4]]  # ties: input order
+    assert longest_first([3, 9, 5]) == [[1, 2, 0]]  # None: one group
+    assert longest_first([]) == []
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+        longest_first([3], max_rows=0)

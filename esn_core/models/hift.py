@@ -9,12 +9,15 @@ Weight-normed convs use ``torch.nn.utils.parametrizations.weight_norm`` (the che
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
+
+from esn_core.models.ragged import ragged_time_axis, valid_lengths
 
 
 def _wn_conv(cin: int, cout: int, k: int, dilation: int = 1) -> nn.Module:
@@ -136,11 +139,52 @@ class HiFTGenerator(nn.Module):
     @torch.inference_mode()
     def forward(self, mel: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """mel: (b, mels, T) -> audio (b, T * hop_samples) in [-audio_limit, audio_limit]."""
-        f0 = self.f0_predictor(mel)
+        return self._audio(self._filter(mel, self._source_spectrum(self.f0_predictor(mel), generator)))
+
+    @torch.inference_mode()
+    def rows(self, mels: Sequence[torch.Tensor], generators: Sequence[torch.Generator]) -> list[torch.Tensor]:
+        """Each mel (mels, T_b) -> its audio (T_b * hop_samples,), the convolutions of all rows
+        in one padded call, each row as if alone: the F0 predictor and the filter run under
+        ``ragged_time_axis`` (zeros past each row's end before every conv); the parts that
+        would read past a row's end otherwise (the source's edge interpolation, the STFT's and
+        iSTFT's reflect and overlap at the right edge) and every random draw run per row."""
+        if len(mels) != len(generators) or not mels:
+            raise ValueError(f"HiFT rows need one generator per mel, got {len(mels)} mels and "
+                             f"{len(generators)} generators")
+        lengths = [int(m.shape[-1]) for m in mels]
+        longest = max(lengths)
+        mel = mels[0].new_zeros(len(mels), mels[0].shape[0], longest)
+        for b, m in enumerate(mels):
+            mel[b, :, :lengths[b]] = m
+        with ragged_time_axis(self, lengths, input_steps=longest, device=mel.device,
+                              lengths_at=self._valid_lengths):
+            f0 = self.f0_predictor(mel)
+            spectra = [self._source_spectrum(f0[b:b + 1, :n], g) for b, (n, g) in enumerate(zip(lengths, generators))]
+            s = spectra[0].new_zeros(len(mels), spectra[0].shape[1], self._frames(longest))
+            for b, spectrum in enumerate(spectra):
+                s[b, :, :spectrum.shape[-1]] = spectrum[0]
+            x = self._filter(mel, s)
+        return [self._audio(x[b:b + 1, :, :self._frames(n)])[0] for b, n in enumerate(lengths)]
+
+    def _frames(self, mel_frames: int) -> int:
+        """STFT frames of the source of ``mel_frames`` mel frames (centred: one more than hops)."""
+        return mel_frames * (self.hop_samples // self.hop) + 1
+
+    def _valid_lengths(self, lengths: torch.Tensor, full: int, steps: int) -> torch.Tensor:
+        # the last stage runs on the STFT frame axis (reflect-padded by one), not a multiple
+        if steps == self._frames(full):
+            return lengths * (self.hop_samples // self.hop) + 1
+        return valid_lengths(lengths, full, steps)
+
+    def _source_spectrum(self, f0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """F0 per mel frame (b, T) -> the harmonic source's STFT, real and imaginary (b, n_fft+2, frames)."""
         f0 = f0[:, :, None].repeat_interleave(self.hop_samples, dim=1)  # nearest upsampling
         source = self.m_source(f0, generator).squeeze(-1)
         spec = torch.stft(source, self.n_fft, self.hop, self.n_fft, window=self._window(source), return_complex=True)
-        s = torch.cat([spec.real, spec.imag], dim=1)
+        return torch.cat([spec.real, spec.imag], dim=1)
+
+    def _filter(self, mel: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The upsampling HiFi-GAN stack, fed the source spectrum at each stage -> conv_post's output."""
         x = self.conv_pre(mel)
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, self.lrelu_slope))
@@ -149,7 +193,10 @@ class HiFTGenerator(nn.Module):
             x = x + self.source_resblocks[i](self.source_downs[i](s))
             blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
             x = sum(block(x) for block in blocks) / self.num_kernels
-        x = self.conv_post(F.leaky_relu(x))
+        return self.conv_post(F.leaky_relu(x))
+
+    def _audio(self, x: torch.Tensor) -> torch.Tensor:
+        """conv_post's log-magnitude and phase -> the iSTFT's waveform, clipped."""
         half = self.n_fft // 2 + 1
         magnitude = torch.exp(x[:, :half]).clamp(max=1e2)
         phase = torch.sin(x[:, half:])  # upstream keeps this sin; the checkpoint was trained with it

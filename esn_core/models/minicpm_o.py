@@ -3,8 +3,10 @@
 One ``convert`` call: each source encoded alone (Whisper audio-in), the voice-cloning EVC
 prompt, the greedy text pass of all rows at once (``minicpm_generate``), each answer's TTS
 condition (``minicpm_tts_condition``), the speech codes of all rows at once
-(``minicpm_speech_codes``), then the vocoder one row at a time with the source as its prompt
-wav; its 24 kHz speech is resampled to 16 kHz.
+(``minicpm_speech_codes``), then the vocoder, each row with its own source as the prompt wav
+and its own seed, in calls of up to ``vocoder_batch_size`` rows (``MiniCPMVocoder.batch``:
+padded rows, each as if alone; 1 = the per-row path, one ``vocoder(codes, seed, wav)`` call
+per row); its 24 kHz speech is resampled to 16 kHz.
 
 Groups: ``lm`` = the Qwen3 decoder's gated MLPs, rooted at the LM (it is fed the chosen ids
 at decode steps); ``synth`` = ``tts.model``'s gated MLPs, rooted at the adapter-owned
@@ -30,16 +32,23 @@ INSTRUCTION_TEMPLATE = "Repeat exactly the words spoken in this audio with the e
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+def _batch_size(value) -> int:
+    if int(value) < 1:
+        raise ValueError(f"vocoder_batch_size must be >= 1 (1: one vocoder call per row), got {value}")
+    return int(value)
+
+
 class MiniCPMOAdapter(LALMAdapter):
     name = "minicpm_o_4_5"
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu",
                  dtype: str = "float32", max_new_tokens: int = 256,
                  sampling: CodeSampling | dict = CodeSampling(), instruction_template: str | None = None,
-                 vocoder=None, vocoder_steps: int = 10):
+                 vocoder=None, vocoder_steps: int = 10, vocoder_batch_size: int = 16):
         from esn_core.models.minicpm_checkpoint import load_checkpoint, load_tokenizer
 
         path = Path(path)
+        _batch_size(vocoder_batch_size)  # before the slow loads
         if isinstance(sampling, dict):  # a config file's options.sampling mapping
             unknown = set(sampling) - set(CodeSampling.__dataclass_fields__)
             if unknown:
@@ -53,11 +62,13 @@ class MiniCPMOAdapter(LALMAdapter):
 
             vocoder = load_vocoder(path, device, vocoder_steps)
         self._attach(parts, load_tokenizer(path), vocoder, torch.device(device),
-                     max_new_tokens, sampling, instruction_template)
+                     max_new_tokens, sampling, instruction_template, vocoder_batch_size)
 
-    def _attach(self, parts, tokenizer, vocoder, device, max_new_tokens, sampling, template):
+    def _attach(self, parts, tokenizer, vocoder, device, max_new_tokens, sampling, template,
+                vocoder_batch_size: int = 16):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.vocoder_batch_size = _batch_size(vocoder_batch_size)
         self.parts, self.tokenizer, self.vocoder = parts, tokenizer, vocoder
         self.llm, self.tts = parts.llm.to(device).eval(), parts.tts.to(device).eval()
         self.audio_in = parts.audio_in.to(device).eval()
@@ -106,9 +117,13 @@ class MiniCPMOAdapter(LALMAdapter):
         codes = generate_codes(self.step, conditions, [r.seed for r in requests], self.sampling)
         self.last_synth_positions = [c.n_positions for c in codes]
         self.last_codes = [c.codes for c in codes]
-        outputs = []
-        for r, t, c, src in zip(requests, texts, codes, sources):
-            wave, rate = self.vocoder(c.codes[:, 0].tolist(), r.seed, src)
-            outputs.append(EVCOutput(r.attempt_id, self.tokenizer.decode(t.tokens),
-                                     to_16k(wave, rate), 16_000, t.n_positions))
-        return outputs
+        waves = self._vocode([c.codes[:, 0].tolist() for c in codes], [r.seed for r in requests], sources)
+        return [EVCOutput(r.attempt_id, self.tokenizer.decode(t.tokens), to_16k(wave, rate), 16_000, t.n_positions)
+                for r, t, (wave, rate) in zip(requests, texts, waves)]
+
+    def _vocode(self, codes: list[list[int]], seeds: list[int], sources: list) -> list[tuple]:
+        """Each row's (wave, rate): batched calls, or one call per row at batch size 1."""
+        if self.vocoder_batch_size == 1:
+            return [self.vocoder(c, seed, src) for c, seed, src in zip(codes, seeds, sources)]
+        waves = self.vocoder.batch(codes, seeds, sources, max_rows=self.vocoder_batch_size)
+        return [(wave, self.vocoder.sample_rate) for wave in waves]

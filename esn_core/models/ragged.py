@@ -19,14 +19,15 @@ a row, what that row computes alone:
 
 The results equal the single-row decode up to the rounding of kernels run at another shape
 (exactly, where the backend's kernels do not depend on the length); the adapters' tests
-state the measured difference. Used by the Qwen2.5-Omni adapter's token2wav; the BigVGAN of
-Kimi-Audio and the HiFT of MiniCPM-o are convolution stacks of the same kind.
+state the measured difference. Used by the Qwen2.5-Omni adapter's token2wav, Kimi-Audio's
+BigVGAN and MiniCPM-o's HiFT (whose last stage runs on an STFT frame axis of ``120 n + 1``
+steps, not a multiple of its ``n`` mel frames: it passes its own ``lengths_at`` rule).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -42,6 +43,16 @@ def valid_lengths(lengths: torch.Tensor, full: int, current: int) -> torch.Tenso
             "batched with ragged lengths (decode one row at a time)"
         )
     return scaled // full
+
+
+def longest_first(lengths: Sequence[int], max_rows: int | None = None) -> list[list[int]]:
+    """Row indices in groups of at most ``max_rows`` (None: one group), longest rows first
+    (ties in input order), so each group pads its rows to similar lengths."""
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1 (or None for all rows), got {max_rows}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    size = max_rows or max(len(order), 1)
+    return [order[start:start + size] for start in range(0, len(order), size)]
 
 
 def past_the_end(lengths: torch.Tensor, steps: int) -> torch.Tensor:
@@ -76,33 +87,43 @@ def _zero_padded(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def ragged_time_axis(decoder: nn.Module, lengths: Sequence[int] | torch.Tensor,
-                     replicate_padded: Iterable[type] = ()):
+                     replicate_padded: Iterable[type] = (), *, input_steps: int | None = None,
+                     device: torch.device | str | None = None,
+                     lengths_at: Callable[[torch.Tensor, int, int], torch.Tensor] = valid_lengths):
     """Inside the block, ``decoder([rows, channels, steps])`` treats row ``b`` as ``lengths[b]``
     steps long: every ``Conv1d``/``ConvTranspose1d`` and every module of a
     ``replicate_padded`` type sees, past the row's end, what its padding would supply.
 
     The decoder's input length is read when ``decoder`` is called, so the block may wrap a
-    call that reaches the decoder indirectly. Hooks are removed on leaving.
+    call that reaches the decoder indirectly. A decoder whose stages the caller runs one by
+    one (never calling ``decoder`` itself) gives that length as ``input_steps`` (and the
+    ``device`` of its tensors). ``lengths_at(lengths, input_steps, steps)`` gives the rows'
+    valid lengths on a time axis of ``steps`` (default: scaled by the ratio,
+    ``valid_lengths``); a decoder with a non-proportional axis passes its own rule.
+    Hooks are removed on leaving.
     """
     replicate_padded = tuple(replicate_padded)
     state: dict[str, object] = {}
+
+    def start(rows: int, steps: int, on: torch.device | str | None) -> None:
+        if rows != len(state["lengths_cpu"]):
+            raise ValueError(f"ragged_time_axis: {len(state['lengths_cpu'])} lengths for a batch "
+                             f"of {rows} rows")
+        state["full"] = steps
+        state["lengths"] = torch.as_tensor(state["lengths_cpu"], device=on)
+        state["cache"] = {}
 
     def enter(module, args):
         x = args[0]
         if x.dim() != 3:
             raise ValueError(f"ragged_time_axis: the decoder got a {x.dim()}-D input; "
                              "expected [rows, channels, steps]")
-        if x.shape[0] != len(state["lengths_cpu"]):
-            raise ValueError(f"ragged_time_axis: {len(state['lengths_cpu'])} lengths for a batch "
-                             f"of {x.shape[0]} rows")
-        state["full"] = x.shape[-1]
-        state["lengths"] = torch.as_tensor(state["lengths_cpu"], device=x.device)
-        state["cache"] = {}
+        start(x.shape[0], x.shape[-1], x.device)
 
-    def lengths_at(steps: int) -> torch.Tensor:
+    def lengths_on(steps: int) -> torch.Tensor:
         cache = state["cache"]
         if steps not in cache:
-            cache[steps] = valid_lengths(state["lengths"], state["full"], steps)
+            cache[steps] = lengths_at(state["lengths"], state["full"], steps)
         return cache[steps]
 
     def refill(fill):
@@ -110,14 +131,16 @@ def ragged_time_axis(decoder: nn.Module, lengths: Sequence[int] | torch.Tensor,
             if "full" not in state:
                 return None  # called outside the decoder's own call
             x = args[0]
-            return (fill(x, lengths_at(x.shape[-1])), *args[1:])
+            return (fill(x, lengths_on(x.shape[-1])), *args[1:])
 
         return hook
 
     state["lengths_cpu"] = [int(n) for n in (lengths.tolist() if torch.is_tensor(lengths) else lengths)]
     if min(state["lengths_cpu"], default=1) < 1:
         raise ValueError("ragged_time_axis: every row needs at least one step")
-    handles = [decoder.register_forward_pre_hook(enter)]
+    if input_steps is not None:
+        start(len(state["lengths_cpu"]), int(input_steps), device)
+    handles = [] if input_steps is not None else [decoder.register_forward_pre_hook(enter)]
     try:
         for name, module in decoder.named_modules():
             if isinstance(module, replicate_padded):

@@ -164,10 +164,14 @@ class UpsampleConformerEncoderV2(nn.Module):
         return self._output_size
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """x: (b, t, input_size) token embeddings; lengths: (b,) -> (b, t*stride, output_size)."""
+        """x: (b, t, input_size) token embeddings; lengths: (b,) -> (b, t*stride, output_size).
+        Row ``b``'s first ``lengths[b] * stride`` outputs are what it computes alone (keys past
+        its end are masked, the look-ahead sees zeros there; the other convs are causal)."""
         key_ok = torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]
         x, pos = self.embed(x)
-        x = self.pre_lookahead_layer(x)
+        # the look-ahead conv reads the next tokens, zeros past the end for a row alone: a
+        # padded batch row must see those zeros too, not its padding's embeddings
+        x = self.pre_lookahead_layer(x.masked_fill(~key_ok[:, :, None], 0))
         for layer in self.encoders:
             x = layer(x, pos, key_ok)
         x = self.up_layer(x.transpose(1, 2)).transpose(1, 2)

@@ -8,7 +8,7 @@ stands in for upstream's ``chat``, which is batch 1 only and cannot run on our t
 
 What is not timed (say so beside any figure): the Whisper audio-in (one row at a time; the
 prompt's audio embeddings are random tensors of the LM's width) and the vocoder (S3 flow +
-HiFT, one row per call).
+HiFT; ``MiniCPMVocoder.batch`` batches it across rows; not timed here).
 
 Shapes: Qwen3-8B's (hidden 4096, 12,288 gate neurons, 36 layers, 32/8 heads, vocab 151,748)
 and MiniCPMTTSConfig's defaults (hidden 768, 3072 neurons, 20 layers, 12 heads; 6,562 codes

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 from transformers import LlamaConfig, LlamaModel
 
-from esn_core.models.weights import WeightNameError, load_exact  # noqa: F401 (re-exported)
+from esn_core.models.weights import load_exact
 
 # tts_config keys the module's shapes depend on (the checkpoint's config.json spelling).
 SHAPE_KEYS = ("llm_dim", "hidden_size", "intermediate_size", "num_attention_heads",

@@ -42,7 +42,7 @@ from scipy.signal import resample_poly
 
 from esn_core.models.flow_yaml import build_flow
 from esn_core.models.hift import HiFTGenerator
-from esn_core.models.minicpm_tts import WeightNameError, load_exact
+from esn_core.models.weights import WeightNameError, load_exact
 from esn_core.models.ragged import longest_first
 from esn_core.models.s3_flow import CausalMaskedDiffWithXvec, FlowRow
 from esn_core.models.speech_prompt_features import kaldi_fbank, tokenizer_log_mel, vocoder_mel

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from esn_core.models.dit_parts import modulate, timestep_features
-from esn_core.models.ragged import key_padding, ragged_time_axis
+from esn_core.models.ragged import key_padding, longest_first, ragged_time_axis
 from esn_core.models.weights import load_exact
 
 FRAME_SAMPLES = 480  # 24 kHz samples per 50 Hz mel frame (upstream hard-codes it)
@@ -354,11 +354,9 @@ class Detokenizer:
         if limit is not None and limit < 1:
             raise ValueError(f"detokenizer max_rows must be >= 1, got {limit}")
         waves: list[torch.Tensor | None] = [torch.zeros(0) if not c else None for c in codes_per_row]
-        order = sorted((i for i, c in enumerate(codes_per_row) if c),
-                       key=lambda i: (-len(codes_per_row[i]), i))
-        size = limit or max(len(order), 1)
-        for start in range(0, len(order), size):
-            group = order[start:start + size]
+        coded = [i for i, c in enumerate(codes_per_row) if c]
+        for members in longest_first([len(codes_per_row[i]) for i in coded], limit):
+            group = [coded[j] for j in members]
             decoded = self._decode([list(codes_per_row[i]) for i in group],
                                    [generators[i] for i in group])
             for i, wave in zip(group, decoded):

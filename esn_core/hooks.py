@@ -528,13 +528,12 @@ class _Counter:
             else:
                 self.T += n
             self._reserve(n)
+            # [n, B, 1, 1] (every run's buffer has the activations' dtype): made once a flush
+            dtype = self.step_runs[0][0].dtype
+            limits = (_validity_limits(valid, dtype)[:, :, :, None] if self.some_finished
+                      else self._zero(dtype))
             for buffer, counts in self.step_runs:  # [L, cap, B, 1, D], [L, B, D]
-                steps = buffer[:, :n]
-                if self.some_finished:
-                    limits = _validity_limits(valid, buffer.dtype)[:, :, :, None]  # [n, B, 1, 1]
-                    positive = torch.gt(steps, limits)
-                else:
-                    positive = torch.gt(steps, self._zero(buffer.dtype))
+                positive = torch.gt(buffer[:, :n], limits)
                 if n == 1:  # every step alone (large batches): no sum, bools added as bytes
                     counts += positive[:, 0, :, 0]
                 else:

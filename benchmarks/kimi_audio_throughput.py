@@ -151,6 +151,25 @@ def timed_rows(adapter, engine, attempts, batch: int, mode: str, device: str):
     return time.perf_counter() - start, leaving
 
 
+def paired_chunks(adapter, engine, attempts, batch: int, repeats: int, device: str):
+    """Whole-run capture cost with the host's drift paired out: every call of ``batch`` rows
+    runs hooks off and capturing back to back, in ABBA order (off first on even calls), so
+    each pair shares the machine's state of the moment (a call is seconds; the runs of
+    ``timed_rows`` are a minute apart). Returns per mode the summed seconds and the ratio of
+    each pair; session exits are inside the capture times, as a job pays them."""
+    run(adapter, attempts[:batch], seed=20_000)  # this batch size's first call, untimed
+    totals = {"off": 0.0, "capture": 0.0}
+    ratios = []
+    calls = [attempts[i:i + batch] for i in range(0, len(attempts), batch)] * repeats
+    for n, chunk in enumerate(calls):
+        seconds = {}
+        for mode in (("off", "capture") if n % 2 == 0 else ("capture", "off")):
+            seconds[mode], _ = timed_rows(adapter, engine, chunk, batch, mode, device)
+            totals[mode] += seconds[mode]
+        ratios.append(seconds["capture"] / seconds["off"])
+    return totals, ratios
+
+
 def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int, device: str,
                          period: int = 2) -> dict[str, dict[str, list[float]]]:
     """Per-step hook cost: each hooked mode runs one ``generate`` with its hooks on for one
@@ -194,6 +213,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--alternate-repeats", type=int, default=2,
                     help="runs per hooked mode for the per-step overhead (0: skip it)")
+    ap.add_argument("--paired-repeats", type=int, default=0,
+                    help="passes over the rows with off and capture paired call by call "
+                         "(whole-run capture cost without the host's drift; 0: skip it)")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
@@ -212,7 +234,7 @@ def main(argv=None) -> None:
     print("| batch | rows | mode | s (median) | of which leaving sessions s | utterances/hour "
           "| peak GiB (both modes) |")
     print("|---|---|---|---|---|---|---|")
-    for batch in sorted(args.batches):
+    for batch in sorted(args.batches) if args.repeats else ():
         rows = spread(attempts, args.single_rows) if batch == 1 else attempts
         run(adapter, attempts[:batch], seed=20_000)  # this batch size's first call, untimed
         if args.device.startswith("cuda"):
@@ -245,7 +267,18 @@ def main(argv=None) -> None:
                 print(f"| {batch} | {mode} | {statistics.median(r['steps']):.3f}x "
                       f"[{a:.3f}, {b:.3f}] | {statistics.median(r['means']):.3f}x "
                       f"[{c:.3f}, {d:.3f}] | {len(r['steps'])} |")
-    for batch in sorted(args.batches):
+    if args.paired_repeats:
+        print("\n| batch | calls | off s (sum) | capture s (sum) | capture / off (sums) "
+              "| per call: median [quartiles] |")
+        print("|---|---|---|---|---|---|")
+        for batch in sorted(b for b in args.batches if b > 1):
+            totals, ratios = paired_chunks(adapter, engine, attempts, batch,
+                                           args.paired_repeats, args.device)
+            (a, b) = quartiles(ratios)
+            print(f"| {batch} | {len(ratios)} | {totals['off']:.3f} | {totals['capture']:.3f} | "
+                  f"{totals['capture'] / totals['off']:.3f}x | {statistics.median(ratios):.3f}x "
+                  f"[{a:.3f}, {b:.3f}] |")
+    for batch in sorted(args.batches) if args.repeats else ():
         if "off" in args.modes and "capture" in args.modes:
             print(f"# batch {batch}: capture overhead "
                   f"{rates[batch, 'off'] / rates[batch, 'capture']:.3f}x")

@@ -270,9 +270,16 @@ def test_kimi_audio_throughput_ends_every_row_at_its_drawn_lengths(capsys):
     assert adapter.lm is not None and not isinstance(adapter.lm, bench.ForcedEnds)
 
     bench.main(["--batches", "1", "2", "--attempts", "2", "--single-rows", "1", "--repeats", "1",
-                "--alternate-repeats", "1"])
+                "--alternate-repeats", "1", "--paired-repeats", "2"])
     out = capsys.readouterr().out
     assert "| 2 | 2 | capture |" in out and "capture overhead" in out and "the batch-1 loop" in out
+    # paired off/capture calls: batch 1 is not paired; 2 rows at batch 2, two passes → 2 calls,
+    # and the ratio printed is the one of the printed sums
+    paired = [line.split("|")[1:-1] for line in out.splitlines()
+              if re.match(r"\| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \|", line)]
+    assert [(r[0].strip(), r[1].strip()) for r in paired] == [("2", "2")]
+    off, capture, ratio = float(paired[0][2]), float(paired[0][3]), float(paired[0][4][:-2])
+    assert abs(ratio - capture / off) <= 0.0005 + 0.0005 * (1 + capture) / off ** 2
     # hooks off never leave a session; capture's time leaving them (~1 ms here, printed to
     # 0.1 ms) is part of its total
     whole = {(r[0].strip(), r[2].strip()): (float(r[3]), float(r[4])) for r in

@@ -220,6 +220,34 @@ def rotated(modes: tuple[str, ...], repeat: int) -> tuple[str, ...]:
     return modes[shift:] + modes[:shift]
 
 
+def paired_calls(chunks: list, time_call) -> tuple[dict[str, float], list[float]]:
+    """Hooks off against capture, call by call: ``time_call(chunk, mode)`` (seconds) runs for
+    both modes back to back on every chunk, in ABBA order (off first on even calls), so each
+    pair shares the host's state of the moment; whole runs one after the other are a minute
+    apart and drift by more than capture costs. Returns each mode's summed seconds and the
+    capture/off ratio of every pair."""
+    totals = {"off": 0.0, "capture": 0.0}
+    ratios = []
+    for n, chunk in enumerate(chunks):
+        seconds = {}
+        for mode in (("off", "capture") if n % 2 == 0 else ("capture", "off")):
+            seconds[mode] = time_call(chunk, mode)
+            totals[mode] += seconds[mode]
+        ratios.append(seconds["capture"] / seconds["off"])
+    return totals, ratios
+
+
+PAIRED_HEADER = ("| batch | calls | off s (sum) | capture s (sum) | capture / off (sums) "
+                 "| per call: median [quartiles] |\n|---|---|---|---|---|---|")
+
+
+def paired_row(batch: int, totals: dict[str, float], ratios: list[float]) -> str:
+    a, b = quartiles(ratios)
+    return (f"| {batch} | {len(ratios)} | {totals['off']:.3f} | {totals['capture']:.3f} | "
+            f"{totals['capture'] / totals['off']:.3f}x | {statistics.median(ratios):.3f}x "
+            f"[{a:.3f}, {b:.3f}] |")
+
+
 def per_call_cost(model, engine, layout, batch: int, device: str, calls: int = 2000) -> dict:
     """Microseconds per ``act_fn`` call of one decode step, plain and hooked.
 

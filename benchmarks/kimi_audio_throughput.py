@@ -40,8 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
 
 from hook_overhead import (  # noqa: E402
-    ADAPTER_MODES as ALTERNATING, Alternator, adapter_sessions, alternating_ratios, quartiles,
-    rotated, steering_plan, sync,
+    ADAPTER_MODES as ALTERNATING, PAIRED_HEADER, Alternator, adapter_sessions, alternating_ratios,
+    paired_calls, paired_row, quartiles, rotated, steering_plan, sync,
 )
 from workloads import Attempt, add_throughput_arguments, describe, esd_like, spread  # noqa: E402
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
@@ -152,22 +152,12 @@ def timed_rows(adapter, engine, attempts, batch: int, mode: str, device: str):
 
 
 def paired_chunks(adapter, engine, attempts, batch: int, repeats: int, device: str):
-    """Whole-run capture cost with the host's drift paired out: every call of ``batch`` rows
-    runs hooks off and capturing back to back, in ABBA order (off first on even calls), so
-    each pair shares the machine's state of the moment (a call is seconds; the runs of
-    ``timed_rows`` are a minute apart). Returns per mode the summed seconds and the ratio of
-    each pair; session exits are inside the capture times, as a job pays them."""
+    """``hook_overhead.paired_calls`` over every call of ``batch`` rows, ``repeats`` passes;
+    session exits are inside capture's times, as a job pays them."""
     run(adapter, attempts[:batch], seed=20_000)  # this batch size's first call, untimed
-    totals = {"off": 0.0, "capture": 0.0}
-    ratios = []
-    calls = [attempts[i:i + batch] for i in range(0, len(attempts), batch)] * repeats
-    for n, chunk in enumerate(calls):
-        seconds = {}
-        for mode in (("off", "capture") if n % 2 == 0 else ("capture", "off")):
-            seconds[mode], _ = timed_rows(adapter, engine, chunk, batch, mode, device)
-            totals[mode] += seconds[mode]
-        ratios.append(seconds["capture"] / seconds["off"])
-    return totals, ratios
+    chunks = [attempts[i:i + batch] for i in range(0, len(attempts), batch)] * repeats
+    return paired_calls(chunks, lambda chunk, mode: timed_rows(
+        adapter, engine, chunk, batch, mode, device)[0])
 
 
 def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int, device: str,
@@ -268,16 +258,10 @@ def main(argv=None) -> None:
                       f"[{a:.3f}, {b:.3f}] | {statistics.median(r['means']):.3f}x "
                       f"[{c:.3f}, {d:.3f}] | {len(r['steps'])} |")
     if args.paired_repeats:
-        print("\n| batch | calls | off s (sum) | capture s (sum) | capture / off (sums) "
-              "| per call: median [quartiles] |")
-        print("|---|---|---|---|---|---|")
+        print("\n" + PAIRED_HEADER)
         for batch in sorted(b for b in args.batches if b > 1):
-            totals, ratios = paired_chunks(adapter, engine, attempts, batch,
-                                           args.paired_repeats, args.device)
-            (a, b) = quartiles(ratios)
-            print(f"| {batch} | {len(ratios)} | {totals['off']:.3f} | {totals['capture']:.3f} | "
-                  f"{totals['capture'] / totals['off']:.3f}x | {statistics.median(ratios):.3f}x "
-                  f"[{a:.3f}, {b:.3f}] |")
+            print(paired_row(batch, *paired_chunks(adapter, engine, attempts, batch,
+                                                   args.paired_repeats, args.device)))
     for batch in sorted(args.batches) if args.repeats else ():
         if "off" in args.modes and "capture" in args.modes:
             print(f"# batch {batch}: capture overhead "

@@ -38,8 +38,8 @@ from transformers import Qwen3ForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
 
 from hook_overhead import (  # noqa: E402
-    ADAPTER_MODES as ALTERNATING, Alternator, adapter_sessions, alternating_ratios, rotated,
-    steering_plan, sync,
+    ADAPTER_MODES as ALTERNATING, PAIRED_HEADER, Alternator, adapter_sessions, alternating_ratios,
+    paired_calls, paired_row, rotated, steering_plan, sync,
 )
 from workloads import Attempt, add_throughput_arguments, describe, esd_like, spread  # noqa: E402
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
@@ -199,6 +199,13 @@ def timed_rows(adapter, engine, attempts, batch: int, mode: str):
     return time.perf_counter() - start, text_s, code_s
 
 
+def paired_chunks(adapter, engine, attempts, batch: int, repeats: int):
+    """``hook_overhead.paired_calls`` over every call of ``batch`` rows, ``repeats`` passes."""
+    convert(adapter, attempts[:batch], seed=20_000)  # this batch size's first call, untimed
+    chunks = [attempts[i:i + batch] for i in range(0, len(attempts), batch)] * repeats
+    return paired_calls(chunks, lambda chunk, mode: timed_rows(adapter, engine, chunk, batch, mode)[0])
+
+
 LOOPS = ("text", "codes")
 
 
@@ -254,6 +261,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--alternate-repeats", type=int, default=1,
                     help="conversions per hooked mode for the per-step overhead (0: skip it)")
+    ap.add_argument("--paired-repeats", type=int, default=0,
+                    help="passes over the rows with off and capture paired call by call "
+                         "(whole-run capture cost without the host's drift; 0: skip it)")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
@@ -297,6 +307,11 @@ def main(argv=None) -> None:
                     r = result[mode, loop]
                     print(f"| {batch} | {loop} | {mode} | {statistics.median(r['steps']):.3f}x | "
                           f"{statistics.median(r['means']):.3f}x | {len(r['steps'])} |")
+    if args.paired_repeats:
+        print("\n" + PAIRED_HEADER)
+        for batch in sorted(b for b in args.batches if b > 1):
+            print(paired_row(batch, *paired_chunks(adapter, engine, attempts, batch,
+                                                   args.paired_repeats)))
     for batch in sorted(args.batches) if args.repeats else ():
         print(f"# batch {batch}: capture overhead {rates[batch, 'off'] / rates[batch, 'capture']:.3f}x")
         if batch != 1 and 1 in args.batches:

@@ -252,6 +252,18 @@ def test_prefill_paths_compares_both_paths_and_finds_them_identical():
     assert "default SPARSE_MIN_ELEMENTS = 2^24" in out
 
 
+def _assert_paired_table(out: str, expected: list[tuple[str, str]]) -> None:
+    """The ``--paired-repeats`` table: (batch, calls) rows as ``expected`` (batch 1 is never
+    paired), and each ratio the one of its printed sums, up to the printing's rounding."""
+    paired = [line.split("|")[1:-1] for line in out.splitlines()
+              if re.match(r"\| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \|", line)]
+    assert [(r[0].strip(), r[1].strip()) for r in paired] == expected
+    for row in paired:
+        off, capture, ratio = float(row[2]), float(row[3]), float(row[4].strip()[:-1])
+        assert abs(ratio - capture / off) <= 0.0005 + 0.0005 * (1 + capture) / off ** 2
+        assert re.fullmatch(r" [\d.]+x \[[\d.]+, [\d.]+\] ", row[5])
+
+
 def test_kimi_audio_throughput_ends_every_row_at_its_drawn_lengths(capsys):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import kimi_audio_throughput as bench
@@ -273,13 +285,7 @@ def test_kimi_audio_throughput_ends_every_row_at_its_drawn_lengths(capsys):
                 "--alternate-repeats", "1", "--paired-repeats", "2"])
     out = capsys.readouterr().out
     assert "| 2 | 2 | capture |" in out and "capture overhead" in out and "the batch-1 loop" in out
-    # paired off/capture calls: batch 1 is not paired; 2 rows at batch 2, two passes → 2 calls,
-    # and the ratio printed is the one of the printed sums
-    paired = [line.split("|")[1:-1] for line in out.splitlines()
-              if re.match(r"\| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \|", line)]
-    assert [(r[0].strip(), r[1].strip()) for r in paired] == [("2", "2")]
-    off, capture, ratio = float(paired[0][2]), float(paired[0][3]), float(paired[0][4][:-2])
-    assert abs(ratio - capture / off) <= 0.0005 + 0.0005 * (1 + capture) / off ** 2
+    _assert_paired_table(out, [("2", "2")])  # 2 rows at batch 2, two passes: 2 calls
     # hooks off never leave a session; capture's time leaving them (~1 ms here, printed to
     # 0.1 ms) is part of its total
     whole = {(r[0].strip(), r[2].strip()): (float(r[3]), float(r[4])) for r in
@@ -329,11 +335,13 @@ def test_minicpm_o_throughput_ends_every_row_at_its_drawn_lengths(capsys):
     # at least upstream's 50 codes; 25 a second of speech otherwise
     assert all(c.codes.shape[0] >= 50 for c in codes)
 
-    bench.main(["--batches", "1", "2", "--attempts", "2", "--single-rows", "1", "--repeats", "1"])
+    bench.main(["--batches", "1", "2", "--attempts", "4", "--single-rows", "1", "--repeats", "1",
+                "--paired-repeats", "1"])
     out = capsys.readouterr().out
+    _assert_paired_table(out, [("2", "2")])  # 4 rows at batch 2, one pass: 2 calls
     rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| [12] \| \d+ \| (off|capture) \|", line)]
-    assert [(r[0].strip(), r[2].strip()) for r in rows] == [
-        ("1", "off"), ("1", "capture"), ("2", "off"), ("2", "capture")]
+    assert [(r[0].strip(), r[1].strip(), r[2].strip()) for r in rows] == [
+        ("1", "1", "off"), ("1", "1", "capture"), ("2", "4", "off"), ("2", "4", "capture")]
     for r in rows:  # text and code seconds are parts of the total, each printed to 1 ms
         total, text_s, code_s = map(float, r[3:6])
         assert 0 < text_s and 0 < code_s and text_s + code_s <= total + 0.0015

@@ -5,7 +5,10 @@ per-step figure is 1.01-1.02x. This runs one batch of Kimi-Audio's step loop (th
 and forced ends of ``kimi_audio_throughput.py``) twice under the profiler, hooks off and
 capturing both groups, and prints the ops whose device time and host time differ most
 between the two, with the session's exit (counts reduced, narrowed, copied to the host) as
-its own range. The profiler slows the host side, so read the differences, not the totals.
+its own range, and the device time of each phase (the prompt's prefill, the decode steps,
+the exit) with and without capture: whether the cost sits in the prefill's ``[B, T, D]``
+counting or in the steps' flushes. The profiler slows the host side, so read the
+differences, not the totals.
 
     python benchmarks/capture_profile.py --shape full --device cuda --batches 256 2048
 """
@@ -28,9 +31,36 @@ from workloads import describe, esd_like  # noqa: E402
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
 
 EXIT = "capture session exit"
+PREFILL, STEP = "phase: prefill", "phase: decode step"
+PHASES = (PREFILL, STEP, EXIT)
+
+
+class PhasedLM:
+    """The LM with each call in a profiler range: the first (the prompt) as the prefill, the
+    rest as decode steps; everything else is the LM's own (``ForcedEnds`` wraps this)."""
+
+    def __init__(self, lm):
+        self.lm, self.calls = lm, 0
+
+    def __getattr__(self, name):
+        return getattr(self.lm, name)
+
+    def __call__(self, **inputs):
+        name, self.calls = (PREFILL if self.calls == 0 else STEP), self.calls + 1
+        with record_function(name):
+            return self.lm(**inputs)
 
 
 def one_batch(adapter, engine, attempts, mode: str, device: str) -> None:
+    real_lm = adapter.lm
+    adapter.lm = PhasedLM(real_lm)  # kimi.run wraps adapter.lm; the hooks stay on the real one
+    try:
+        _one_batch(adapter, engine, attempts, mode, device)
+    finally:
+        adapter.lm = real_lm
+
+
+def _one_batch(adapter, engine, attempts, mode: str, device: str) -> None:
     if mode == "capture":
         session = engine.session(capture={"lm": Capture(), "synth": Capture()})
         session.__enter__()
@@ -49,7 +79,7 @@ def op_times(prof) -> dict[str, tuple[float, float, int]]:
     """op name -> (self device ms, self host ms, calls); ranges keep their whole device time."""
     out = {}
     for event in prof.key_averages():
-        whole = event.key == EXIT
+        whole = event.key in PHASES
         device_us = event.device_time_total if whole else getattr(event, "self_device_time_total", 0.0)
         host_us = event.cpu_time_total if whole else event.self_cpu_time_total
         out[event.key] = (device_us / 1e3, host_us / 1e3, event.count)
@@ -92,16 +122,23 @@ def main(argv=None) -> None:
         print(f"# unprofiled, median of {args.repeats}: off {off:.3f} s, capture {capture:.3f} s "
               f"({capture / off:.3f}x)")
         walls, times = {}, {}
+        profiled(adapter, engine, attempts[:1], "off", args.device)  # the profiler's first use
         for mode in ("off", "capture"):
             walls[mode], times[mode] = profiled(adapter, engine, attempts, mode, args.device)
-        totals = {m: tuple(sum(v[i] for k, v in t.items() if k != EXIT) for i in (0, 1))
+        totals = {m: tuple(sum(v[i] for k, v in t.items() if k not in PHASES) for i in (0, 1))
                   for m, t in times.items()}
         print("| mode | wall s (profiled) | device ms (all ops) | host ms (all ops) |")
         print("|---|---|---|---|")
         for mode in ("off", "capture"):
             print(f"| {mode} | {walls[mode]:.3f} | {totals[mode][0]:,.1f} | {totals[mode][1]:,.1f} |")
-        keys = set(times["off"]) | set(times["capture"])
         zero = (0.0, 0.0, 0)
+        print("\n| phase | off device ms | capture device ms | extra device ms | extra host ms | calls |")
+        print("|---|---|---|---|---|---|")
+        for phase in PHASES:
+            o, c = times["off"].get(phase, zero), times["capture"].get(phase, zero)
+            print(f"| {phase} | {o[0]:,.1f} | {c[0]:,.1f} | {c[0] - o[0]:,.1f} | {c[1] - o[1]:,.1f} "
+                  f"| {c[2]:,} |")
+        keys = (set(times["off"]) | set(times["capture"])) - {PREFILL, STEP}
         diff = {k: tuple(c - o for c, o in zip(times["capture"].get(k, zero), times["off"].get(k, zero)))
                 for k in keys}
         for column, label in ((0, "device"), (1, "host")):

@@ -312,12 +312,19 @@ def test_counts_to_host_times_every_staging_policy():
 
 def test_capture_profile_finds_the_session_exit_and_the_counting_ops():
     out = _run("benchmarks/capture_profile.py", "--batches", "2", "--top", "400", "--repeats", "1")
-    host = out.split("extra host ms")[1]
+    host = out.split("extra host ms with capture")[1]
     extra_calls = {r[0].strip(): int(r[2].replace(",", "")) for r in
                    (line.split("|")[1:-1] for line in host.splitlines()[2:]) if len(r) == 3}
     # capture adds one exit, and comparisons (the prefill's and the step flushes' g > 0)
     assert extra_calls["capture session exit"] == 1 and extra_calls["aten::gt"] > 0
     assert re.search(r"\| off \| [\d.]+ \|", out) and re.search(r"\| capture \| [\d.]+ \|", out)
+    # phases: one prefill, the decode steps (as many as the longest row's delay + codes +
+    # end, minus the prefill's own first position), the exit only with capture
+    phases = {r[0].strip(): int(r[5].replace(",", "")) for r in
+              (line.split("|")[1:-1] for line in out.splitlines()) if len(r) == 6 and
+              r[0].strip().startswith(("phase:", "capture session exit"))}
+    assert phases["phase: prefill"] == 1 and phases["capture session exit"] == 1
+    assert phases["phase: decode step"] > 10
 
 
 def test_minicpm_o_throughput_ends_every_row_at_its_drawn_lengths(capsys):

@@ -183,17 +183,12 @@ def source_literal(module: str, name: str) -> Any:
     raise LookupError(f"{module} assigns no literal {name}")
 
 
-def keyword_parameters(factory: str) -> set[str] | None:
-    """Keyword arguments a ``"module:Class"`` factory's ``__init__`` takes, read from its source.
-
-    ``None`` when that cannot be told from the source (``**kwargs``, no ``__init__`` of its own).
-    """
-    annotations = keyword_annotations(factory)
-    return None if annotations is None else set(annotations)
-
-
 def keyword_annotations(factory: str) -> dict[str, str | None] | None:
-    """``keyword_parameters`` with each one's annotation as source text (``None``: none given)."""
+    """Keyword arguments of a ``"module:Class"`` factory's ``__init__``, read from its source, each
+    with its annotation as source text (``None``: none given).
+
+    ``None`` when they cannot be told from the source (``**kwargs``, no ``__init__`` of its own).
+    """
     module, attribute = factory.split(":", 1)
     tree = ast.parse(_module_file(module).read_text())
     for node in tree.body:

@@ -2,7 +2,8 @@
 
 The schema (``workflow/schemas/config.schema.yaml``) checks keys and types; this module
 checks what needs the code or the filesystem: judge and naturalness entries against the
-keys their loaders take, ``model.options`` against the adapter's constructor, paths that
+keys their loaders take, ``model.options`` against the adapter's constructor (names, and
+values against its annotations and the ``OPTION_RANGES`` table next to it), paths that
 must exist, and the interventions list. Every problem is reported with its key path
 (``judges.available[e2v].model_dir``), all at once, so ``snakemake -n`` catches them
 before any job runs.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import esn_core
+from esn_core.option_values import option_message, value_problem
 
 
 class ConfigError(ValueError):
@@ -80,16 +82,27 @@ def _check_model(model: Mapping[str, Any], where: str = "model") -> list[str]:
     factory = source_literal("esn_core.models.base", "_REGISTRY").get(adapter)
     if factory is None:
         return problems
-    accepted = keyword_parameters(factory)
+    accepted = keyword_annotations(factory)
     if accepted is None:  # **kwargs, or an inherited constructor: cannot tell
         return problems
-    for key in options:
+    ranges = _option_ranges(factory)
+    for key, value in options.items():
         if key == "path":
             problems.append(f"{where}.options.path: give the checkpoint as {where}.path")
         elif key not in accepted:
             problems.append(f"{where}.options.{key}: not a keyword argument of {factory.split(':')[1]} "
-                            f"(adapter {adapter!r}); it takes {sorted(accepted - {'path'})}")
+                            f"(adapter {adapter!r}); it takes {sorted(set(accepted) - {'path'})}")
+        elif (allowed := value_problem(value, accepted[key], ranges.get(key))) is not None:
+            problems.append(option_message(f"{where}.options.{key}", value, allowed))
     return problems
+
+
+def _option_ranges(factory: str) -> dict[str, tuple]:
+    """The adapter module's ``OPTION_RANGES`` (option -> (min, max)), or none."""
+    try:
+        return source_literal(factory.split(":", 1)[0], "OPTION_RANGES")
+    except LookupError:
+        return {}
 
 
 def _check_judges(judges: Mapping[str, Any]) -> list[str]:
@@ -170,10 +183,11 @@ def source_literal(module: str, name: str) -> Any:
     raise LookupError(f"{module} assigns no literal {name}")
 
 
-def keyword_parameters(factory: str) -> set[str] | None:
-    """Keyword arguments a ``"module:Class"`` factory's ``__init__`` takes, read from its source.
+def keyword_annotations(factory: str) -> dict[str, str | None] | None:
+    """Keyword arguments of a ``"module:Class"`` factory's ``__init__``, read from its source, each
+    with its annotation as source text (``None``: none given).
 
-    ``None`` when that cannot be told from the source (``**kwargs``, no ``__init__`` of its own).
+    ``None`` when they cannot be told from the source (``**kwargs``, no ``__init__`` of its own).
     """
     module, attribute = factory.split(":", 1)
     tree = ast.parse(_module_file(module).read_text())
@@ -183,5 +197,5 @@ def keyword_parameters(factory: str) -> set[str] | None:
             if init is None or init.args.kwarg is not None:
                 return None
             args = [*init.args.posonlyargs, *init.args.args, *init.args.kwonlyargs]
-            return {a.arg for a in args[1:]}
+            return {a.arg: ast.unparse(a.annotation) if a.annotation else None for a in args[1:]}
     return None

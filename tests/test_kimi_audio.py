@@ -470,7 +470,7 @@ def test_registry_builds_the_adapter(checkpoint):
                            detokenizer_batch=3, detokenizer_ragged_vocoder=False)
     assert isinstance(adapter, KimiAudioAdapter) and adapter.dtype == torch.float32
     assert adapter.detokenizer.max_rows == 3 and adapter.detokenizer.vocoder_ragged is False
-    with pytest.raises(ValueError, match="detokenizer_batch must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="detokenizer_batch: 0 is not allowed; a whole number >= 1"):
         KimiAudioAdapter(checkpoint, device="cpu", detokenizer_batch=0)
 
 

@@ -97,7 +97,7 @@ def test_vocoder_rows_in_batches_or_one_call_per_row(setup, tmp_path):
         adapter.vocoder_batch_size = 16
     for a, b in zip(alone, batched):
         np.testing.assert_array_equal(a.waveform, b.waveform)
-    with pytest.raises(ValueError, match="vocoder_batch_size must be >= 1 .*got 0"):
+    with pytest.raises(ValueError, match="vocoder_batch_size: 0 is not allowed; a whole number >= 1"):
         MiniCPMOAdapter(tmp_path / "not_read", vocoder=StubVocoder(), vocoder_batch_size=0)
 
 

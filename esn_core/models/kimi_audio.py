@@ -40,6 +40,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -60,6 +61,7 @@ from esn_core.models.kimi_detokenizer import Detokenizer, load_dit, load_vocoder
 from esn_core.models.kimi_tokens import KimiTokenizer, TwoStreams, evc_prompt
 from esn_core.models.weights import load_exact, read_safetensors, weight_files
 from esn_core.models.kimi_vq import SourceTokenizer
+from esn_core.option_values import check_arguments
 
 SOURCE_RATE = 16_000
 OUTPUT_RATE = 24_000  # BigVGAN's rate
@@ -70,6 +72,12 @@ INSTRUCTION_TEMPLATE = (
 )
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
           "float64": torch.float64}
+# What the annotations cannot say: option -> (min, max), inclusive (the adapter's docstring
+# says what each is). The config pre-check reads this literal from the source
+# (esn_core.option_values); the constructor checks it too.
+OPTION_RANGES = {"max_tokens": (1, None), "audio_temperature": (0, None), "audio_top_k": (0, None),
+                 "audio_delay": (0, None), "batch_size": (1, None), "detokenizer_steps": (2, None),
+                 "detokenizer_batch": (1, None)}
 
 
 def load_lm(directory: Path, dtype: torch.dtype, device) -> KimiAudioLM:
@@ -175,17 +183,17 @@ class KimiAudioAdapter(LALMAdapter):
     name = "kimi_audio"
 
     def __init__(self, path: str | os.PathLike, device: str | None = None,
-                 dtype: str | None = None, instruction_template: str | None = None,
+                 dtype: Literal["bfloat16", "float16", "float32", "float64"] | None = None,
+                 instruction_template: str | None = None,
                  max_tokens: int = int(TOKEN_RATE * 120), audio_temperature: float = 0.8,
                  audio_top_k: int = 10, audio_delay: int = 6, batch_size: int = 8,
                  detokenizer_steps: int = 30, detokenizer_batch: int = 8,
                  detokenizer_ragged_vocoder: bool = True):
+        check_arguments(KimiAudioAdapter.__init__, OPTION_RANGES, locals())  # before the slow loads
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if int(detokenizer_batch) < 1:
-            raise ValueError(f"detokenizer_batch must be >= 1, got {detokenizer_batch!r}")
         self.path = check_checkpoint(path)
         self.tokenizer = KimiTokenizer(self.path / TIKTOKEN)
         lm = load_lm(self.path, DTYPES[dtype], device)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -27,28 +28,28 @@ from esn_core.models.audio import load_source, to_16k
 from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter, check_template
 from esn_core.models.minicpm_speech_codes import CodeSampling, SynthStep, generate_codes
 from esn_core.models.minicpm_tts_condition import tts_condition
+from esn_core.option_values import check_arguments
 
 INSTRUCTION_TEMPLATE = "Repeat exactly the words spoken in this audio with the emotion {emotion}."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def _batch_size(value) -> int:
-    if int(value) < 1:
-        raise ValueError(f"vocoder_batch_size must be >= 1 (1: one vocoder call per row), got {value}")
-    return int(value)
+# What the annotations cannot say: option -> (min, max), inclusive. The config pre-check reads
+# this literal from the source (esn_core.option_values); the constructor checks it too.
+# max_new_tokens: the text answer's cap; vocoder_steps: Euler steps of the vocoder's flow;
+# vocoder_batch_size: rows per vocoder call (1: one call per row).
+OPTION_RANGES = {"max_new_tokens": (1, None), "vocoder_steps": (1, None), "vocoder_batch_size": (1, None)}
 
 
 class MiniCPMOAdapter(LALMAdapter):
     name = "minicpm_o_4_5"
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu",
-                 dtype: str = "float32", max_new_tokens: int = 256,
+                 dtype: Literal["float32", "bfloat16", "float64"] = "float32", max_new_tokens: int = 256,
                  sampling: CodeSampling | dict = CodeSampling(), instruction_template: str | None = None,
                  vocoder=None, vocoder_steps: int = 10, vocoder_batch_size: int = 16):
         from esn_core.models.minicpm_checkpoint import load_checkpoint, load_tokenizer
 
+        check_arguments(MiniCPMOAdapter.__init__, OPTION_RANGES, locals())  # before the slow loads
         path = Path(path)
-        _batch_size(vocoder_batch_size)  # before the slow loads
         if isinstance(sampling, dict):  # a config file's options.sampling mapping
             unknown = set(sampling) - set(CodeSampling.__dataclass_fields__)
             if unknown:
@@ -66,9 +67,9 @@ class MiniCPMOAdapter(LALMAdapter):
 
     def _attach(self, parts, tokenizer, vocoder, device, max_new_tokens, sampling, template,
                 vocoder_batch_size: int = 16):
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.vocoder_batch_size = _batch_size(vocoder_batch_size)
+        check_arguments(MiniCPMOAdapter.__init__, OPTION_RANGES,
+                        dict(max_new_tokens=max_new_tokens, vocoder_batch_size=vocoder_batch_size))
+        self.vocoder_batch_size = int(vocoder_batch_size)
         self.parts, self.tokenizer, self.vocoder = parts, tokenizer, vocoder
         self.llm, self.tts = parts.llm.to(device).eval(), parts.tts.to(device).eval()
         self.audio_in = parts.audio_in.to(device).eval()

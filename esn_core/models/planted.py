@@ -106,6 +106,7 @@ from esn_core.demo_corpus import SENTENCES, SPEAKER_VOICES, DemoSpeaker, demo_sp
 from esn_core.hooks import MLPGroup
 from esn_core.layout import NeuronLayout
 from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter
+from esn_core.option_values import check_arguments
 from esn_core.select import Mask, masks_to_table
 from esn_core.styles import STYLES, EmotionStyle, blend
 
@@ -718,6 +719,10 @@ def realised_style(strengths: Sequence[float], rate_factor: float, seed: int) ->
 
 
 SILENCE = np.zeros(SAMPLE_RATE // 10, dtype=np.float32)
+# What the annotations cannot say: option -> (min, max), inclusive; read by the config
+# pre-check from the source (esn_core.option_values). speech_workers: threads rendering the
+# speech of one batch (null: one per CPU core).
+OPTION_RANGES = {"speech_workers": (1, None)}
 
 
 class PlantedAdapter(LALMAdapter):
@@ -727,6 +732,7 @@ class PlantedAdapter(LALMAdapter):
 
     def __init__(self, path: str | Path | None = None, model: PlantedLALM | None = None,
                  speech_workers: int | None = None):
+        check_arguments(PlantedAdapter.__init__, OPTION_RANGES, locals())
         self.speech_workers = speech_workers or os.cpu_count() or 1
         if (path is None) == (model is None):
             raise ValueError("PlantedAdapter needs exactly one of path= or model=")

@@ -68,6 +68,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -81,6 +82,7 @@ from esn_core.models.cache_keyword import cache_keyword
 from esn_core.models.graphed_decode import GraphedDecode
 from esn_core.models.ragged import key_padding, ragged_time_axis
 from esn_core.models.weights import weight_files
+from esn_core.option_values import check_arguments
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,11 @@ SOURCE_RATE = 16_000  # what the audio encoder expects and what EVCOutput carrie
 OUTPUT_RATE = 24_000  # token2wav's rate
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
           "float64": torch.float64}  # float64: tests only (batch-shape-exact argmaxes)
+# What the annotations cannot say: option -> (min, max), inclusive (the adapter's docstring
+# says what each is). The config pre-check reads this literal from the source
+# (esn_core.option_values); the constructor and from_model check it too.
+OPTION_RANGES = {"max_new_tokens": (1, None), "talker_max_new_tokens": (1, None), "batch_size": (1, None),
+                 "token2wav_steps": (2, None), "token2wav_batch_size": (1, None)}
 SPEAKER_FILE = "spk_dict.pt"
 
 
@@ -616,7 +623,7 @@ class QwenOmniAdapter(LALMAdapter):
         path: str | os.PathLike = HUB_ID,
         speaker: str = "Chelsie",
         device: str | None = None,
-        dtype: str = "bfloat16",
+        dtype: Literal["bfloat16", "float16", "float32", "float64"] = "bfloat16",
         system_prompt: str | None = None,
         instruction_template: str | None = None,
         max_new_tokens: int = 64,
@@ -672,10 +679,9 @@ class QwenOmniAdapter(LALMAdapter):
                    talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids,
                    token2wav_batch_size=16, token2wav_tf32=True, token2wav_ragged=True,
                    cuda_graphs=False) -> None:
-        if min(max_new_tokens, talker_max_new_tokens, batch_size, token2wav_batch_size) < 1 \
-                or token2wav_steps < 2:
-            raise ValueError("max_new_tokens, talker_max_new_tokens, batch_size and "
-                             "token2wav_batch_size must be >= 1, token2wav_steps >= 2")
+        check_arguments(QwenOmniAdapter.__init__, OPTION_RANGES, dict(
+            max_new_tokens=max_new_tokens, talker_max_new_tokens=talker_max_new_tokens, batch_size=batch_size,
+            token2wav_steps=token2wav_steps, token2wav_batch_size=token2wav_batch_size))
         self.system_prompt = SYSTEM_PROMPT if system_prompt is None else system_prompt
         self.instruction_template = check_template(
             INSTRUCTION_TEMPLATE if instruction_template is None else instruction_template

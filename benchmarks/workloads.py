@@ -70,8 +70,8 @@ def codes_at(attempt: Attempt, rate: float, minimum: int = 1) -> int:
 
 
 def spread_indices(lengths, n: int) -> list[int]:
-    """Indices of ``n`` rows evenly spaced in length (the rows a per-row path decodes), sorted;
-    all of them when ``n`` covers every row."""
+    """Indices of ``n`` rows evenly spaced in length (the rows a per-row path decodes), in
+    index order; all of them, shortest first, when ``n`` covers every row."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     if n >= len(order):
         return order

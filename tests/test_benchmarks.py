@@ -208,6 +208,38 @@ def test_esd_like_lengths_and_even_subsets():
     assert [a.codec_tokens for a in subset] == [ordered[i] for i in (0, 100, 200, 299, 399)]
 
 
+def test_vocoder_benchmark_helpers_rates_rows_errors_and_part_timer():
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from workloads import Attempt, PartTimer, codes_at, snr_db, spread_indices, worst_difference
+
+    answer = Attempt(3.0, 10, 150)  # 3 s of speech at 50 codes a second
+    assert codes_at(answer, 25) == 75 and codes_at(answer, 12.5) == 38  # 37.5 rounds to even
+    assert codes_at(answer, 25, minimum=100) == 100 and codes_at(Attempt(0.1, 4, 1), 12.5) == 1
+    assert spread_indices([30, 10, 20, 40, 50], 3) == [0, 1, 4]  # middle, shortest, longest
+    assert spread_indices([3, 1, 2], 5) == [1, 2, 0]  # every row, shortest first
+    reference = torch.tensor([1.0, -1.0, 2.0, 0.0])
+    assert snr_db(reference, reference.clone()) == float("inf")
+    # error energy 0.25 against 6: 10 log10(24)
+    assert abs(snr_db(reference, reference + torch.tensor([0.5, 0, 0, 0])) - 10 * np.log10(24)) < 1e-9
+    max_abs, low_snr = worst_difference([(reference, reference), (reference.numpy(), reference.numpy() - 0.5)])
+    assert max_abs == 0.5 and abs(low_snr - 10 * np.log10(6 / 1.0)) < 1e-9
+
+    class Part:
+        def run(self, x):
+            return x + 1
+
+    part, synced = Part(), []
+    timer = PartTimer(sync=lambda: synced.append(1))
+    timer.wrap("part", part, "run")
+    assert part.run(1) == 2 and part.run(2) == 3
+    assert timer.calls == {"part": 2} and timer.seconds["part"] > 0 and len(synced) == 4
+    before = timer.snapshot()
+    timer.reset()
+    assert timer.calls == {"part": 0} and timer.seconds == {"part": 0.0} and before["calls"] == {"part": 2}
+
+
 def test_decode_kernel_cost_reports_every_part():
     out = _run("benchmarks/decode_kernel_cost.py", "--shape", "tiny", "--batch", "2",
                "--prompt", "8", "--new", "6", "--repeats", "2")

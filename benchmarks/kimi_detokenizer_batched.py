@@ -47,7 +47,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
 
-from workloads import CODEC_PER_SECOND, esd_like  # noqa: E402
+from workloads import (  # noqa: E402
+    PartTimer, codes_at, esd_like, spread_indices, worst_difference,
+)
 
 from esn_core.models.kimi_audio import TOKEN_RATE  # noqa: E402
 from esn_core.models.kimi_detokenizer import DiT, Detokenizer  # noqa: E402
@@ -95,23 +97,7 @@ def build(shape: str, device: str, dtype: torch.dtype, dit_config=None, vocoder_
 
 def code_lengths(rows: int, seed: int) -> list[int]:
     """esd_like answers at 12.5 codes a second (the workload draws them at 50 a second)."""
-    return [max(1, round(a.codec_tokens * TOKEN_RATE / CODEC_PER_SECOND))
-            for a in esd_like(rows, seed)]
-
-
-def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    error = (reference.double() - other.double()).pow(2).sum()
-    if error == 0:
-        return float("inf")
-    return float(10 * torch.log10(reference.double().pow(2).sum() / error))
-
-
-def spread_indices(lengths, n: int) -> list[int]:
-    """Indices of ``n`` rows evenly spaced in length (the rows the per-row path decodes)."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    if n >= len(order):
-        return order
-    return sorted({order[int(round(i))] for i in torch.linspace(0, len(order) - 1, n).tolist()})
+    return [codes_at(a, TOKEN_RATE) for a in esd_like(rows, seed)]
 
 
 def main(argv=None) -> int:
@@ -162,23 +148,9 @@ def main(argv=None) -> int:
         if cuda:
             torch.cuda.synchronize()
 
-    parts = {"dit": 0.0, "vocoder": 0.0}
-
-    def part_timer(name, module):
-        forward = module.forward
-
-        def timed_forward(*a, **k):
-            sync()
-            start = time.perf_counter()
-            try:
-                return forward(*a, **k)
-            finally:
-                sync()
-                parts[name] += time.perf_counter() - start
-        module.forward = timed_forward
-
-    part_timer("dit", dit)
-    part_timer("vocoder", vocoder)
+    parts = PartTimer(sync)
+    parts.wrap("dit", dit, "forward")
+    parts.wrap("vocoder", vocoder, "forward")
 
     detokenizer = Detokenizer(dit, vocoder, steps=steps)
     proportional = detokenizer._vocoder_is_proportional()  # checked once, before any timing
@@ -191,13 +163,13 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats(device)
         runs, waves = [], None
         for _ in range(repeats):
-            parts.update(dit=0.0, vocoder=0.0)
+            parts.reset()
             generators = [torch.Generator(device=device).manual_seed(seeds[i]) for i in chosen]
             sync()
             start = time.perf_counter()
             waves = detokenizer.batch([codes[i] for i in chosen], generators, max_rows=max_rows)
             sync()
-            runs.append((time.perf_counter() - start, dict(parts)))
+            runs.append((time.perf_counter() - start, parts.snapshot()["seconds"]))
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
         seconds, split = sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]
         return seconds, [w.cpu() for w in waves], split, peak
@@ -221,8 +193,7 @@ def main(argv=None) -> int:
         ms = 1e3 * seconds / len(chosen)
         dit_ms, vocoder_ms = (1e3 * split[k] / len(chosen) for k in ("dit", "vocoder"))
         pairs = [(reference[i], w) for i, w in zip(chosen, waves) if i in reference]
-        max_abs = max(float((a - w).abs().max()) for a, w in pairs)
-        low_snr = min(snr_db(a, w) for a, w in pairs)
+        max_abs, low_snr = worst_difference(pairs)
         peak_text = f"{peak:.1f} GiB" if peak is not None else "-"
         print(f"| {label} | {len(chosen)} | {calls} | {ms:,.1f} ({dit_ms:,.1f} + {vocoder_ms:,.1f}) | "
               f"{max_abs:.2e} | {low_snr:.1f} dB | {peak_text} |", flush=True)

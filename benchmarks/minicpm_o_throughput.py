@@ -41,7 +41,9 @@ from hook_overhead import (  # noqa: E402
     ADAPTER_MODES as ALTERNATING, PAIRED_HEADER, Alternator, adapter_sessions, alternating_ratios,
     paired_calls, paired_row, rotated, steering_plan, sync,
 )
-from workloads import Attempt, add_throughput_arguments, describe, esd_like, spread  # noqa: E402
+from workloads import (  # noqa: E402
+    Attempt, add_throughput_arguments, codes_at, describe, esd_like, spread,
+)
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
 from esn_core.models.minicpm_checkpoint import MiniCPMParts, lm_config  # noqa: E402
 from esn_core.models.minicpm_generate import greedy_batch  # noqa: E402
@@ -87,7 +89,7 @@ class SpecialIds:
 
 
 def answer_codes(attempt: Attempt, sampling: CodeSampling) -> int:
-    return max(sampling.min_codes, round(attempt.codec_tokens * CODE_RATE / 50))
+    return codes_at(attempt, CODE_RATE, sampling.min_codes)
 
 
 class ForcedText:

@@ -37,7 +37,7 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniTo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
 
-from workloads import esd_like  # noqa: E402
+from workloads import esd_like, snr_db, spread_indices  # noqa: E402
 
 from esn_core.models.qwen_omni import float32_matmul_precision, token2wav_batch  # noqa: E402
 
@@ -71,13 +71,6 @@ def calls_for(lengths, speaker, n_codes: int, device: str, steps: int) -> list[d
     return [{"code": torch.randint(0, n_codes, (1, n), generator=generator).to(device),
              "conditioning": speaker["cond"], "reference_mel": speaker["ref_mel"],
              "num_steps": steps} for n in lengths]
-
-
-def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    error = (reference.double() - other.double()).pow(2).sum()
-    if error == 0:
-        return float("inf")
-    return float(10 * torch.log10(reference.double().pow(2).sum() / error))
 
 
 def main(argv=None) -> int:
@@ -207,14 +200,6 @@ def main(argv=None) -> int:
             json.dump({"device": name, "argv": sys.argv, "lengths": lengths,
                        "results": results}, f, indent=2)
     return 0
-
-
-def spread_indices(lengths, n: int) -> list[int]:
-    """Indices of ``n`` rows evenly spaced in length (the rows a per-row loop is timed on)."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    if n >= len(order):
-        return order
-    return [order[int(round(i))] for i in torch.linspace(0, len(order) - 1, n).tolist()]
 
 
 if __name__ == "__main__":

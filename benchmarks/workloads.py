@@ -15,10 +15,16 @@ token2wav on codes of different lengths) is real.
   at Qwen2.5-Omni's 50 codec tokens per second (token2wav: 2 mel frames per code, 100 frames
   per second, 240 samples per frame at 24 kHz).
 ``fixed`` gives every attempt the same lengths (the earlier benchmarks' workload).
+
+The vocoder benchmarks (Kimi-Audio's detokenizer, MiniCPM-o's token2wav) share the rest:
+``codes_at`` (an answer at another model's code rate), ``spread_indices`` (the rows a per-row
+loop decodes), ``snr_db`` and ``worst_difference`` (batched waveforms against the per-row ones) and ``PartTimer``
+(seconds and calls of the parts a decode runs through).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +61,69 @@ def spread(attempts: list[Attempt], n: int) -> list[Attempt]:
         return ordered
     picks = np.round(np.linspace(0, len(ordered) - 1, n)).astype(int)
     return [ordered[i] for i in picks]
+
+
+def codes_at(attempt: Attempt, rate: float, minimum: int = 1) -> int:
+    """The attempt's answer in codes at ``rate`` a second (``esd_like`` draws it at 50), at
+    least ``minimum`` codes."""
+    return max(minimum, round(attempt.codec_tokens * rate / CODEC_PER_SECOND))
+
+
+def spread_indices(lengths, n: int) -> list[int]:
+    """Indices of ``n`` rows evenly spaced in length (the rows a per-row path decodes), in
+    index order; all of them, shortest first, when ``n`` covers every row."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    if n >= len(order):
+        return order
+    return sorted({order[int(round(i))] for i in torch.linspace(0, len(order) - 1, n).tolist()})
+
+
+def snr_db(reference, other) -> float:
+    """``other``'s SNR against ``reference`` (tensors or arrays) in dB; inf when equal."""
+    reference, other = torch.as_tensor(reference).double(), torch.as_tensor(other).double()
+    error = (reference - other).pow(2).sum()
+    if error == 0:
+        return float("inf")
+    return float(10 * torch.log10(reference.pow(2).sum() / error))
+
+
+def worst_difference(pairs) -> tuple[float, float]:
+    """(max |difference|, lowest SNR in dB) over (reference, other) waveform pairs."""
+    pairs = [(torch.as_tensor(a).double(), torch.as_tensor(b).double()) for a, b in pairs]
+    return (max(float((a - b).abs().max()) for a, b in pairs),
+            min(snr_db(a, b) for a, b in pairs))
+
+
+class PartTimer:
+    """Seconds and calls of named parts: ``wrap(name, owner, attribute)`` replaces the method
+    ``owner.attribute`` by a timed one (the device synchronised around it, so the seconds are
+    the part's own); ``reset()`` zeroes the counts, ``snapshot()`` copies them."""
+
+    def __init__(self, sync=lambda: None):
+        self.sync, self.seconds, self.calls = sync, {}, {}
+
+    def wrap(self, name: str, owner, attribute: str) -> None:
+        method = getattr(owner, attribute)
+        self.seconds.setdefault(name, 0.0)
+        self.calls.setdefault(name, 0)
+
+        def timed(*args, **kwargs):
+            self.sync()
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.sync()
+                self.seconds[name] += time.perf_counter() - start
+                self.calls[name] += 1
+        setattr(owner, attribute, timed)
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+        self.calls = dict.fromkeys(self.calls, 0)
+
+    def snapshot(self) -> dict:
+        return {"seconds": dict(self.seconds), "calls": dict(self.calls)}
 
 
 def describe(attempts: list[Attempt]) -> str:

@@ -125,6 +125,51 @@ def test_kimi_detokenizer_batched_checks_every_batched_path_against_the_per_row_
     assert "is proportional to its input" in out
 
 
+def test_minicpm_vocoder_batched_checks_every_batched_path_against_the_per_row_decode(tmp_path):
+    from tests.test_minicpm_vocoder import F32_MAX_ABS, F32_MIN_SNR_DB
+
+    target = tmp_path / "minicpm_vocoder.json"
+    out = _run("benchmarks/minicpm_vocoder_batched.py", "--shape", "tiny", "--device", "cpu",
+               "--rows", "4", "--steps", "2", "--micro", "2", "4", "--out", str(target))
+    saved = json.loads(target.read_text())
+    assert [r["path"] for r in saved["results"]] == ["per row", "batched m2", "batched m4"]
+    lengths, prompts = saved["lengths"], saved["prompt_tokens"]
+    assert len(lengths) == 4 and len(set(lengths)) > 1
+    # 2-5 s x 0.85-1.25 at 25 codes a second, at least the code loop's 50; the prompt is the
+    # 2-5 s source at 25 tokens a second
+    assert all(50 <= n <= 157 for n in lengths) and all(50 <= p <= 125 for p in prompts)
+    by_path = {r["path"]: r for r in saved["results"]}
+    per_row = by_path["per row"]
+    assert per_row["min_snr_db"] == float("inf") and per_row["max_abs"] == 0
+    assert per_row["calls"] == per_row["hift_calls"] == 4  # one flow and one HiFT call per row
+    assert by_path["batched m2"]["calls"] == by_path["batched m2"]["hift_calls"] == 2
+    assert by_path["batched m4"]["calls"] == by_path["batched m4"]["hift_calls"] == 1
+    for result in saved["results"]:
+        assert result["rows"] == 4 and result["peak_gib"] is None  # CPU: no peak memory
+        assert 0 < result["flow_ms_per_row"] + result["hift_ms_per_row"] <= result["ms_per_row"]
+    for result in saved["results"][1:]:  # float32 rounding, as tests/test_minicpm_vocoder.py
+        assert result["max_abs"] <= F32_MAX_ABS and result["min_snr_db"] >= F32_MIN_SNR_DB, result
+    assert "| batched m4 | 4 | 1 |" in out and "# per row / batched: batched m2" in out
+
+
+def test_minicpm_vocoder_benchmark_shapes_are_the_test_checkpoint_and_the_published_flow(tmp_path):
+    import torch
+
+    from esn_core.models.flow_yaml import build_flow
+    from tests.test_minicpm_vocoder import PUBLISHED_FLOW_YAML, TINY_FLOW_YAML
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from minicpm_vocoder_batched import FLOW_YAML
+
+    def shapes(text, name):
+        (tmp_path / name).write_text(text)
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in build_flow(tmp_path / name).state_dict().items()}
+
+    assert shapes(FLOW_YAML["tiny"], "tiny.yaml") == shapes(TINY_FLOW_YAML, "test.yaml")
+    assert shapes(FLOW_YAML["full"], "full.yaml") == shapes(PUBLISHED_FLOW_YAML, "published.yaml")
+
+
 def test_forced_lengths_end_each_row_at_its_own_step():
     import torch
 
@@ -161,6 +206,38 @@ def test_esd_like_lengths_and_even_subsets():
     subset = spread(draw, 5)
     ordered = sorted(codec.tolist())
     assert [a.codec_tokens for a in subset] == [ordered[i] for i in (0, 100, 200, 299, 399)]
+
+
+def test_vocoder_benchmark_helpers_rates_rows_errors_and_part_timer():
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from workloads import Attempt, PartTimer, codes_at, snr_db, spread_indices, worst_difference
+
+    answer = Attempt(3.0, 10, 150)  # 3 s of speech at 50 codes a second
+    assert codes_at(answer, 25) == 75 and codes_at(answer, 12.5) == 38  # 37.5 rounds to even
+    assert codes_at(answer, 25, minimum=100) == 100 and codes_at(Attempt(0.1, 4, 1), 12.5) == 1
+    assert spread_indices([30, 10, 20, 40, 50], 3) == [0, 1, 4]  # middle, shortest, longest
+    assert spread_indices([3, 1, 2], 5) == [1, 2, 0]  # every row, shortest first
+    reference = torch.tensor([1.0, -1.0, 2.0, 0.0])
+    assert snr_db(reference, reference.clone()) == float("inf")
+    # error energy 0.25 against 6: 10 log10(24)
+    assert abs(snr_db(reference, reference + torch.tensor([0.5, 0, 0, 0])) - 10 * np.log10(24)) < 1e-9
+    max_abs, low_snr = worst_difference([(reference, reference), (reference.numpy(), reference.numpy() - 0.5)])
+    assert max_abs == 0.5 and abs(low_snr - 10 * np.log10(6 / 1.0)) < 1e-9
+
+    class Part:
+        def run(self, x):
+            return x + 1
+
+    part, synced = Part(), []
+    timer = PartTimer(sync=lambda: synced.append(1))
+    timer.wrap("part", part, "run")
+    assert part.run(1) == 2 and part.run(2) == 3
+    assert timer.calls == {"part": 2} and timer.seconds["part"] > 0 and len(synced) == 4
+    before = timer.snapshot()
+    timer.reset()
+    assert timer.calls == {"part": 0} and timer.seconds == {"part": 0.0} and before["calls"] == {"part": 2}
 
 
 def test_decode_kernel_cost_reports_every_part():

@@ -32,13 +32,15 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 import numpy as np
-import torch
 
 from esn_core.constants import SAMPLE_RATE
 from esn_core.judges.base import load_audio_16k
+
+if TYPE_CHECKING:
+    import torch
 
 UTMOS_NAME = "utmos22_strong"
 UTMOS_HF_ID = "Blinorot/UTMOS-PyTorch"
@@ -80,6 +82,8 @@ class UTMOSEstimator:
         path = Path(checkpoint_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"UTMOS checkpoint {path} does not exist; {_utmos_where(path)}")
+        import torch  # here, not at module level: judge jobs without UTMOS skip its 1.4 s import
+
         self.checkpoint_path = path
         self.device = str(device)
         self._scripted = _is_torchscript(path)
@@ -88,9 +92,16 @@ class UTMOSEstimator:
         else:
             self.model = _load_state_dict_model(path, self.device)
 
-    @torch.no_grad()
     def _score(self, wav: np.ndarray) -> float:
-        x = torch.as_tensor(np.asarray(wav, dtype=np.float32).ravel(), device=self.device)
+        import torch
+
+        with torch.no_grad():
+            return self._score_tensor(torch.as_tensor(np.asarray(wav, dtype=np.float32).ravel(),
+                                                      device=self.device))
+
+    def _score_tensor(self, x) -> float:
+        import torch
+
         if self._scripted:
             scorer = self.model.score if hasattr(self.model, "score") else self.model
             out = scorer(x.unsqueeze(0))  # (1, T): one mono clip
@@ -125,6 +136,8 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _load_state_dict_model(path: Path, device: str) -> torch.nn.Module:
+    import torch
+
     try:
         from utmos_pytorch.utmos_torch import UTMOSModel
     except ImportError as exc:

@@ -535,7 +535,9 @@ class _Counter:
             for buffer, counts in self.step_runs:  # [L, cap, B, 1, D], [L, B, D]
                 positive = torch.gt(buffer[:, :n], limits)
                 if n == 1:  # every step alone (large batches): no sum, bools added as bytes
-                    counts += positive[:, 0, :, 0]
+                    # Read as uint8, the add has one dtype: a bool operand would send CUDA's
+                    # elementwise kernel down its slower dynamic-casting path.
+                    counts += positive[:, 0, :, 0].view(torch.uint8)
                 else:
                     counts += positive.view(torch.uint8).sum(dim=1, dtype=torch.uint8)[:, :, 0]
         self.filled = 0

@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -48,7 +46,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
 
 from workloads import (  # noqa: E402
-    PartTimer, codes_at, esd_like, spread_indices, worst_difference,
+    PartTimer, add_vocoder_arguments, codes_at, esd_like, random_codes, spread_indices,
+    vocoder_device, worst_difference,
 )
 
 from esn_core.models.kimi_audio import TOKEN_RATE  # noqa: E402
@@ -102,26 +101,17 @@ def code_lengths(rows: int, seed: int) -> list[int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=["tiny", "full"], default="tiny")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    add_vocoder_arguments(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights and activations (default: bfloat16 on CUDA, as the adapter)")
-    parser.add_argument("--rows", type=int, default=None, help="rows in the mix")
-    parser.add_argument("--micro", type=int, nargs="+", default=None, help="rows per batched call")
-    parser.add_argument("--per-row-rows", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="Euler points per chunk (upstream 30)")
     parser.add_argument("--vocoder-by-length", action="store_true",
                         help="also time the batched paths with the ragged vocoder off")
     parser.add_argument("--dit-config", default=None, help="a JSON file of the DiT's model.dit section")
     parser.add_argument("--vocoder-config", default=None, help="BigVGAN's config.json")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     tiny = args.shape == "tiny"
-    device = args.device or ("cuda" if torch.cuda.is_available() and not tiny else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
+    device = vocoder_device(parser, args)
     dtype = DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
     rows = args.rows or (6 if tiny else 32)
     micro = args.micro or ([rows] if tiny else [8, 32])
@@ -130,8 +120,6 @@ def main(argv=None) -> int:
     repeats = args.repeats or (1 if tiny else 2)
     if min(micro) < 1 or rows < 1 or steps < 2:
         parser.error("--rows and --micro must be >= 1, --steps >= 2")
-    if device == "cpu":
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
 
     def read(path):
         return json.loads(Path(path).read_text()) if path else None
@@ -139,16 +127,10 @@ def main(argv=None) -> int:
     dit, vocoder = build(args.shape, device, dtype, read(args.dit_config), read(args.vocoder_config))
     lengths = code_lengths(rows, args.seed)
     vocab = dit.semantic_token_embedding.num_embeddings - 1
-    draw = torch.Generator().manual_seed(args.seed + 1)
-    codes = [torch.randint(0, vocab, (n,), generator=draw).tolist() for n in lengths]
+    codes = random_codes(lengths, vocab, args.seed + 1)
     seeds = [1000 + i for i in range(rows)]
     cuda = device == "cuda"
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    parts = PartTimer(sync)
+    parts = PartTimer.on(device)
     parts.wrap("dit", dit, "forward")
     parts.wrap("vocoder", vocoder, "forward")
 
@@ -158,21 +140,12 @@ def main(argv=None) -> int:
     def decode(chosen, max_rows, ragged=True):
         """(median seconds, waveforms, DiT and vocoder seconds of that run, peak GiB)."""
         detokenizer.vocoder_ragged = ragged
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        runs, waves = [], None
-        for _ in range(repeats):
-            parts.reset()
+        def run():
             generators = [torch.Generator(device=device).manual_seed(seeds[i]) for i in chosen]
-            sync()
-            start = time.perf_counter()
-            waves = detokenizer.batch([codes[i] for i in chosen], generators, max_rows=max_rows)
-            sync()
-            runs.append((time.perf_counter() - start, parts.snapshot()["seconds"]))
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-        seconds, split = sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]
-        return seconds, [w.cpu() for w in waves], split, peak
+            return detokenizer.batch([codes[i] for i in chosen], generators, max_rows=max_rows)
+
+        seconds, waves, split, peak = parts.median_run(run, repeats, device)
+        return seconds, [w.cpu() for w in waves], split["seconds"], peak
 
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     print(f"# Kimi-Audio detokenizer, {args.shape} shape{' (ASSUMED sizes)' if not tiny else ''}, "

@@ -53,7 +53,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -63,7 +62,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
 
 from workloads import (  # noqa: E402
-    PartTimer, codes_at, esd_like, spread_indices, worst_difference,
+    PartTimer, add_vocoder_arguments, codes_at, esd_like, random_codes, spread_indices,
+    vocoder_device, worst_difference,
 )
 
 from esn_core.models.flow_yaml import build_flow  # noqa: E402
@@ -175,48 +175,30 @@ def source_wav(seconds: float, seed: int) -> np.ndarray:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=["tiny", "full"], default="tiny")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    parser.add_argument("--rows", type=int, default=None, help="rows in the mix")
-    parser.add_argument("--micro", type=int, nargs="+", default=None,
-                        help="rows per batched call (the adapter's vocoder_batch_size)")
-    parser.add_argument("--per-row-rows", type=int, default=None)
+    add_vocoder_arguments(parser)
     parser.add_argument("--steps", type=int, default=10,
                         help="flow Euler steps (the adapter's vocoder_steps, default 10)")
     parser.add_argument("--flow-config", default=None, help="a token2wav flow.yaml (the checkpoint's own)")
     parser.add_argument("--hift-config", default=None, help="a JSON file of HiFTGenerator keywords")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     tiny = args.shape == "tiny"
-    device = args.device or ("cuda" if torch.cuda.is_available() and not tiny else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
+    device = vocoder_device(parser, args)
     rows = args.rows or (6 if tiny else 64)
     micro = args.micro or ([rows] if tiny else [4, 16, 64])
     per_row_rows = args.per_row_rows or (rows if tiny else 8)
     repeats = args.repeats or (1 if tiny else 2)
     if min(micro) < 1 or rows < 1 or args.steps < 1:
         parser.error("--rows, --micro and --steps must be >= 1")
-    if device == "cpu":
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
 
     hift_config = json.loads(Path(args.hift_config).read_text()) if args.hift_config else None
     vocoder = build(args.shape, device, args.steps, args.flow_config, hift_config)
     attempts = esd_like(rows, args.seed)
     lengths = [codes_at(a, CODE_RATE, CodeSampling().min_codes) for a in attempts]
-    draw = torch.Generator().manual_seed(args.seed + 1)
-    codes = [torch.randint(0, vocoder.flow.vocab_size, (n,), generator=draw).tolist() for n in lengths]
+    codes = random_codes(lengths, vocoder.flow.vocab_size, args.seed + 1)
     sources = [source_wav(a.source_seconds, args.seed + 2 + i) for i, a in enumerate(attempts)]
     seeds = [1000 + i for i in range(rows)]
     cuda = device == "cuda"
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    parts = PartTimer(sync)
+    parts = PartTimer.on(device)
     parts.wrap("flow", vocoder.flow, "inference_rows")  # the per-row path's inference calls it
     parts.wrap("hift", vocoder.hift, "forward")  # the per-row path
     parts.wrap("hift", vocoder.hift, "rows")  # the batched path
@@ -224,24 +206,13 @@ def main(argv=None) -> int:
     def decode(chosen, max_rows):
         """(median seconds, waves, that run's part seconds and calls, peak GiB); ``max_rows``
         None: one ``vocoder(...)`` call per row."""
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        runs, waves = [], None
-        for _ in range(repeats):
-            parts.reset()
-            sync()
-            start = time.perf_counter()
+        def run():
             if max_rows is None:
-                waves = [vocoder(codes[i], seeds[i], sources[i])[0] for i in chosen]
-            else:
-                waves = vocoder.batch([codes[i] for i in chosen], [seeds[i] for i in chosen],
-                                      [sources[i] for i in chosen], max_rows=max_rows)
-            sync()
-            runs.append((time.perf_counter() - start, parts.snapshot()))
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-        seconds, split = sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]
-        return seconds, waves, split, peak
+                return [vocoder(codes[i], seeds[i], sources[i])[0] for i in chosen]
+            return vocoder.batch([codes[i] for i in chosen], [seeds[i] for i in chosen],
+                                 [sources[i] for i in chosen], max_rows=max_rows)
+
+        return parts.median_run(run, repeats, device)
 
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     sizes = " (ASSUMED flow sizes)" if not tiny and args.flow_config is None else ""

@@ -69,6 +69,12 @@ def codes_at(attempt: Attempt, rate: float, minimum: int = 1) -> int:
     return max(minimum, round(attempt.codec_tokens * rate / CODEC_PER_SECOND))
 
 
+def random_codes(lengths, vocab: int, seed: int) -> list[list[int]]:
+    """One row of random codes below ``vocab`` per length (random weights: any code will do)."""
+    draw = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=draw).tolist() for n in lengths]
+
+
 def spread_indices(lengths, n: int) -> list[int]:
     """Indices of ``n`` rows evenly spaced in length (the rows a per-row path decodes), in
     index order; all of them, shortest first, when ``n`` covers every row."""
@@ -102,6 +108,11 @@ class PartTimer:
     def __init__(self, sync=lambda: None):
         self.sync, self.seconds, self.calls = sync, {}, {}
 
+    @classmethod
+    def on(cls, device: str) -> "PartTimer":
+        """Synchronising ``device`` around each part (nothing to wait for on the CPU)."""
+        return cls(torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None))
+
     def wrap(self, name: str, owner, attribute: str) -> None:
         method = getattr(owner, attribute)
         self.seconds.setdefault(name, 0.0)
@@ -124,6 +135,24 @@ class PartTimer:
 
     def snapshot(self) -> dict:
         return {"seconds": dict(self.seconds), "calls": dict(self.calls)}
+
+    def median_run(self, run, repeats: int, device: str):
+        """``run()`` timed ``repeats`` times, the parts reset before each: the median run's
+        (seconds, result, part snapshot) and the peak GiB over all of them (None off CUDA)."""
+        cuda = str(device).startswith("cuda")
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        runs = []
+        for _ in range(repeats):
+            self.reset()
+            self.sync()
+            start = time.perf_counter()
+            result = run()
+            self.sync()
+            runs.append((time.perf_counter() - start, result, self.snapshot()))
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+        return (*sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2], peak)
 
 
 def describe(attempts: list[Attempt]) -> str:
@@ -164,6 +193,28 @@ class ForcedLengths:
         forced = torch.full_like(scores, -torch.inf)
         forced[:, end_ids[0]] = 0.0
         return torch.where(ending, forced, scores)
+
+
+def add_vocoder_arguments(ap) -> None:
+    """The options the vocoder benchmarks share (per row against batched calls on one mix)."""
+    ap.add_argument("--shape", choices=["tiny", "full"], default="tiny")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    ap.add_argument("--rows", type=int, default=None, help="rows in the mix")
+    ap.add_argument("--micro", type=int, nargs="+", default=None, help="rows per batched call")
+    ap.add_argument("--per-row-rows", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the figures as JSON here")
+
+
+def vocoder_device(ap, args) -> str:
+    """CUDA for the full shape where there is one; the tiny shape on at most 2 CPU threads."""
+    device = args.device or ("cuda" if torch.cuda.is_available() and args.shape != "tiny" else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    if device == "cpu":
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    return device
 
 
 def add_throughput_arguments(ap, shapes) -> None:

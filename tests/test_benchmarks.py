@@ -212,7 +212,9 @@ def test_vocoder_benchmark_helpers_rates_rows_errors_and_part_timer():
     import torch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from workloads import Attempt, PartTimer, codes_at, snr_db, spread_indices, worst_difference
+    from workloads import (
+        Attempt, PartTimer, codes_at, random_codes, snr_db, spread_indices, worst_difference,
+    )
 
     answer = Attempt(3.0, 10, 150)  # 3 s of speech at 50 codes a second
     assert codes_at(answer, 25) == 75 and codes_at(answer, 12.5) == 38  # 37.5 rounds to even
@@ -238,6 +240,24 @@ def test_vocoder_benchmark_helpers_rates_rows_errors_and_part_timer():
     before = timer.snapshot()
     timer.reset()
     assert timer.calls == {"part": 0} and timer.seconds == {"part": 0.0} and before["calls"] == {"part": 2}
+    # median_run: the parts reset before each run; the median run's result and parts come back
+    import time as _time
+    plan = iter([(0.03, 1, "slow"), (0.0, 3, "fast"), (0.01, 2, "median")])  # (sleep, calls, result)
+
+    def run():
+        pause, calls, name = next(plan)
+        _time.sleep(pause)
+        for _ in range(calls):
+            part.run(0)
+        return name
+
+    seconds, result, parts, peak = timer.median_run(run, 3, "cpu")
+    assert result == "median" and parts["calls"] == {"part": 2} and peak is None
+    assert 0.01 <= seconds < 0.03
+    assert PartTimer.on("cpu").sync() is None
+    codes = random_codes([3, 0, 5], 7, seed=1)
+    assert [len(c) for c in codes] == [3, 0, 5] and all(0 <= x < 7 for c in codes for x in c)
+    assert codes == random_codes([3, 0, 5], 7, seed=1) != random_codes([3, 0, 5], 7, seed=2)
 
 
 def test_decode_kernel_cost_reports_every_part():

@@ -86,12 +86,15 @@ def _check_model(model: Mapping[str, Any], where: str = "model") -> list[str]:
     if accepted is None:  # **kwargs, or an inherited constructor: cannot tell
         return problems
     ranges = _option_ranges(factory)
+    mappings = _module_literal(factory.split(":", 1)[0], "OPTION_MAPPINGS")
     for key, value in options.items():
         if key == "path":
             problems.append(f"{where}.options.path: give the checkpoint as {where}.path")
         elif key not in accepted:
             problems.append(f"{where}.options.{key}: not a keyword argument of {factory.split(':')[1]} "
                             f"(adapter {adapter!r}); it takes {sorted(set(accepted) - {'path'})}")
+        elif key in mappings and isinstance(value, Mapping):
+            problems += _check_fields(value, *mappings[key], f"{where}.options.{key}")
         elif (allowed := value_problem(value, accepted[key], ranges.get(key))) is not None:
             problems.append(option_message(f"{where}.options.{key}", value, allowed))
     return problems
@@ -99,10 +102,38 @@ def _check_model(model: Mapping[str, Any], where: str = "model") -> list[str]:
 
 def _option_ranges(factory: str) -> dict[str, tuple]:
     """The adapter module's ``OPTION_RANGES`` (option -> (min, max)), or none."""
+    return _module_literal(factory.split(":", 1)[0], "OPTION_RANGES")
+
+
+def _module_literal(module: str, name: str) -> dict:
     try:
-        return source_literal(factory.split(":", 1)[0], "OPTION_RANGES")
+        return source_literal(module, name)
     except LookupError:
         return {}
+
+
+def _check_fields(given: Mapping[str, Any], module: str, cls: str, ranges_name: str, where: str) -> list[str]:
+    """An option given as a mapping of a dataclass's fields (MiniCPM-o's ``sampling``): keys
+    against the fields, values against their annotations and the module's ranges literal."""
+    fields = dataclass_fields(module, cls)
+    ranges = _module_literal(module, ranges_name)
+    problems = []
+    for key, value in given.items():
+        if key not in fields:
+            problems.append(f"{where}.{key}: not a field of {cls}; it has {sorted(fields)}")
+        elif (allowed := value_problem(value, fields[key], ranges.get(key))) is not None:
+            problems.append(option_message(f"{where}.{key}", value, allowed))
+    return problems
+
+
+def dataclass_fields(module: str, cls: str) -> dict[str, str | None]:
+    """A class's annotated fields, each with its annotation as source text, read from the source."""
+    tree = ast.parse(_module_file(module).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            return {f.target.id: ast.unparse(f.annotation) for f in node.body
+                    if isinstance(f, ast.AnnAssign) and isinstance(f.target, ast.Name)}
+    raise LookupError(f"{module} defines no class {cls}")
 
 
 def _check_judges(judges: Mapping[str, Any]) -> list[str]:

@@ -9,7 +9,8 @@ Annotations are read as source text (``"int"``, ``"float | None"``, ``"Literal['
 ``"Sequence[int]"``); a name this module does not know (``os.PathLike``, a class) accepts
 anything, and so does a union that holds one. ``int`` takes whole numbers but not
 ``true``/``false``; ``float`` takes whole numbers too. Ranges (``OPTION_RANGES`` next to each
-adapter: option -> ``(min, max)``, inclusive, ``None`` for no bound) apply to numbers only.
+adapter: option -> ``(min, max)``, inclusive, ``None`` for no bound, or ``(min, max, "(]")``
+with the interval's brackets where a bound is excluded) apply to numbers only.
 Pure Python on purpose: the pre-check imports it while Snakemake builds the DAG.
 """
 
@@ -19,7 +20,7 @@ import ast
 import numbers
 from typing import Any, Callable, Mapping
 
-Bounds = tuple  # (min, max), inclusive; None: unbounded on that side
+Bounds = tuple  # (min, max) inclusive, or (min, max, brackets) as "(]"; None: unbounded on that side
 _SEQUENCES = {"Sequence", "list", "tuple"}
 
 
@@ -108,9 +109,22 @@ def _accepts_one(node: ast.expr, value: Any, bounds: Bounds | None) -> bool | No
         kind = numbers.Integral if name == "int" else numbers.Real
         if isinstance(value, bool) or not isinstance(value, kind):
             return False
-        low, high = bounds or (None, None)
-        return (low is None or value >= low) and (high is None or value <= high)
+        low, high, (left, right) = _interval(bounds)
+        above = low is None or (value > low if left == "(" else value >= low)
+        below = high is None or (value < high if right == ")" else value <= high)
+        return above and below
     return None
+
+
+def _interval(bounds: Bounds | None) -> tuple:
+    """``(low, high, brackets)`` of a range as written in a table; inclusive by default."""
+    if bounds is None:
+        return None, None, "[]"
+    low, high, *brackets = bounds
+    brackets = brackets[0] if brackets else "[]"
+    if len(brackets) != 2 or brackets[0] not in "[(" or brackets[1] not in "])":
+        raise ValueError(f"range {bounds!r}: brackets must be one of '[]', '(]', '[)', '()'")
+    return low, high, brackets
 
 
 def _describe(node: ast.expr, bounds: Bounds | None) -> str:
@@ -133,9 +147,11 @@ def _describe_one(node: ast.expr, bounds: Bounds | None) -> str:
 
 
 def _range_text(bounds: Bounds | None) -> str:
-    low, high = bounds or (None, None)
+    low, high, (left, right) = _interval(bounds)
     if low is not None and high is not None:
-        return f" in [{low}, {high}]"
+        return f" in {left}{low}, {high}{right}"
     if low is not None:
-        return f" >= {low}"
-    return f" <= {high}" if high is not None else ""
+        return f" > {low}" if left == "(" else f" >= {low}"
+    if high is not None:
+        return f" < {high}" if right == ")" else f" <= {high}"
+    return ""

@@ -56,6 +56,13 @@ def _problems(adapter: str, options: dict) -> list[str]:
      ["model.options.dtype: 'half' is not allowed; one of 'bfloat16', 'float16', 'float32', 'float64' or null"]),
     ("planted", {"speech_workers": 0},
      ["model.options.speech_workers: 0 is not allowed; a whole number >= 1 or null"]),
+    ("minicpm_o_4_5", {"sampling": {"temperature": 0, "top_p": 1.5, "top_k": 25, "topk": 3,
+                                    "max_codes": "9"}},
+     ["model.options.sampling.temperature: 0 is not allowed; a number > 0",
+      "model.options.sampling.top_p: 1.5 is not allowed; a number in (0, 1]",
+      "model.options.sampling.topk: not a field of CodeSampling; it has ['max_codes', 'min_codes', "
+      "'min_keep', 'penalty_window', 'repetition_penalty', 'temperature', 'top_k', 'top_p']",
+      "model.options.sampling.max_codes: '9' is not allowed; a whole number >= 1"]),
 ])
 def test_bad_option_values_are_named_with_what_is_accepted(adapter, options, expected):
     assert _problems(adapter, options) == expected
@@ -130,6 +137,8 @@ def test_constructors_refuse_the_same_values_before_any_loading(tmp_path):
         (lambda: QwenOmniAdapter.from_model(None, batch_size=0), "batch_size: 0 is not allowed; a whole number >= 1"),
         (lambda: PlantedAdapter(absent, speech_workers=0),
          "speech_workers: 0 is not allowed; a whole number >= 1 or null"),
+        (lambda: MiniCPMOAdapter(absent, sampling={"temperature": 0.0, "top_p": 1.0}),
+         "temperature: 0.0 is not allowed; a number > 0"),
     ]
     for build, message in cases:
         with pytest.raises(ValueError) as error:
@@ -155,6 +164,32 @@ def test_constructors_refuse_the_same_values_before_any_loading(tmp_path):
     (-1, None, (0, None), "a number >= 0"),  # a range alone: a number
     ((1, 2), "tuple[int, ...]", None, None),
     ("12", "Sequence[int]", None, "a list, each a whole number"),
+    # brackets where a bound is excluded
+    (0, "float", (0, None, "()"), "a number > 0"),
+    (1e-9, "float", (0, None, "()"), None),
+    (1, "float", (0, 1, "(]"), None),
+    (0.0, "float", (0, 1, "(]"), "a number in (0, 1]"),
+    (1, "float", (0, 1, "[)"), "a number in [0, 1)"),
+    (5, "int", (None, 5, "[)"), "a whole number < 5"),
+    (4, "int", (None, 5, "[)"), None),
 ])
 def test_value_problem_by_hand(value, annotation, bounds, accepted):
     assert value_problem(value, annotation, bounds) == accepted
+
+
+def test_code_sampling_ranges_are_its_fields_and_its_defaults_pass():
+    from esn_core.config_checks import dataclass_fields
+    from esn_core.models.minicpm_speech_codes import CodeSampling
+
+    fields = dataclass_fields("esn_core.models.minicpm_speech_codes", "CodeSampling")
+    assert set(fields) == set(CodeSampling.__dataclass_fields__)
+    ranges = source_literal("esn_core.models.minicpm_speech_codes", "SAMPLING_RANGES")
+    assert set(ranges) <= set(fields)
+    defaults = CodeSampling()
+    assert all(value_problem(getattr(defaults, k), fields[k], ranges.get(k)) is None for k in fields)
+    with pytest.raises(ValueError) as error:
+        CodeSampling(top_p=0.0, min_keep=0)
+    assert str(error.value) == ("top_p: 0.0 is not allowed; a number in (0, 1]; "
+                                "min_keep: 0 is not allowed; a whole number >= 1")
+    with pytest.raises(ValueError, match="brackets must be one of"):
+        value_problem(1, "int", (0, 2, "[["))

@@ -91,6 +91,10 @@ def test_outputs_get_the_mode_a_plain_open_gives_under_the_umask(tmp_path, umask
          ["model.options.speakr", "QwenOmniAdapter", "speaker"]),
         ({"model": {"adapter": "minicpm_o_4_5", "path": "openbmb/MiniCPM-o-4_5", "options": {"vocoder_batch_size": 0}}},
          ["model.options.vocoder_batch_size: 0 is not allowed; a whole number >= 1"]),
+        ({"model": {"adapter": "minicpm_o_4_5", "path": "openbmb/MiniCPM-o-4_5",
+                    "options": {"sampling": {"top_p": 0, "temprature": 0.7}}}},
+         ["model.options.sampling.top_p: 0 is not allowed; a number in (0, 1]",
+          "model.options.sampling.temprature: not a field of CodeSampling"]),
         ({"model": {"options": {"speech_workers": "two"}}},
          ["model.options.speech_workers: 'two' is not allowed; a whole number >= 1 or null"]),
         ({"corpus": {"source": "esd", "esd_root": "/no/such/ESD"}}, ["corpus.esd_root", "/no/such/ESD"]),
@@ -98,7 +102,7 @@ def test_outputs_get_the_mode_a_plain_open_gives_under_the_umask(tmp_path, umask
          ["judges.naturalness.checkpoint", "/no/such/utmos.pt"]),
     ],
     ids=["judge-typo-key", "e2v-without-model-dir", "judge-dir-missing", "planted-option", "qwen-option",
-         "minicpm-option-value", "planted-option-value", "esd-root-missing", "mos-checkpoint-missing"],
+         "minicpm-option-value", "minicpm-sampling-values", "planted-option-value", "esd-root-missing", "mos-checkpoint-missing"],
 )
 def test_config_values_are_checked_by_a_dry_run_with_the_key_path(tmp_path, override, expected):
     workdir = _workdir(tmp_path / "wf")

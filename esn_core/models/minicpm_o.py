@@ -37,6 +37,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 # max_new_tokens: the text answer's cap; vocoder_steps: Euler steps of the vocoder's flow;
 # vocoder_batch_size: rows per vocoder call (1: one call per row).
 OPTION_RANGES = {"max_new_tokens": (1, None), "vocoder_steps": (1, None), "vocoder_batch_size": (1, None)}
+# Options given as a mapping of a dataclass's fields: option -> (module, class, its ranges'
+# literal); the pre-check reads the fields and ranges from the source.
+OPTION_MAPPINGS = {"sampling": ("esn_core.models.minicpm_speech_codes", "CodeSampling", "SAMPLING_RANGES")}
 
 
 class MiniCPMOAdapter(LALMAdapter):

@@ -40,6 +40,15 @@ from torch.nn.utils import parametrize
 
 from esn_core.models.cache_keyword import cache_keyword
 from esn_core.models.seeded_draws import draw_uniforms, inverse_cdf
+from esn_core.option_values import check_arguments
+
+
+# CodeSampling's ranges, as option_values reads them (the config pre-check reads this literal
+# from the source for model.options.sampling; __post_init__ checks it too). top_k 0: no top-k;
+# penalty_window 0: no repetition penalty; "(" excludes the bound.
+SAMPLING_RANGES = {"temperature": (0, None, "()"), "repetition_penalty": (0, None, "()"),
+                   "penalty_window": (0, None), "top_p": (0, 1, "(]"), "top_k": (0, None),
+                   "min_keep": (1, None), "min_codes": (0, None), "max_codes": (1, None)}
 
 
 @dataclass(frozen=True)
@@ -54,13 +63,7 @@ class CodeSampling:
     max_codes: int = 2048
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.max_codes < 1 or self.min_codes < 0:
-            raise ValueError(f"max_codes must be >= 1 and min_codes >= 0, got "
-                             f"{self.max_codes}, {self.min_codes}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_arguments(CodeSampling, SAMPLING_RANGES, vars(self))
 
 
 @dataclass

@@ -221,9 +221,10 @@ def main(argv=None) -> None:
     run(adapter, spread(attempts, 2), seed=10_000)  # warm-up (kernels, allocator)
 
     rates: dict[tuple[int, str], float] = {}
-    print("| batch | rows | mode | s (median) | of which leaving sessions s | utterances/hour "
-          "| peak GiB (both modes) |")
-    print("|---|---|---|---|---|---|---|")
+    if args.repeats:
+        print("| batch | rows | mode | s (median) | of which leaving sessions s | utterances/hour "
+              "| peak GiB (both modes) |")
+        print("|---|---|---|---|---|---|---|")
     for batch in sorted(args.batches) if args.repeats else ():
         rows = spread(attempts, args.single_rows) if batch == 1 else attempts
         run(adapter, attempts[:batch], seed=20_000)  # this batch size's first call, untimed

@@ -280,8 +280,9 @@ def main(argv=None) -> None:
     convert(adapter, spread(attempts, 2), seed=10_000)  # warm-up (kernels, allocator)
 
     rates: dict[tuple[int, str], float] = {}
-    print("| batch | rows | mode | s (median) | text s | codes s | utterances/hour | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    if args.repeats:
+        print("| batch | rows | mode | s (median) | text s | codes s | utterances/hour | peak GiB |")
+        print("|---|---|---|---|---|---|---|---|")
     for batch in sorted(args.batches) if args.repeats else ():
         rows = spread(attempts, args.single_rows) if batch == 1 else attempts
         convert(adapter, attempts[:batch], seed=20_000)  # this batch size's first call

@@ -55,7 +55,7 @@ from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
 
 from transformers import LogitsProcessorList  # noqa: E402
-from workloads import ForcedLengths, describe, esd_like, fixed, spread  # noqa: E402
+from workloads import ForcedLengths, PartTimer, describe, esd_like, fixed, spread  # noqa: E402
 
 from esn_core.hooks import Capture, HookEngine, Intervention
 from esn_core.models.graphed_decode import GraphedDecode
@@ -180,19 +180,17 @@ def evc_inputs(attempts, device: str, dtype: torch.dtype, rng) -> dict:
             "input_features": features, "feature_attention_mask": feature_mask}
 
 
-class PartTimer:
+class OmniPartTimer(PartTimer):
     """Times thinker.generate, talker.generate and token2wav.forward on the instance, and
     inside token2wav its DiT sampler (``dit``) and its vocoder (``bigvgan``)."""
 
     def __init__(self, model, device: str):
-        self.device = device
-        self.seconds: dict[str, float] = defaultdict(float)
-        model.thinker.generate = self._timed("thinker", model.thinker.generate)
-        model.talker.generate = self._timed("talker", model.talker.generate)
-        model.token2wav.forward = self._timed("token2wav", model.token2wav.forward)
-        dit, vocoder = model.token2wav.code2wav_dit_model, model.token2wav.code2wav_bigvgan_model
-        dit.sample = self._timed("dit", dit.sample)
-        vocoder.forward = self._timed("bigvgan", vocoder.forward)
+        super().__init__(PartTimer.on(device).sync)
+        self.wrap("thinker", model.thinker, "generate")
+        self.wrap("talker", model.talker, "generate")
+        self.wrap("token2wav", model.token2wav, "forward")
+        self.wrap("dit", model.token2wav.code2wav_dit_model, "sample")
+        self.wrap("bigvgan", model.token2wav.code2wav_bigvgan_model, "forward")
         # One stamp per forward (= per generated token): per-step times, robust to the few
         # slow runs a shared host produces.
         self.stamps: dict[str, list[float]] = {"thinker": [], "talker": []}
@@ -200,24 +198,8 @@ class PartTimer:
             getattr(model, name).register_forward_pre_hook(
                 lambda module, args, name=name: self.stamps[name].append(time.perf_counter()))
 
-    def sync(self) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    def _timed(self, name, fn):
-        def wrapper(*args, **kwargs):
-            self.sync()
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.sync()
-                self.seconds[name] += time.perf_counter() - start
-
-        return wrapper
-
     def reset(self) -> None:
-        self.seconds.clear()
+        super().reset()
         for stamps in self.stamps.values():
             stamps.clear()
 
@@ -372,7 +354,7 @@ def main(argv=None) -> int:
         token2wav_ragged=args.token2wav_ragged == "on",
     )
     engine = HookEngine(adapter.groups())
-    timer = PartTimer(model, device)
+    timer = OmniPartTimer(model, device)
     graphed = graph_runners(model, "cuda" if device.startswith("cuda") else "eager") \
         if args.cuda_graphs != "off" else []
     if args.cuda_graphs != "off":

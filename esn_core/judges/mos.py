@@ -93,25 +93,20 @@ class UTMOSEstimator:
             self.model = _load_state_dict_model(path, self.device)
 
     def _score(self, wav: np.ndarray) -> float:
-        import torch
+        import torch  # here, not at module level (see __init__)
 
+        x = torch.as_tensor(np.asarray(wav, dtype=np.float32).ravel(), device=self.device)
         with torch.no_grad():
-            return self._score_tensor(torch.as_tensor(np.asarray(wav, dtype=np.float32).ravel(),
-                                                      device=self.device))
-
-    def _score_tensor(self, x) -> float:
-        import torch
-
-        if self._scripted:
-            scorer = self.model.score if hasattr(self.model, "score") else self.model
-            out = scorer(x.unsqueeze(0))  # (1, T): one mono clip
-        else:
-            frames = self.model(
-                wav=x.view(1, 1, -1),
-                domains=torch.zeros(1, dtype=torch.int, device=self.device),
-                judge_id=torch.full((1,), UTMOS_JUDGE_ID, dtype=torch.int, device=self.device),
-            )
-            out = frames.mean(dim=1).squeeze(1) * 2 + 3
+            if self._scripted:
+                scorer = self.model.score if hasattr(self.model, "score") else self.model
+                out = scorer(x.unsqueeze(0))  # (1, T): one mono clip
+            else:
+                frames = self.model(
+                    wav=x.view(1, 1, -1),
+                    domains=torch.zeros(1, dtype=torch.int, device=self.device),
+                    judge_id=torch.full((1,), UTMOS_JUDGE_ID, dtype=torch.int, device=self.device),
+                )
+                out = frames.mean(dim=1).squeeze(1) * 2 + 3
         out = out.reshape(-1)
         if out.numel() != 1:
             raise RuntimeError(f"{self.checkpoint_path}: expected one score per clip, got {tuple(out.shape)}")

@@ -349,6 +349,25 @@ def test_prefill_paths_compares_both_paths_and_finds_them_identical():
     assert "default SPARSE_MIN_ELEMENTS = 2^24" in out
 
 
+def test_prefill_counting_times_every_way_and_the_ways_count_alike():
+    out = _run("benchmarks/prefill_counting.py", "--batches", "3", "16", "--width", "40",
+               "--layers", "2", "--repeats", "1")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [r[0].strip() for r in rows] == ["3", "16"]
+    for row in rows:
+        total, real = re.fullmatch(r" ([\d,]+) \(([\d,]+)\) ", row[1]).groups()
+        assert int(real.replace(",", "")) < int(total.replace(",", ""))  # left padding exists
+        assert all(float(c) > 0 for c in row[2:7]) and row[8].strip() == "True"
+
+
+def test_step_counting_fused_ways_count_as_the_engine_does():
+    out = _run("benchmarks/step_counting.py", "--batches", "5", "--width", "24", "--layers", "2",
+               "--repeats", "2")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == 1 and rows[0][0].strip() == "5"
+    assert all(float(c) > 0 for c in rows[0][1:5]) and rows[0][6].strip() == "True"
+
+
 def _assert_paired_table(out: str, expected: list[tuple[str, str]]) -> None:
     """The ``--paired-repeats`` table: (batch, calls) rows as ``expected`` (batch 1 is never
     paired), and each ratio the one of its printed sums, up to the printing's rounding."""

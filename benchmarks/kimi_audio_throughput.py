@@ -154,7 +154,6 @@ def timed_rows(adapter, engine, attempts, batch: int, mode: str, device: str):
 def paired_chunks(adapter, engine, attempts, batch: int, repeats: int, device: str):
     """``hook_overhead.paired_calls`` over every call of ``batch`` rows, ``repeats`` passes;
     session exits are inside capture's times, as a job pays them."""
-    run(adapter, attempts[:batch], seed=20_000)  # this batch size's first call, untimed
     chunks = [attempts[i:i + batch] for i in range(0, len(attempts), batch)] * repeats
     return paired_calls(chunks, lambda chunk, mode: timed_rows(
         adapter, engine, chunk, batch, mode, device)[0])

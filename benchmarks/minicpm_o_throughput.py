@@ -203,7 +203,6 @@ def timed_rows(adapter, engine, attempts, batch: int, mode: str):
 
 def paired_chunks(adapter, engine, attempts, batch: int, repeats: int):
     """``hook_overhead.paired_calls`` over every call of ``batch`` rows, ``repeats`` passes."""
-    convert(adapter, attempts[:batch], seed=20_000)  # this batch size's first call, untimed
     chunks = [attempts[i:i + batch] for i in range(0, len(attempts), batch)] * repeats
     return paired_calls(chunks, lambda chunk, mode: timed_rows(adapter, engine, chunk, batch, mode)[0])
 

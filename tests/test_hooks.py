@@ -864,3 +864,70 @@ def test_counts_that_fit_a_byte_leave_as_bytes_in_the_flat_order():
     got = counter.result()
     assert counter.wide_all is None and got.K.dtype == np.uint8
     assert got.K.tolist() == [[2, 1, 0, 1, 2, 1, 0]] and got.T.tolist() == [2]
+
+
+def _eos_run(model, eos, new=8):
+    ids, mask = _left_padded(PROMPTS)
+    engine = HookEngine({"lm": lm_group(model, (eos,))})
+    with engine.session(capture={"lm": Capture()}) as s:
+        model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                       eos_token_id=[eos], pad_token_id=0)
+    return s.counts("lm")
+
+
+@pytest.mark.parametrize("buffer_bytes", [1, 1000])
+def test_fused_counting_gives_the_eager_counts(monkeypatch, buffer_bytes):
+    """The compiled kernels (CUDA's path, compiled for CPU here by the same compiler) count a
+    left-padded prefill and steps with a finished row exactly as the eager path does."""
+    from esn_core import fused_counting
+
+    monkeypatch.setattr("esn_core.hooks._Counter.BUFFER_BYTES", buffer_bytes)
+    model = tiny_qwen2()
+    eos = _single_counts(model, PROMPTS[0], new=8)[1][2]  # row 0 ends at its third new token
+    monkeypatch.setenv("ESN_FUSED_COUNTING", "0")
+    eager = _eos_run(model, eos)
+    monkeypatch.setenv("ESN_FUSED_COUNTING", "1")
+    monkeypatch.setattr(fused_counting, "_failed", set())
+    monkeypatch.setattr(fused_counting, "_compiled", {})
+    compiled, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: (compiled.append(f.__name__), real_compile(f, **kw))[1])
+    fused = _eos_run(model, eos)
+    assert not fused_counting._failed
+    assert sorted(compiled) == ["_add_prefill_positives", "_add_step_positives"]
+    np.testing.assert_array_equal(fused.T, eager.T)
+    np.testing.assert_array_equal(fused.K, eager.K)
+    assert eager.T.min() < eager.T.max() and eager.K.sum() > 0
+
+
+def test_fused_counting_falls_back_to_eager_with_a_warning(monkeypatch):
+    from esn_core import fused_counting
+
+    model = tiny_qwen2()
+    monkeypatch.setenv("ESN_FUSED_COUNTING", "0")
+    ids, mask = _left_padded(PROMPTS)
+    engine = HookEngine({"lm": lm_group(model)})
+
+    def counted():
+        with engine.session(capture={"lm": Capture()}) as s:
+            model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        return s.counts("lm")
+
+    eager = counted()
+    monkeypatch.setenv("ESN_FUSED_COUNTING", "1")
+    monkeypatch.setattr(fused_counting, "_failed", set())
+    monkeypatch.setattr(fused_counting, "_compiled", {})
+
+    def no_compiler(function, **kwargs):
+        def fails(*args):
+            raise RuntimeError("no C++ compiler found")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with pytest.warns(RuntimeWarning, match=r"fused capture counting \(prefill\).*no C\+\+ compiler"):
+        got = counted()
+    assert fused_counting._failed == {"prefill", "steps"}
+    np.testing.assert_array_equal(got.K, eager.K)
+    np.testing.assert_array_equal(got.T, eager.T)
+    monkeypatch.setenv("ESN_FUSED_COUNTING", "yes")
+    with pytest.raises(ValueError, match="ESN_FUSED_COUNTING must be auto, 0 or 1, got 'yes'"):
+        counted()

@@ -26,7 +26,6 @@ the ways round-robin.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -35,6 +34,7 @@ import torch
 from esn_core.hooks import Capture, _add_positive_counts, _Counter, _validity_limits
 from esn_core.layout import NeuronLayout
 
+from step_counting import kernel_arguments
 from workloads import esd_like
 
 KIMI_PROMPT = 24  # instruction tokens before the source's audio tokens
@@ -71,26 +71,10 @@ def way_unmasked(g, valid, counts):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--batches", type=int, nargs="+", default=[8])
-    ap.add_argument("--width", type=int, default=None, help="default: 18944 on CUDA, 512 on CPU")
-    ap.add_argument("--layers", type=int, default=4, help="layer calls per prefill")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-compile", action="store_true", help="skip the fused way")
-    args = ap.parse_args()
-    cuda = args.device.startswith("cuda")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    width = args.width or (18944 if cuda else 512)
+    args = kernel_arguments(__doc__.split("\n")[0], repeats=5, help="layer calls per prefill")
+    dtype, width, sync = args.dtype, args.width, args.sync
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    name = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"# prefill counting, {name}, torch {torch.__version__}, {dtype}, width {width}, "
+    print(f"# prefill counting, {args.device_name}, torch {torch.__version__}, {dtype}, width {width}, "
           f"{args.layers} layer calls a prefill, median of {args.repeats}")
     print("| batch | positions (real) | engine ms | limits ms | refill ms | fused ms | "
           "unmasked ms (floor) | compile s | counts equal |")

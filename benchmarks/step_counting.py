@@ -44,32 +44,37 @@ def silu_counted(x: torch.Tensor, counts: torch.Tensor, limits: torch.Tensor) ->
     return g
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def kernel_arguments(description: str, repeats: int, **layers_help) -> argparse.Namespace:
+    """The options both counting benchmarks take, with the model's dtype and width resolved
+    (``args.dtype`` a torch dtype, ``args.width`` an int) and ``args.sync`` the device's."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--batches", type=int, nargs="+", default=[8])
     ap.add_argument("--width", type=int, default=None, help="default: 18944 on CUDA, 512 on CPU")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--layers", type=int, default=4, **layers_help)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-compile", action="store_true", help="skip the fused ways")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    width = args.width or (18944 if cuda else 512)
-    fused = not args.no_compile
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    args.width = args.width or (18944 if cuda else 512)
+    args.sync = torch.cuda.synchronize if cuda else (lambda: None)
+    args.device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    return args
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
 
-    name = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"# step counting, {name}, torch {torch.__version__}, {dtype}, width {width}, "
+def main() -> None:
+    args = kernel_arguments(__doc__.split("\n")[0], repeats=20)
+    dtype, width, sync, fused = args.dtype, args.width, args.sync, not args.no_compile
+
+    print(f"# step counting, {args.device_name}, torch {torch.__version__}, {dtype}, width {width}, "
           f"{args.layers} layers a step, median of {args.repeats}")
     print("| batch | plain ms | engine ms | fused add ms | fused silu ms | compile s | counts equal |")
     print("|---|---|---|---|---|---|---|")
     for batch in args.batches:
-        gen = torch.Generator(device=args.device).manual_seed(batch)
+        gen = torch.Generator(device=args.device).manual_seed(args.seed + batch)
         x = torch.randn(args.layers, batch, 1, width, generator=gen, device=args.device, dtype=dtype)
         finished = torch.zeros(batch, 1, dtype=torch.bool, device=args.device)
         finished[: batch // 5] = True

@@ -11,12 +11,14 @@ innermost dimension sends CUDA's comparison down its non-vectorised kernel. The 
 * ``refill``: ``g > 0`` over every position (vectorised), then the padding positions' rows of
   the result set to False by index (the engine's way now);
 * ``fused``: ``((g > 0) & valid).sum(positions)`` added to the counts as one
-  ``torch.compile``-d kernel (``--no-compile`` skips it; its compile time is reported);
+  ``torch.compile``-d kernel (fixed shapes unless ``--dynamic``; ``--no-compile`` skips it
+  and the fused engine; its compile time is reported);
 * ``unmasked``: ``g > 0`` summed over every position, padding included: the floor, wrong
   counts, for reference only.
 
 ``engine`` times the ``_Counter`` itself (``begin_positions`` + ``count`` per layer), so the
-figure follows whatever the engine does now. Every way's counts are checked against the
+figure follows whatever the engine does by default; ``engine, fused`` the same with
+``ESN_FUSED_COUNTING=1`` (``esn_core.fused_counting``, compiled for dynamic shapes). Every way's counts are checked against the
 engine's. Workload: Kimi-Audio's prompts (a 24-token instruction + 12.5 audio tokens a
 second of a U(2, 5) s source, ``workloads.esd_like``), left-padded to the batch's longest;
 activations random normal in the model's dtype at Kimi's width (18,944 gate neurons).
@@ -26,6 +28,7 @@ the ways round-robin.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -76,9 +79,9 @@ def main() -> None:
 
     print(f"# prefill counting, {args.device_name}, torch {torch.__version__}, {dtype}, width {width}, "
           f"{args.layers} layer calls a prefill, median of {args.repeats}")
-    print("| batch | positions (real) | engine ms | limits ms | refill ms | fused ms | "
-          "unmasked ms (floor) | compile s | counts equal |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| batch | positions (real) | engine ms | engine, fused ms | limits ms | refill ms | "
+          "fused ms | unmasked ms (floor) | compile s | counts equal |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for batch in args.batches:
         lengths = prompt_lengths(batch, args.seed)
         valid = left_padded_valid(lengths, args.device)
@@ -86,12 +89,16 @@ def main() -> None:
         g = torch.randn(batch, valid.shape[1], width, generator=gen, device=args.device, dtype=dtype)
         layout = NeuronLayout((width,) * args.layers)
 
-        def engine_way():
-            counter = _Counter(layout, Capture())
-            counter.begin_positions(valid)
-            for layer in range(args.layers):
-                counter.count(layer, g)
-            return torch.cat(counter.K, dim=1)
+        def engine_way(setting: str):
+            """The engine's prefill, its counting fused (``ESN_FUSED_COUNTING=1``) or eager (0)."""
+            def run():
+                os.environ["ESN_FUSED_COUNTING"] = setting
+                counter = _Counter(layout, Capture())
+                counter.begin_positions(valid)
+                for layer in range(args.layers):
+                    counter.count(layer, g)
+                return torch.cat(counter.K, dim=1)
+            return run
 
         def simple(way, *extra):
             def run():
@@ -107,15 +114,16 @@ def main() -> None:
             padding_rows = (~valid).flatten().nonzero().squeeze(1)
             return simple(way_refill, padding_rows)()
 
-        ways = {"engine": engine_way, "limits": simple(way_limits), "refill": refill_way}
+        ways = {"engine": engine_way("0"), "limits": simple(way_limits), "refill": refill_way}
         compile_s = 0.0
         if not args.no_compile:
             start = time.perf_counter()
-            fused = torch.compile(count_valid, fullgraph=True, dynamic=False)
+            fused = torch.compile(count_valid, fullgraph=True, dynamic=args.dynamic)
             fused(torch.zeros(batch, width, dtype=torch.uint8, device=args.device), g, valid)
             sync()
             compile_s = time.perf_counter() - start
             ways["fused"] = simple(lambda g, valid, counts: fused(counts, g, valid))
+            ways["engine, fused"] = engine_way("1")
         ways["unmasked"] = simple(way_unmasked)
         times = {w: [] for w in ways}
         results = {}
@@ -130,7 +138,7 @@ def main() -> None:
         checked = [w for w in ways if w not in ("engine", "unmasked")]
         equal = all(torch.equal(results["engine"], results[w]) for w in checked)
         cells = [f"{statistics.median(times[w]):.2f}" if w in times else "-"
-                 for w in ("engine", "limits", "refill", "fused", "unmasked")]
+                 for w in ("engine", "engine, fused", "limits", "refill", "fused", "unmasked")]
         print(f"| {batch} | {valid.numel():,} ({int(valid.sum()):,}) | {' | '.join(cells)} | "
               f"{compile_s:.1f} | {equal} |")
         del g, results

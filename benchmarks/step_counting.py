@@ -10,9 +10,12 @@ compared and added to the byte counts on their own: SiLU writes ``g`` into the b
 layers of one step (a fifth of the rows finished, as late in a batch):
 
 * ``plain``: ``silu(x)`` alone, the floor;
-* ``engine``: ``_Counter`` as it runs now (``begin_step``, ``silu_into_step``, ``flush``);
+* ``engine``: ``_Counter`` as it runs by default (``begin_step``, ``silu_into_step``, ``flush``);
+* ``engine, fused``: the same with ``ESN_FUSED_COUNTING=1`` (``esn_core.fused_counting``,
+  compiled for dynamic shapes);
 * ``fused add``: SiLU into the buffer, then ``counts += g > limits`` as one
-  ``torch.compile``-d kernel a run of layers (no booleans written);
+  ``torch.compile``-d kernel a run of layers (no booleans written; fixed shapes unless
+  ``--dynamic``);
 * ``fused silu``: SiLU, comparison and add as one compiled kernel a layer (reads ``x`` and
   the counts, writes ``g`` and the counts).
 
@@ -24,6 +27,7 @@ layers of one step, median of ``--repeats``, the ways round-robin.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -56,6 +60,7 @@ def kernel_arguments(description: str, repeats: int, **layers_help) -> argparse.
     ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-compile", action="store_true", help="skip the fused ways")
+    ap.add_argument("--dynamic", action="store_true", help="compile the fused ways for dynamic shapes")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
@@ -71,8 +76,9 @@ def main() -> None:
 
     print(f"# step counting, {args.device_name}, torch {torch.__version__}, {dtype}, width {width}, "
           f"{args.layers} layers a step, median of {args.repeats}")
-    print("| batch | plain ms | engine ms | fused add ms | fused silu ms | compile s | counts equal |")
-    print("|---|---|---|---|---|---|---|")
+    print("| batch | plain ms | engine ms | engine, fused ms | fused add ms | fused silu ms | "
+          "compile s | counts equal |")
+    print("|---|---|---|---|---|---|---|---|")
     for batch in args.batches:
         gen = torch.Generator(device=args.device).manual_seed(args.seed + batch)
         x = torch.randn(args.layers, batch, 1, width, generator=gen, device=args.device, dtype=dtype)
@@ -80,7 +86,7 @@ def main() -> None:
         finished[: batch // 5] = True
         limits = _validity_limits(~finished, dtype)[:, :, None]  # [B, 1, 1]
         layout = NeuronLayout((width,) * args.layers)
-        counter = _Counter(layout, Capture())
+        counters = {setting: _Counter(layout, Capture()) for setting in ("0", "1")}
         outputs = [torch.empty(batch, 1, width, dtype=dtype, device=args.device)
                    for _ in range(args.layers)]
         counts_add = torch.zeros(args.layers, batch, width, dtype=torch.uint8, device=args.device)
@@ -89,8 +95,8 @@ def main() -> None:
         compile_s = 0.0
         if fused:
             start = time.perf_counter()
-            fused_add = torch.compile(add_positives, fullgraph=True, dynamic=False)
-            fused_silu = torch.compile(silu_counted, fullgraph=True, dynamic=False)
+            fused_add = torch.compile(add_positives, fullgraph=True, dynamic=args.dynamic)
+            fused_silu = torch.compile(silu_counted, fullgraph=True, dynamic=args.dynamic)
             fused_add(torch.zeros_like(counts_add), buffer[:, :, 0], limits[None, :, :, 0])
             fused_silu(x[0], torch.zeros_like(counts_add[0])[:, None], limits)
             sync()
@@ -100,11 +106,16 @@ def main() -> None:
             for layer in range(args.layers):
                 torch._C._nn.silu(x[layer], out=outputs[layer])
 
-        def engine():
-            counter.begin_step(finished, batch, x.device)
-            for layer in range(args.layers):
-                counter.silu_into_step(layer, x[layer])
-            counter.flush()
+        def engine(setting: str):
+            """The engine's step, its counting fused (``ESN_FUSED_COUNTING=1``) or eager (0)."""
+            def step():
+                os.environ["ESN_FUSED_COUNTING"] = setting
+                counter = counters[setting]
+                counter.begin_step(finished, batch, x.device)
+                for layer in range(args.layers):
+                    counter.silu_into_step(layer, x[layer])
+                counter.flush()
+            return step
 
         def add_way():
             for layer in range(args.layers):
@@ -115,9 +126,9 @@ def main() -> None:
             for layer in range(args.layers):
                 outputs[layer] = fused_silu(x[layer], counts_silu[layer][:, None], limits)
 
-        ways = {"plain": plain, "engine": engine}
+        ways = {"plain": plain, "engine": engine("0")}
         if fused:
-            ways |= {"fused add": add_way, "fused silu": silu_way}
+            ways |= {"engine, fused": engine("1"), "fused add": add_way, "fused silu": silu_way}
         times = {w: [] for w in ways}
         for repeat in range(args.repeats + 1):  # the first round warms up
             for w, run in ways.items():
@@ -128,17 +139,18 @@ def main() -> None:
                 if repeat:
                     times[w].append(1000 * (time.perf_counter() - start))
         rounds = args.repeats + 1
-        engine_counts = torch.stack(counter.K)  # [L, B, D], ``rounds`` steps counted
+        engine_counts = torch.stack(counters["0"].K)  # [L, B, D], ``rounds`` steps counted
         equal = "-"
         if fused:
-            equal = str(torch.equal(engine_counts, counts_add) and torch.equal(engine_counts, counts_silu))
+            equal = str(all(torch.equal(engine_counts, c) for c in
+                            (torch.stack(counters["1"].K), counts_add, counts_silu)))
         expected = rounds * (x[:, batch // 5:] > 0).sum()
         assert int(engine_counts.sum()) == int(expected), "the engine's counts are off"
         cells = " | ".join(f"{statistics.median(times[w]):.3f}" for w in ways)
         if not fused:
-            cells += " | - | -"
+            cells += " | - | - | -"
         print(f"| {batch} | {cells} | {compile_s:.1f} | {equal} |")
-        del x, buffer, counter
+        del x, buffer, counters
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ time at 256 rows and 2.65 → 1.20 ms at 2048 (``benchmarks/step_counting.py``);
 prefill 24 → 10 ms at 256 rows and 188 → 67 ms at 2048 (``benchmarks/prefill_counting.py``).
 
 Counts are integers, so the fused kernels give exactly the eager counts (tested on CPU
-through the same compiler). They are used on CUDA tensors only, where the compile (~15 s,
-once per process and kind of call; shapes are dynamic) is small against a job. Wherever
-compiling fails, a warning says so once and the engine's eager path counts instead.
-``ESN_FUSED_COUNTING=0`` turns them off, ``=1`` turns them on for every device (tests).
+through the same compiler). **Off by default**: the figures above are of the kernels on
+their own (compiled for fixed shapes); inside the engine, compiled for dynamic shapes, the
+first form measured was slower than eager at 2048 rows (5.33 against 4.14 ms a step), and
+the form here (one step with no reduction) is not yet measured on a GPU.
+``ESN_FUSED_COUNTING=auto`` turns them on for CUDA tensors (the compile, ~15 s, is paid
+once per process and kind of call), ``=1`` for every device (tests), ``=0`` (the default)
+off. Wherever compiling fails, a warning says so once and the engine counts eagerly.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ import torch
 
 def _add_step_positives(counts: torch.Tensor, steps: torch.Tensor, limits: torch.Tensor | None) -> None:
     positive = steps > 0 if limits is None else steps > limits
-    counts += positive.sum(dim=1, dtype=counts.dtype)[:, :, 0]
+    if steps.dim() == 3:  # one step: no reduction at all
+        counts += positive.to(counts.dtype)
+    else:
+        counts += positive.sum(dim=1, dtype=counts.dtype)
 
 
 def _add_prefill_positives(counts: torch.Tensor, g: torch.Tensor, valid: torch.Tensor | None) -> None:
@@ -39,7 +45,7 @@ _failed: set[str] = set()
 
 
 def _setting() -> str:
-    value = os.environ.get("ESN_FUSED_COUNTING", "auto").strip().lower()
+    value = os.environ.get("ESN_FUSED_COUNTING", "0").strip().lower()
     if value not in ("auto", "0", "1"):
         raise ValueError(f"ESN_FUSED_COUNTING must be auto, 0 or 1, got {value!r}")
     return value
@@ -66,8 +72,9 @@ def _run(name: str, function, device: torch.device, *args) -> bool:
 def add_step_positives(counts: torch.Tensor, steps: torch.Tensor, limits: torch.Tensor | None) -> bool:
     """``counts += (steps > limits).sum(steps)`` in one kernel, if fused counting is on.
 
-    ``counts`` ``[L, B, D]``; ``steps`` ``[L, n, B, 1, D]`` activations; ``limits`` None
-    (every row real) or ``[n, B, 1, 1]`` (+inf where a row has finished). The caller keeps
+    ``counts`` ``[L, B, D]``; ``steps`` ``[L, n, B, D]`` activations, or ``[L, B, D]`` for
+    one step; ``limits`` None (every row real) or ``[n, B, 1]`` (+inf where a row has
+    finished; ``[B, 1]`` for one step). The caller keeps
     ``n`` within what ``counts``' type holds. Returns whether it counted.
     """
     return _run("steps", _add_step_positives, counts.device, counts, steps, limits)

@@ -18,8 +18,8 @@ Design choices, each for a measured or specified reason:
   activation kernel writes ``g`` straight into that layer's slot of a step buffer, so
   counting adds no kernel; the buffer is reduced every few steps. Counts are summed as
   bytes: PyTorch would first copy a bool tensor into the sum's type (4 bytes an element).
-  On CUDA the reductions (a flush, a prefill layer) are one compiled kernel each
-  (``esn_core.fused_counting``; the same counts, ~2.5x less device time).
+  ``esn_core.fused_counting`` can run the reductions (a flush, a prefill layer) as one
+  compiled kernel each on CUDA (the same counts; off by default, not yet measured in place).
 * Padding never counts. A forward pre-hook on the group's *root* (the module ``generate``
   calls) reads ``attention_mask`` and, at decode steps, the fed token ids; a row stops
   counting once it has fed an end-of-sequence token, because a single unpadded run would
@@ -537,8 +537,10 @@ class _Counter:
             limits = (_validity_limits(valid, dtype)[:, :, :, None] if self.some_finished
                       else self._zero(dtype))
             for buffer, counts in self.step_runs:  # [L, cap, B, 1, D], [L, B, D]
-                if fused_counting.add_step_positives(counts, buffer[:, :n],
-                                                     limits if self.some_finished else None):
+                steps = buffer[:, 0, :, 0] if n == 1 else buffer[:, :n, :, 0]
+                row_limits = limits[..., 0] if self.some_finished else None
+                if fused_counting.add_step_positives(
+                        counts, steps, row_limits[0] if n == 1 and row_limits is not None else row_limits):
                     continue
                 positive = _step_positives(buffer[:, :n], limits)
                 if n == 1:  # every step alone (large batches): no sum, bools added as bytes

@@ -357,7 +357,7 @@ def test_prefill_counting_times_every_way_and_the_ways_count_alike():
     for row in rows:
         total, real = re.fullmatch(r" ([\d,]+) \(([\d,]+)\) ", row[1]).groups()
         assert int(real.replace(",", "")) < int(total.replace(",", ""))  # left padding exists
-        assert all(float(c) > 0 for c in row[2:7]) and row[8].strip() == "True"
+        assert all(float(c) > 0 for c in row[2:8]) and row[9].strip() == "True"
 
 
 def test_step_counting_fused_ways_count_as_the_engine_does():
@@ -365,7 +365,7 @@ def test_step_counting_fused_ways_count_as_the_engine_does():
                "--repeats", "2")
     rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
     assert len(rows) == 1 and rows[0][0].strip() == "5"
-    assert all(float(c) > 0 for c in rows[0][1:5]) and rows[0][6].strip() == "True"
+    assert all(float(c) > 0 for c in rows[0][1:6]) and rows[0][7].strip() == "True"
 
 
 def _assert_paired_table(out: str, expected: list[tuple[str, str]]) -> None:

@@ -227,13 +227,13 @@ def paired_calls(chunks: list, time_call) -> tuple[dict[str, float], list[float]
     apart and drift by more than capture costs. Returns each mode's summed seconds and the
     capture/off ratio of every pair.
 
-    The first chunk runs once in each mode untimed before the pairs: a process's first
-    capture call compiles the fused counting kernels on CUDA (``esn_core.fused_counting``),
-    which a job pays once, not per call; its time is printed. Each pair is printed as it
+    The first chunk runs once in each mode untimed before the pairs (its times printed):
+    first calls pay one-off costs a job pays once, such as compiling the fused counting
+    kernels where ``ESN_FUSED_COUNTING=auto`` (``esn_core.fused_counting``). Each pair is printed as it
     ends (``#`` lines), so a run cut off by a time limit still shows what it measured."""
     first = {mode: time_call(chunks[0], mode) for mode in ("off", "capture")}
     print(f"# first calls, untimed in the pairs: off {first['off']:.2f} s, capture "
-          f"{first['capture']:.2f} s (compiles fused counting on CUDA)", flush=True)
+          f"{first['capture']:.2f} s", flush=True)
     totals = {"off": 0.0, "capture": 0.0}
     ratios = []
     for n, chunk in enumerate(chunks):

@@ -536,11 +536,14 @@ class _Counter:
             dtype = self.step_runs[0][0].dtype
             limits = (_validity_limits(valid, dtype)[:, :, :, None] if self.some_finished
                       else self._zero(dtype))
+            # The fused kernels' operands: one step as [L, B, D] against [B, 1], several as
+            # [L, n, B, D] against [n, B, 1]; no limits while every row is real.
+            fused_limits = None
+            if self.some_finished:
+                fused_limits = limits[0, :, :, 0] if n == 1 else limits[..., 0]
             for buffer, counts in self.step_runs:  # [L, cap, B, 1, D], [L, B, D]
                 steps = buffer[:, 0, :, 0] if n == 1 else buffer[:, :n, :, 0]
-                row_limits = limits[..., 0] if self.some_finished else None
-                if fused_counting.add_step_positives(
-                        counts, steps, row_limits[0] if n == 1 and row_limits is not None else row_limits):
+                if fused_counting.add_step_positives(counts, steps, fused_limits):
                     continue
                 positive = _step_positives(buffer[:, :n], limits)
                 if n == 1:  # every step alone (large batches): no sum, bools added as bytes

@@ -107,14 +107,17 @@ def build(shape: str, device: str, dtype: str) -> KimiAudioAdapter:
 def prompt_batch(adapter: KimiAudioAdapter, attempts: list[Attempt], seed: int):
     g = torch.Generator().manual_seed(seed)
     offset, width = adapter.config.kimia_token_offset, adapter.config.kimia_adaptor_input_dim
-    prompts, features = [], []
-    for attempt in attempts:
-        n = max(1, round(attempt.source_seconds * TOKEN_RATE))
+    lengths = [max(1, round(a.source_seconds * TOKEN_RATE)) for a in attempts]
+    prompts = []
+    for n in lengths:
         instruction = torch.randint(0, 1000, (INSTRUCTION_TOKENS,), generator=g).tolist()
         codes = (offset + torch.randint(0, 16384, (n,), generator=g)).tolist()
         prompts.append(evc_prompt(adapter.ids, instruction, codes))
-        features.append(torch.randn(n, width, generator=g) * 0.1)
-    return adapter.batch(prompts, features)
+    # The stand-in encoder features are drawn on the device: drawn on the host they cost
+    # seconds at large batches, inside the timed calls, where a real job runs its encoder.
+    on_device = torch.Generator(adapter.device).manual_seed(seed)
+    drawn = torch.randn(sum(lengths), width, generator=on_device, device=adapter.device) * 0.1
+    return adapter.batch(prompts, list(drawn.split(lengths)))
 
 
 def run(adapter: KimiAudioAdapter, attempts: list[Attempt], seed: int, after_step=None):

@@ -151,13 +151,16 @@ def build(shape: str, device: str, dtype: str) -> MiniCPMOAdapter:
 
 
 def prompts_for(adapter: MiniCPMOAdapter, attempts: list[Attempt], seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+    device = adapter.llm.device
     width = adapter.llm.config.hidden_size
     dtype = adapter.llm.model.embed_tokens.weight.dtype
     lengths = [SYSTEM_TOKENS + 2 * audio_embedding_count(int(a.source_seconds * 16000), 5)
                for a in attempts]
-    return [(torch.randn(n, width, generator=g) * 0.02).to(adapter.llm.device, dtype)
-            for n in lengths]
+    # Drawn on the device: on the host, 512 rows of these cost seconds inside the timed calls
+    # (a real job embeds its prompts on the device).
+    g = torch.Generator(device).manual_seed(seed)
+    drawn = torch.randn(sum(lengths), width, generator=g, device=device) * 0.02
+    return list(drawn.to(dtype).split(lengths))
 
 
 def convert(adapter: MiniCPMOAdapter, attempts: list[Attempt], seed: int,

@@ -121,6 +121,29 @@ def test_attention_mask_is_causal_blocks_padding_and_lets_padded_queries_see_the
     assert step.tolist() == [[[False, True, True, True]]]
 
 
+def test_batch_places_each_rows_features_on_its_continuous_positions(adapter, inputs):
+    prompts, features = inputs
+    batch = adapter.batch(prompts, features)
+    for b, f in enumerate(features):
+        assert torch.equal(batch.features[b][batch.continuous[b]], f)
+    assert not batch.features[~batch.continuous].any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batch_takes_features_the_encoder_left_on_the_gpu(adapter, inputs):
+    """The Whisper encoder leaves its features on the adapter's device; the padded batch must
+    be built there (a CPU-built one failed on the H200: "Expected all tensors to be on the
+    same device")."""
+    from esn_core.models.kimi_generate import pad_prompts
+
+    prompts, features = inputs
+    on_cpu = pad_prompts(prompts, features, adapter.ids.pad, "cpu", torch.float64)
+    on_gpu = pad_prompts(prompts, [f.cuda() for f in features], adapter.ids.pad, "cuda",
+                         torch.float64)
+    assert on_gpu.features.is_cuda and on_gpu.audio.is_cuda
+    assert torch.equal(on_gpu.features.cpu(), on_cpu.features)
+
+
 def test_left_padded_batch_equals_single_rows_logits(adapter, inputs):
     from transformers import DynamicCache
 

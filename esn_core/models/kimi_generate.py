@@ -76,7 +76,8 @@ def pad_prompts(prompts: list[TwoStreams], features: list[torch.Tensor | None], 
     dims = {f.shape[-1] for f in features if f is not None}
     if len(dims) > 1:
         raise ValueError(f"Whisper features of different widths in one batch: {sorted(dims)}")
-    feats = torch.zeros(batch, width, dims.pop(), dtype=dtype) if dims else None
+    # Built where the features are going: the Whisper encoder leaves them on the device.
+    feats = torch.zeros(batch, width, dims.pop(), dtype=dtype, device=device) if dims else None
     for b, prompt in enumerate(prompts):
         start = width - len(prompt)
         audio[b, start:] = torch.tensor(prompt.audio)
@@ -85,16 +86,13 @@ def pad_prompts(prompts: list[TwoStreams], features: list[torch.Tensor | None], 
         continuous[b, start:] = where
         mask[b, start:] = 1
         if feats is not None and features[b] is not None:
-            n = int(where.sum())
-            if features[b].shape[0] != n:
+            slots = [start + i for i, c in enumerate(prompt.continuous) if c]
+            if features[b].shape[0] != len(slots):
                 raise ValueError(f"row {b}: {features[b].shape[0]} Whisper frames for "
-                                 f"{n} audio-token positions")
-            row = torch.zeros(len(prompt), feats.shape[-1], dtype=dtype)
-            row[where] = features[b].to(dtype)
-            feats[b, start:] = row
+                                 f"{len(slots)} audio-token positions")
+            feats[b, torch.tensor(slots, device=device)] = features[b].to(device, dtype)
     to = dict(device=device)
-    return PromptBatch(audio.to(**to), text.to(**to), continuous.to(**to), mask.to(**to),
-                       None if feats is None else feats.to(**to))
+    return PromptBatch(audio.to(**to), text.to(**to), continuous.to(**to), mask.to(**to), feats)
 
 
 def sample_audio(logits: torch.Tensor, uniforms: torch.Tensor, sampling: Sampling) -> torch.Tensor:

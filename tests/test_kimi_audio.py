@@ -129,6 +129,14 @@ def test_batch_places_each_rows_features_on_its_continuous_positions(adapter, in
     assert not batch.features[~batch.continuous].any()
 
 
+def test_batch_with_too_few_features_for_a_row_names_the_row(adapter, inputs):
+    prompts, features = inputs
+    short = [features[0], features[1][:-1], features[2]]
+    n = sum(prompts[1].continuous)
+    with pytest.raises(ValueError, match=rf"row 1: {n - 1} Whisper frames for {n} audio-token"):
+        adapter.batch(prompts, short)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batch_takes_features_the_encoder_left_on_the_gpu(adapter, inputs):
     """The Whisper encoder leaves its features on the adapter's device; the padded batch must

@@ -78,19 +78,23 @@ def pad_prompts(prompts: list[TwoStreams], features: list[torch.Tensor | None], 
         raise ValueError(f"Whisper features of different widths in one batch: {sorted(dims)}")
     # Built where the features are going: the Whisper encoder leaves them on the device.
     feats = torch.zeros(batch, width, dims.pop(), dtype=dtype, device=device) if dims else None
+    rows, slots, placed = [], [], []  # where each row's features go, written in one copy
     for b, prompt in enumerate(prompts):
         start = width - len(prompt)
         audio[b, start:] = torch.tensor(prompt.audio)
         text[b, start:] = torch.tensor(prompt.text)
-        where = torch.tensor(prompt.continuous, dtype=torch.bool)
-        continuous[b, start:] = where
+        continuous[b, start:] = torch.tensor(prompt.continuous, dtype=torch.bool)
         mask[b, start:] = 1
         if feats is not None and features[b] is not None:
-            slots = [start + i for i, c in enumerate(prompt.continuous) if c]
-            if features[b].shape[0] != len(slots):
+            row_slots = [start + i for i, c in enumerate(prompt.continuous) if c]
+            if features[b].shape[0] != len(row_slots):
                 raise ValueError(f"row {b}: {features[b].shape[0]} Whisper frames for "
-                                 f"{len(slots)} audio-token positions")
-            feats[b, torch.tensor(slots, device=device)] = features[b].to(device, dtype)
+                                 f"{len(row_slots)} audio-token positions")
+            rows += [b] * len(row_slots)
+            slots += row_slots
+            placed.append(features[b].to(device, dtype))
+    if placed:
+        feats[torch.tensor(rows, device=device), torch.tensor(slots, device=device)] = torch.cat(placed)
     to = dict(device=device)
     return PromptBatch(audio.to(**to), text.to(**to), continuous.to(**to), mask.to(**to), feats)
 

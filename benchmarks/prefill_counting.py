@@ -18,7 +18,7 @@ innermost dimension sends CUDA's comparison down its non-vectorised kernel. The 
 
 ``engine`` times the ``_Counter`` itself (``begin_positions`` + ``count`` per layer), so the
 figure follows whatever the engine does by default; ``engine, fused`` the same with
-``ESN_FUSED_COUNTING=1`` (``esn_core.fused_counting``, compiled for dynamic shapes). Every way's counts are checked against the
+``ESN_FUSED_COUNTING=1`` (``esn_core.fused_counting``, its positions compiled dynamic). Every way's counts are checked against the
 engine's. Workload: Kimi-Audio's prompts (a 24-token instruction + 12.5 audio tokens a
 second of a U(2, 5) s source, ``workloads.esd_like``), left-padded to the batch's longest;
 activations random normal in the model's dtype at Kimi's width (18,944 gate neurons).

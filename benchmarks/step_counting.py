@@ -12,7 +12,7 @@ layers of one step (a fifth of the rows finished, as late in a batch):
 * ``plain``: ``silu(x)`` alone, the floor;
 * ``engine``: ``_Counter`` as it runs by default (``begin_step``, ``silu_into_step``, ``flush``);
 * ``engine, fused``: the same with ``ESN_FUSED_COUNTING=1`` (``esn_core.fused_counting``,
-  compiled for dynamic shapes);
+  compiled for the step buffer's fixed shapes);
 * ``fused add``: SiLU into the buffer, then ``counts += g > limits`` as one
   ``torch.compile``-d kernel a run of layers (no booleans written; fixed shapes unless
   ``--dynamic``);

@@ -2,23 +2,32 @@
 
 Eager PyTorch counts a decode step as a comparison that writes booleans and an add that
 reads them back with the counts; a prefill as a comparison, the padding's removal and a
-sum. Fused, each is one kernel that reads the activations once. On an H200 at Kimi-Audio's
-width (34 layers of 18,944 neurons), counting one decode step takes 1.00 → 0.42 ms of device
-time at 256 rows and 2.65 → 1.20 ms at 2048 (``benchmarks/step_counting.py``); a left-padded
-prefill 24 → 10 ms at 256 rows and 188 → 67 ms at 2048 (``benchmarks/prefill_counting.py``).
+sum. Fused, each is one kernel that reads the activations once. In the engine on an H200 at
+Kimi-Audio's width (34 layers of 18,944 neurons), SiLU plus the counting of one decode step
+takes 1.30 → 0.94 ms of device time at 256 rows (SiLU alone 0.43) and 4.11 → 2.73 ms at
+2048 (1.48); a left-padded prefill's counting 24.3 → 10.4 ms at 256 rows and 188 → 74 ms
+at 2048 (``benchmarks/step_counting.py``, ``benchmarks/prefill_counting.py``).
+
+Shapes are why: compiled for dynamic shapes (the first two forms of this module) the same
+kernels ran no faster than eager, and slower at 2048 rows (5.35 against 4.15 ms a step), as
+a kernel that cannot assume a row's width or alignment loses its vectorised loads. So a
+step's flush is compiled for its exact shapes, and only a full step buffer is flushed this
+way (a session's last, partial flush runs eagerly): a job compiles once per batch size and
+kind of call, a few seconds each. A prefill's positions differ from batch to batch, so only
+that dimension is left dynamic there.
 
 Counts are integers, so the fused kernels give exactly the eager counts (tested on CPU
-through the same compiler). **Off by default**: the figures above are of the kernels on
-their own (compiled for fixed shapes); inside the engine, compiled for dynamic shapes, the
-first form measured was slower than eager at 2048 rows (5.33 against 4.14 ms a step), and
-the form here (one step with no reduction) is not yet measured on a GPU.
-``ESN_FUSED_COUNTING=auto`` turns them on for CUDA tensors (the compile, ~15 s, is paid
-once per process and kind of call), ``=1`` for every device (tests), ``=0`` (the default)
-off. Wherever compiling fails, a warning says so once and the engine counts eagerly.
+through the same compiler). **On by default for CUDA tensors** (``ESN_FUSED_COUNTING=auto``)
+for the device time above; whole runs on an H200 could not resolve it (~1 % of a Kimi-Audio
+call, below their run-to-run noise: BENCHMARKS.md, "2026-12-04, later"). The compiles,
+~10-15 s for the first and 1-8 s for each later shape, are paid once per
+process. ``=0`` counts eagerly everywhere, ``=1`` compiles on every device (tests).
+Wherever compiling fails, a warning says so once and the engine counts eagerly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -40,32 +49,53 @@ def _add_prefill_positives(counts: torch.Tensor, g: torch.Tensor, valid: torch.T
     counts += positive.sum(dim=1, dtype=counts.dtype)
 
 
-_compiled: dict[str, object] = {}
+_compiled: dict[str, tuple[object, set]] = {}  # name -> (compiled function, shapes it has run)
 _failed: set[str] = set()
+
+# Kernels one function may be compiled into: one per batch size, group and kind of step
+# (with or without finished rows). Dynamo's own limit, 8, a two-group job with a last,
+# shorter batch already reaches, and with ``fullgraph`` hitting it is an error.
+RECOMPILE_LIMIT = 64
 
 
 def _setting() -> str:
-    value = os.environ.get("ESN_FUSED_COUNTING", "0").strip().lower()
+    value = os.environ.get("ESN_FUSED_COUNTING", "auto").strip().lower()
     if value not in ("auto", "0", "1"):
         raise ValueError(f"ESN_FUSED_COUNTING must be auto, 0 or 1, got {value!r}")
     return value
 
 
+def _enabled(device: torch.device) -> bool:
+    setting = _setting()
+    return setting == "1" or (setting == "auto" and device.type == "cuda")
+
+
+def _shapes(args) -> tuple:
+    return tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor)
+                 else a for a in args)
+
+
 def _run(name: str, function, device: torch.device, *args) -> bool:
     """Run ``function`` compiled; False (nothing done) where fused counting is not used."""
-    setting = _setting()
-    if setting == "0" or name in _failed or (setting == "auto" and device.type != "cuda"):
+    if name in _failed or not _enabled(device):
         return False
-    compiled = _compiled.get(name)
-    if compiled is None:
-        compiled = _compiled[name] = torch.compile(function, dynamic=True, fullgraph=True)
+    if name not in _compiled:
+        # Fixed shapes (see the module's docstring); a prefill marks its positions dynamic.
+        _compiled[name] = torch.compile(function, dynamic=False, fullgraph=True), set()
+    compiled, seen = _compiled[name]
+    shapes = _shapes(args)
+    # Only a call with new shapes can compile; the others skip the patch's ~20 us.
+    limit = (torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT) if shapes not in seen
+             else contextlib.nullcontext())
     try:
-        compiled(*args)
+        with limit:
+            compiled(*args)
     except Exception as error:  # a missing compiler or Triton: count eagerly from now on
         _failed.add(name)
         warnings.warn(f"fused capture counting ({name}) could not be compiled, counting "
                       f"eagerly instead: {type(error).__name__}: {error}", RuntimeWarning)
         return False
+    seen.add(shapes)
     return True
 
 
@@ -86,4 +116,10 @@ def add_prefill_positives(counts: torch.Tensor, g: torch.Tensor, valid: torch.Te
     ``counts`` ``[B, D]``; ``g`` ``[B, S, D]``; ``valid`` ``[B, S]`` booleans or None (every
     position real). Returns whether it counted.
     """
+    # Every batch's prompts have their own length: one kernel for all of them, not a
+    # compile per length. ``maybe``: a length the compiler must specialise is no error.
+    if _enabled(counts.device):
+        torch._dynamo.maybe_mark_dynamic(g, 1)
+        if valid is not None:
+            torch._dynamo.maybe_mark_dynamic(valid, 1)
     return _run("prefill", _add_prefill_positives, counts.device, counts, g, valid)

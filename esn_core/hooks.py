@@ -18,8 +18,8 @@ Design choices, each for a measured or specified reason:
   activation kernel writes ``g`` straight into that layer's slot of a step buffer, so
   counting adds no kernel; the buffer is reduced every few steps. Counts are summed as
   bytes: PyTorch would first copy a bool tensor into the sum's type (4 bytes an element).
-  ``esn_core.fused_counting`` can run the reductions (a flush, a prefill layer) as one
-  compiled kernel each on CUDA (the same counts; off by default, not yet measured in place).
+  On CUDA, ``esn_core.fused_counting`` runs the reductions (a flush, a prefill layer) as
+  one compiled kernel each (the same counts; ``ESN_FUSED_COUNTING=0`` turns it off).
 * Padding never counts. A forward pre-hook on the group's *root* (the module ``generate``
   calls) reads ``attention_mask`` and, at decode steps, the fed token ids; a row stops
   counting once it has fed an end-of-sequence token, because a single unpadded run would
@@ -541,9 +541,12 @@ class _Counter:
             fused_limits = None
             if self.some_finished:
                 fused_limits = limits[0, :, :, 0] if n == 1 else limits[..., 0]
+            # Fused kernels are compiled for exact shapes: a full buffer's, not every
+            # length a session's last flush can have.
+            full = n == self.capacity
             for buffer, counts in self.step_runs:  # [L, cap, B, 1, D], [L, B, D]
                 steps = buffer[:, 0, :, 0] if n == 1 else buffer[:, :n, :, 0]
-                if fused_counting.add_step_positives(counts, steps, fused_limits):
+                if full and fused_counting.add_step_positives(counts, steps, fused_limits):
                     continue
                 positive = _step_positives(buffer[:, :n], limits)
                 if n == 1:  # every step alone (large batches): no sum, bools added as bytes

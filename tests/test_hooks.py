@@ -899,6 +899,60 @@ def test_fused_counting_gives_the_eager_counts(monkeypatch, buffer_bytes):
     assert eager.T.min() < eager.T.max() and eager.K.sum() > 0
 
 
+def test_fused_counting_flushes_only_full_step_buffers(monkeypatch):
+    """The kernels are compiled for exact shapes, so they get one shape a batch size: a full
+    buffer's. A session's last, shorter flush is counted eagerly, with the same counts."""
+    from esn_core import fused_counting
+
+    model = tiny_qwen2()
+    n_neurons = HookEngine({"lm": lm_group(model)}).layout("lm").n_neurons
+    # Three steps of all three rows fit (the tiny model runs in float64).
+    monkeypatch.setattr("esn_core.hooks._Counter.BUFFER_BYTES", 3 * len(PROMPTS) * n_neurons * 8)
+    monkeypatch.setenv("ESN_FUSED_COUNTING", "0")
+    eager = _eos_run(model, eos=-1)
+    flushed = []
+
+    def add_step_positives(counts, steps, limits):
+        flushed.append(tuple(steps.shape))
+        fused_counting._add_step_positives(counts, steps, limits)  # the kernel's own code, eager
+        return True
+
+    monkeypatch.setattr(fused_counting, "add_step_positives", add_step_positives)
+    monkeypatch.setenv("ESN_FUSED_COUNTING", "1")
+    got = _eos_run(model, eos=-1)
+    layers = len(HookEngine({"lm": lm_group(model)}).layout("lm").layer_sizes)
+    # The prefill's logits give the first token: 7 decode steps, flushed as 3 + 3 + 1.
+    assert flushed == [(layers, 3, len(PROMPTS), n_neurons // layers)] * 2
+    np.testing.assert_array_equal(got.K, eager.K)
+    np.testing.assert_array_equal(got.T, eager.T)
+
+
+def test_fused_counting_compiles_past_dynamos_recompile_limit(monkeypatch):
+    """One kernel per shape: a job's batch sizes, groups and kinds of step pass dynamo's
+    limit (8; 2 here), which with ``fullgraph`` would be an error. Past our own limit the
+    counting goes on eagerly, with a warning."""
+    from esn_core import fused_counting
+
+    monkeypatch.setenv("ESN_FUSED_COUNTING", "1")
+    monkeypatch.setattr(fused_counting, "_failed", set())
+    monkeypatch.setattr(fused_counting, "_compiled", {})
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(fused_counting, "RECOMPILE_LIMIT", 4)
+    torch._dynamo.reset()  # this function's kernels compiled by earlier tests
+    for batch in range(1, 6):
+        steps = torch.arange(-6.0, 6.0).repeat(2, batch, 1)  # [L=2, B, D=12]: 6 positive
+        counts = torch.ones(2, batch, 12, dtype=torch.uint8)
+        if batch <= 4:
+            assert fused_counting.add_step_positives(counts, steps, None)
+        else:
+            with pytest.warns(RuntimeWarning, match=r"fused capture counting \(steps\)"):
+                assert not fused_counting.add_step_positives(counts, steps, None)
+            break
+        assert counts.sum().item() == 2 * batch * (12 + 5)  # 1 each, +1 where g > 0 (1..5)
+        assert fused_counting._failed == set()
+    assert fused_counting._failed == {"steps"}
+
+
 def test_fused_counting_falls_back_to_eager_with_a_warning(monkeypatch):
     from esn_core import fused_counting
 
@@ -912,6 +966,7 @@ def test_fused_counting_falls_back_to_eager_with_a_warning(monkeypatch):
             model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
         return s.counts("lm")
 
+    monkeypatch.setattr("esn_core.hooks._Counter.BUFFER_BYTES", 1)  # every flush full
     eager = counted()
     monkeypatch.setenv("ESN_FUSED_COUNTING", "1")
     monkeypatch.setattr(fused_counting, "_failed", set())

@@ -940,7 +940,7 @@ def test_fused_counting_compiles_past_dynamos_recompile_limit(monkeypatch):
     monkeypatch.setattr(fused_counting, "RECOMPILE_LIMIT", 4)
     torch._dynamo.reset()  # this function's kernels compiled by earlier tests
     for batch in range(1, 6):
-        steps = torch.arange(-6.0, 6.0).repeat(2, batch, 1)  # [L=2, B, D=12]: 6 positive
+        steps = torch.arange(-6.0, 6.0).repeat(2, batch, 1)  # [L=2, B, D=12]: 5 positive (1..5)
         counts = torch.ones(2, batch, 12, dtype=torch.uint8)
         if batch <= 4:
             assert fused_counting.add_step_positives(counts, steps, None)

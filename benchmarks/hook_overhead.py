@@ -220,42 +220,61 @@ def rotated(modes: tuple[str, ...], repeat: int) -> tuple[str, ...]:
     return modes[shift:] + modes[:shift]
 
 
-def paired_calls(chunks: list, time_call) -> tuple[dict[str, float], list[float]]:
+def paired_calls(chunks: list, time_call) -> tuple[dict[str, float], list[tuple[float, float]]]:
     """Hooks off against capture, call by call: ``time_call(chunk, mode)`` (seconds) runs for
     both modes back to back on every chunk, in ABBA order (off first on even calls), so each
     pair shares the host's state of the moment; whole runs one after the other are a minute
-    apart and drift by more than capture costs. Returns each mode's summed seconds and the
-    capture/off ratio of every pair.
+    apart and drift by more than capture costs. Returns each mode's summed seconds and every
+    pair's (off, capture) seconds.
 
     The first chunk runs once in each mode untimed before the pairs (its times printed):
     first calls pay one-off costs a job pays once, such as compiling the fused counting
-    kernels where ``ESN_FUSED_COUNTING=auto`` (``esn_core.fused_counting``). Each pair is printed as it
+    kernels (``esn_core.fused_counting``, on by default on CUDA). Each pair is printed as it
     ends (``#`` lines), so a run cut off by a time limit still shows what it measured."""
     first = {mode: time_call(chunks[0], mode) for mode in ("off", "capture")}
     print(f"# first calls, untimed in the pairs: off {first['off']:.2f} s, capture "
           f"{first['capture']:.2f} s", flush=True)
     totals = {"off": 0.0, "capture": 0.0}
-    ratios = []
+    pairs = []
     for n, chunk in enumerate(chunks):
         seconds = {}
         for mode in (("off", "capture") if n % 2 == 0 else ("capture", "off")):
             seconds[mode] = time_call(chunk, mode)
             totals[mode] += seconds[mode]
-        ratios.append(seconds["capture"] / seconds["off"])
+        pairs.append((seconds["off"], seconds["capture"]))
         print(f"# pair {n + 1}/{len(chunks)}: off {seconds['off']:.3f} s, capture "
-              f"{seconds['capture']:.3f} s ({ratios[-1]:.3f}x)", flush=True)
-    return totals, ratios
+              f"{seconds['capture']:.3f} s ({seconds['capture'] / seconds['off']:.3f}x)", flush=True)
+    return totals, pairs
+
+
+def ratio_interval(pairs: list[tuple[float, float]], level: float = 0.95, resamples: int = 10_000,
+                   seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of capture's summed seconds over off's, the pairs resampled whole.
+
+    Single pairs on the lent hosts spread by +-5-10 %, so a run's ratio of sums carries an
+    uncertainty of its own; this says how large, so that two runs' figures are compared
+    with their spread in view (percentile interval, ``resamples`` draws, seeded)."""
+    seconds = np.asarray(pairs, dtype=np.float64)  # [n, 2]: off, capture
+    draws = np.random.default_rng(seed).integers(0, len(seconds), size=(resamples, len(seconds)))
+    sums = seconds[draws].sum(axis=1)  # [resamples, 2]
+    ratios = sums[:, 1] / sums[:, 0]
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 PAIRED_HEADER = ("| batch | calls | off s (sum) | capture s (sum) | capture / off (sums) "
-                 "| per call: median [quartiles] |\n|---|---|---|---|---|---|")
+                 "| 95 % interval (pairs resampled) | per call: median [quartiles] |\n"
+                 "|---|---|---|---|---|---|---|")
 
 
-def paired_row(batch: int, totals: dict[str, float], ratios: list[float]) -> str:
+def paired_row(batch: int, totals: dict[str, float], pairs: list[tuple[float, float]]) -> str:
+    ratios = [capture / off for off, capture in pairs]
     a, b = quartiles(ratios)
+    low, high = ratio_interval(pairs)
     return (f"| {batch} | {len(ratios)} | {totals['off']:.3f} | {totals['capture']:.3f} | "
-            f"{totals['capture'] / totals['off']:.3f}x | {statistics.median(ratios):.3f}x "
-            f"[{a:.3f}, {b:.3f}] |")
+            f"{totals['capture'] / totals['off']:.3f}x | [{low:.3f}, {high:.3f}] | "
+            f"{statistics.median(ratios):.3f}x [{a:.3f}, {b:.3f}] |")
 
 
 def per_call_cost(model, engine, layout, batch: int, device: str, calls: int = 2000) -> dict:

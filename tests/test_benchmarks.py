@@ -377,7 +377,26 @@ def _assert_paired_table(out: str, expected: list[tuple[str, str]]) -> None:
     for row in paired:
         off, capture, ratio = float(row[2]), float(row[3]), float(row[4].strip()[:-1])
         assert abs(ratio - capture / off) <= 0.0005 + 0.0005 * (1 + capture) / off ** 2
-        assert re.fullmatch(r" [\d.]+x \[[\d.]+, [\d.]+\] ", row[5])
+        low, high = map(float, re.fullmatch(r" \[([\d.]+), ([\d.]+)\] ", row[5]).groups())
+        assert low <= ratio + 0.0005 and ratio - 0.0005 <= high  # the interval holds its ratio
+        assert re.fullmatch(r" [\d.]+x \[[\d.]+, [\d.]+\] ", row[6])
+
+
+def test_paired_ratio_interval_resamples_whole_pairs():
+    """Known answers: pairs (1 s, 1 s) and (1 s, 2 s) resample to ratios of sums 1, 1.5 and 2
+    with chances 1/4, 1/2, 1/4, so the 95 % interval is [1, 2]; pairs of one ratio give it
+    exactly, however their lengths differ; the interval is seeded."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from hook_overhead import paired_row, ratio_interval
+
+    assert ratio_interval([(1.0, 1.0), (1.0, 2.0)]) == (1.0, 2.0)
+    low, high = ratio_interval([(2.0, 2.1), (4.0, 4.2), (8.0, 8.4)])
+    assert abs(low - 1.05) < 1e-12 and abs(high - 1.05) < 1e-12
+    spread = [(4.0, 4.0 * r) for r in (0.9, 1.0, 1.05, 1.1, 1.2)]
+    low, high = ratio_interval(spread)
+    assert low < 1.05 < high and ratio_interval(spread) == (low, high)
+    row = paired_row(256, {"off": 20.0, "capture": 21.0}, spread)
+    assert row.startswith("| 256 | 5 | 20.000 | 21.000 | 1.050x | [") and "| 1.050x [1.000, 1.100] |" in row
 
 
 def test_kimi_audio_throughput_ends_every_row_at_its_drawn_lengths(capsys):

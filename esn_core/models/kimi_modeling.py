@@ -2,8 +2,11 @@
 
 Upstream ships its LM as remote code that imports flash-attn and runs one row at a time.
 This module builds the same network from ``Qwen2DecoderLayer`` / ``Qwen2RMSNorm`` /
-``Qwen2RotaryEmbedding`` with the parameter names of upstream's state dict, so the real
-checkpoint loads with 0 missing / 0 unexpected keys (``weights.load_exact``):
+``Qwen2RotaryEmbedding`` with the parameter names of upstream's state dict as its code
+writes them, loaded strictly (``weights.load_exact``: a missing or unexpected key is an
+error naming it). Tested on a tiny checkpoint under those names; the real one has not been
+loaded here (no weights can be downloaded), so a name upstream's code does not show would
+first surface as that error:
 
 * ``model.embed_tokens``: one table for both input streams; a position's input is the sum
   of its audio-stream and text-stream embeddings.

@@ -1,7 +1,8 @@
 """MiniCPM-o 4.5's TTS module (``MiniCPMO.tts``): the ``synth`` side of SPEC's two groups.
 
-Built from the checkpoint's ``tts_config`` with the checkpoint's own weight names under
-``tts.``, so its safetensors load with 0 missing / 0 unexpected keys: a stock
+Built from the checkpoint's ``tts_config`` with the weight names upstream's code gives it
+under ``tts.``, loaded strictly (0 missing / 0 unexpected keys, else an error naming them;
+checked on a tiny checkpoint, not yet on the real safetensors): a stock
 ``LlamaModel`` backbone (``model.*``, whose layers' gated MLPs are the ``synth`` group), the
 text embedding ``emb_text``, one code embedding ``emb_code.i`` and one weight-norm code head
 ``head_code.i`` per VQ codebook, and the projectors ``projector_spk`` / ``projector_semantic``

@@ -4,7 +4,7 @@ The schema (``workflow/schemas/config.schema.yaml``) checks keys and types; this
 checks what needs the code or the filesystem: judge and naturalness entries against the
 keys their loaders take, ``model.options`` against the adapter's constructor (names, and
 values against its annotations and the ``OPTION_RANGES`` table next to it), paths that
-must exist, and the interventions list. Every problem is reported with its key path
+must exist, the interventions list, and the ``ESN_FUSED_COUNTING`` the jobs inherit. Every problem is reported with its key path
 (``judges.available[e2v].model_dir``), all at once, so ``snakemake -n`` catches them
 before any job runs.
 
@@ -36,6 +36,7 @@ def check_config(config: Mapping[str, Any]) -> None:
         *_check_models(config),
         *_check_judges(config["judges"]),
         *_check_interventions(config["evaluation"]["interventions"]),
+        *_check_environment(os.environ),
     ]
     if problems:
         raise ConfigError("config values that would fail inside a job:\n" + "\n".join(f"  {p}" for p in problems))
@@ -177,6 +178,16 @@ def _check_interventions(interventions: list[Mapping[str, Any]]) -> list[str]:
             problems.append(f"evaluation.interventions[{k}] ({entry['method']}): alphas is empty; list at least "
                             "one α or drop the entry")
     return problems
+
+
+def _check_environment(environ: Mapping[str, str]) -> list[str]:
+    """Variables the jobs inherit and read: a bad one would fail every model job at its
+    first counted position, after the model has loaded."""
+    value = environ.get("ESN_FUSED_COUNTING")
+    allowed = source_literal("esn_core.fused_counting", "SETTINGS")
+    if value is not None and value.strip().lower() not in allowed:
+        return [f"environment ESN_FUSED_COUNTING: {value!r} is not one of {', '.join(allowed)}"]
+    return []
 
 
 def _looks_local(path: str) -> bool:

@@ -58,9 +58,12 @@ _failed: set[str] = set()
 RECOMPILE_LIMIT = 64
 
 
+SETTINGS = ("auto", "0", "1")  # of ESN_FUSED_COUNTING; also checked before a workflow's jobs
+
+
 def _setting() -> str:
     value = os.environ.get("ESN_FUSED_COUNTING", "auto").strip().lower()
-    if value not in ("auto", "0", "1"):
+    if value not in SETTINGS:
         raise ValueError(f"ESN_FUSED_COUNTING must be auto, 0 or 1, got {value!r}")
     return value
 

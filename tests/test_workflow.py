@@ -140,6 +140,20 @@ def test_wrong_config_key_or_value_is_named_before_any_job(tmp_path):
     assert not (workdir / "results").exists()
 
 
+def test_bad_fused_counting_setting_is_named_before_any_job(tmp_path):
+    workdir = _workdir(tmp_path / "a", _config())
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--nocolor", "-n"]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "ESN_FUSED_COUNTING": "yes"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "environment ESN_FUSED_COUNTING: 'yes' is not one of auto, 0, 1" in out
+    assert not (workdir / "results").exists()
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "ESN_FUSED_COUNTING": "0"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_killed_run_resumes_with_rerun_incomplete_and_identical_tables(finished):
     results = finished / "results"
     table = results / "tables/table3_selectors.csv"

@@ -905,7 +905,8 @@ def test_fused_counting_flushes_only_full_step_buffers(monkeypatch):
     from esn_core import fused_counting
 
     model = tiny_qwen2()
-    n_neurons = HookEngine({"lm": lm_group(model)}).layout("lm").n_neurons
+    layout = HookEngine({"lm": lm_group(model)}).layout("lm")
+    n_neurons, layers = layout.n_neurons, len(layout.layer_sizes)
     # Three steps of all three rows fit (the tiny model runs in float64).
     monkeypatch.setattr("esn_core.hooks._Counter.BUFFER_BYTES", 3 * len(PROMPTS) * n_neurons * 8)
     monkeypatch.setenv("ESN_FUSED_COUNTING", "0")
@@ -920,7 +921,6 @@ def test_fused_counting_flushes_only_full_step_buffers(monkeypatch):
     monkeypatch.setattr(fused_counting, "add_step_positives", add_step_positives)
     monkeypatch.setenv("ESN_FUSED_COUNTING", "1")
     got = _eos_run(model, eos=-1)
-    layers = len(HookEngine({"lm": lm_group(model)}).layout("lm").layer_sizes)
     # The prefill's logits give the first token: 7 decode steps, flushed as 3 + 3 + 1.
     assert flushed == [(layers, 3, len(PROMPTS), n_neurons // layers)] * 2
     np.testing.assert_array_equal(got.K, eager.K)

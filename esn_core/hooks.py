@@ -37,7 +37,8 @@ Design choices, each for a measured or specified reason:
 * A decode step replayed as a CUDA graph (``models/graphed_decode``) runs no Python per
   step: while it is recorded, each hook becomes tensor ops on ``GraphSlots`` (counts, row
   validity and operands at fixed addresses), which the session fills before each replay
-  and adds to its own counts when it ends.
+  and adds to its own counts when it ends. With fused counting on, a SiLU layer's
+  activation and count are one compiled kernel there (``fused_counting``).
 """
 
 from __future__ import annotations
@@ -342,6 +343,7 @@ class _Counter:
         self.step_valid: torch.Tensor | None = None  # [MAX_STEPS, B, 1] bool
         self.step_valid_views: list[torch.Tensor] = []
         self.slot = -1  # step-buffer slot of the current decode call, -1 for a prefill call
+        self.graph_steps = 0  # captured decode steps run, not yet added to ``T``
         self.positions = "some"  # of a prefill call: are "all", "some" or "none" real
         self._zeros: torch.Tensor | None = None
         self.filled = 0
@@ -796,29 +798,41 @@ class _GroupState:
         counter = self.counter
         counter.filled -= 1
         counter.slot = -1
-        limits = slots.limits[self.group.root]
-        if self.finished is None:
-            limits.zero_()
-            counter.T += 1
-        else:
-            finished = self.finished.view(limits.shape)
-            limits.zero_().masked_fill_(finished, torch.inf)
-            counter.T += finished.view(-1).logical_not()
+        slots.set_limits(self.group.root, self.finished)
+        # A row's position counts unless the row has finished: the steps are counted on the
+        # host (added to ``T`` once, by ``collect_graph_counts``), the finished rows taken off
+        # on the device (one kernel; none while no row can finish).
+        counter.graph_steps += 1
+        if self.finished is not None:
+            counter.T.add_(self.finished.view(-1), alpha=-1)
 
     def static_activation(self, layer: int, function, slots: GraphSlots):
         """The function a captured decode step runs at ``layer``: tensor ops on ``slots``
-        only (fixed addresses, no host work), counting then intervening as ``on_activation``."""
+        only (fixed addresses, no host work), counting then intervening as ``on_activation``.
+
+        Counting a SiLU layer is one compiled kernel, SiLU and count together
+        (``fused_counting.silu_and_count_step``), where fused counting is on: compiled at the
+        graph's warm-up run, so the capture records only its launch. Otherwise the layer's
+        function then two kernels, the comparison and the addition. A finished row's limit is
+        +inf, so nothing of it counts.
+        """
         mlp = self.group.mlps[layer]
         counts = slots.counts.get(mlp) if self.counter is not None else None
         limits = slots.limits.get(self.group.root) if counts is not None else None
         operand = slots.operands.get(mlp)
         operation = _OPERATIONS[self.intervention.method][1] if operand is not None else None
 
-        def captured(x: torch.Tensor) -> torch.Tensor:
-            g = function(x)
-            if counts is not None:
-                # Two kernels a layer: a finished row's limit is +inf, so nothing of it counts.
+        def counted(x: torch.Tensor) -> torch.Tensor:
+            g = fused_counting.silu_and_count_step(function, x, limits, counts)
+            if g is None:
+                g = function(x)
                 counts.add_(torch.gt(g, limits))
+            return g
+
+        activate = function if counts is None else counted
+
+        def captured(x: torch.Tensor) -> torch.Tensor:
+            g = activate(x)  # the kernel's own output either way: the operation may write into it
             return g if operation is None else operation(g, operand)
 
         return captured
@@ -831,6 +845,9 @@ class _GroupState:
             for layer in layers:
                 self.counter.add_counts(layer, slots.counts[self.group.mlps[layer]][:, 0, :])
         self.graph_bindings.clear()
+        if self.counter.graph_steps:
+            self.counter.T += self.counter.graph_steps
+            self.counter.graph_steps = 0
 
     def compile(self, device, dtype) -> None:
         self.operands = compile_operands(self.intervention, self.group.layout, device, dtype)
@@ -1069,7 +1086,7 @@ class GraphSlots:
     between steps and sessions lives here, not in a session: per hooked MLP an int32
     ``[B, 1, D]`` count and the intervention's ``[B, 1, D]`` operand, per group root the
     step's ``[B, 1, 1]`` counting limits (0 for a real row, +inf for a finished one). A
-    session binds itself before each replay (``_GroupState.bind_graph_step``) and adds the
+    session binds itself before each replay (``_GroupState.begin_graph_step``) and adds the
     counts to its own when it ends.
     """
 
@@ -1078,6 +1095,8 @@ class GraphSlots:
         self.counts: dict[nn.Module, torch.Tensor] = {}
         self.operands: dict[nn.Module, torch.Tensor] = {}
         self.limits: dict[nn.Module, torch.Tensor] = {}
+        self.limit_values: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}  # (0, +inf)
+        self.infinite_limits: set[nn.Module] = set()  # roots whose limits may hold +inf
 
     def allocate(self, state: _GroupState, layer: int, signature) -> None:
         counting, method, touched = signature
@@ -1089,12 +1108,28 @@ class GraphSlots:
             root = state.group.root
             if root not in self.limits:
                 self.limits[root] = torch.zeros(self.batch, 1, 1, dtype=weight.dtype, device=weight.device)
+                # ``where``'s values, on the device: no host-to-device copy per step.
+                self.limit_values[root] = (torch.zeros((), dtype=weight.dtype, device=weight.device),
+                                           torch.full((), torch.inf, dtype=weight.dtype, device=weight.device))
         if touched:
             self.operands[mlp] = torch.empty(shape, dtype=weight.dtype, device=weight.device)
 
     def reset_counts(self) -> None:
         for counts in self.counts.values():
             counts.zero_()
+
+    def set_limits(self, root: nn.Module, finished: torch.Tensor | None) -> None:
+        """``root``'s rows' limits for the next replay, 0 or +inf where ``finished`` (``[B, 1]``
+        bool, None: no row has), in one kernel; none while they are known to be all 0."""
+        limits = self.limits[root]
+        if finished is None:
+            if root in self.infinite_limits:
+                limits.zero_()
+                self.infinite_limits.discard(root)
+            return
+        zero, inf = self.limit_values[root]
+        torch.where(finished.view(limits.shape), inf, zero, out=limits)
+        self.infinite_limits.add(root)
 
 
 def _padding_mask(attention_mask, seq: int, decoding: bool) -> torch.Tensor | None:

@@ -154,3 +154,53 @@ def test_recorded_graphs_replay_what_the_fixed_slot_path_computes(method):
         np.testing.assert_array_equal(g_counts.T, counts.T)
         assert runner.stats.replays == NEW - 1
     assert graphed[1][2].steps[next(iter(graphed[1][2].steps))].graph is not None
+
+
+@pytest.mark.parametrize("method", [None, "steer"])
+def test_fused_silu_counting_in_graphed_steps_gives_the_eager_counts(monkeypatch, method):
+    """``ESN_FUSED_COUNTING=1`` compiles SiLU and the count of a captured step into one kernel
+    (CUDA's default, compiled for CPU here): the tokens and counts of the eager decode, with a
+    row that ends early. Every layer of every replayed step must have taken that kernel."""
+    from esn_core import fused_counting
+
+    model = tiny_qwen2()
+    plan = _steer(method) if method else None
+    out, counts, _ = _generate(model, None, interventions=plan)
+    monkeypatch.setenv("ESN_FUSED_COUNTING", "1")
+    monkeypatch.setattr(fused_counting, "_failed", set())
+    fused_steps = []
+    real = fused_counting.silu_and_count_step
+
+    def silu_and_count_step(*args):
+        g = real(*args)
+        fused_steps.append(g is not None)
+        return g
+
+    monkeypatch.setattr(fused_counting, "silu_and_count_step", silu_and_count_step)
+    g_out, g_counts, runner = _generate(model, "static", interventions=plan, graphed=True)
+    assert fused_steps == [True] * (runner.stats.replays * len(model.model.layers))
+    assert runner.stats.replays == NEW - 1 and not fused_counting._failed
+    assert torch.equal(g_out, out)
+    np.testing.assert_array_equal(g_counts.T, counts.T)
+    np.testing.assert_array_equal(g_counts.K, counts.K)
+    assert counts.T.min() < counts.T.max()  # one row ended early on the model's EOS
+
+
+def test_graph_slots_limits_follow_the_finished_rows_and_return_to_zero():
+    """A step's limits are one ``where`` with finished rows; with none (no end token), 0s,
+    rewritten only after an earlier step left a +inf (slots outlive sessions)."""
+    from esn_core.hooks import GraphSlots, _GroupState
+
+    model = tiny_qwen2()
+    state = _GroupState(lm_group(model), Capture(), None)
+    slots = GraphSlots(3)
+    slots.allocate(state, 0, (True, None, False))
+    limits = slots.limits[model]
+    slots.set_limits(model, torch.tensor([[False], [True], [False]]))
+    assert limits.flatten().tolist() == [0.0, float("inf"), 0.0]
+    assert limits.dtype == model.model.layers[0].mlp.gate_proj.weight.dtype
+    slots.set_limits(model, None)
+    assert limits.flatten().tolist() == [0.0, 0.0, 0.0]
+    limits.fill_(7.0)  # not written again while they are known to be 0
+    slots.set_limits(model, None)
+    assert limits.flatten().tolist() == [7.0, 7.0, 7.0]

@@ -986,3 +986,32 @@ def test_fused_counting_falls_back_to_eager_with_a_warning(monkeypatch):
     monkeypatch.setenv("ESN_FUSED_COUNTING", "yes")
     with pytest.raises(ValueError, match="ESN_FUSED_COUNTING must be auto, 0 or 1, got 'yes'"):
         counted()
+
+
+def test_fused_silu_counting_counts_strictly_positive_g_of_live_rows(monkeypatch):
+    """One decode step's SiLU and count (what a captured step runs): g is eager SiLU's to the
+    last bit, and counts grow by g > 0 on live rows only (zero and negative activations do
+    not count; a finished row's limit is +inf). The tiny model's shape: compiled once."""
+    from esn_core import fused_counting
+    from esn_core.hooks import SILU
+
+    monkeypatch.setenv("ESN_FUSED_COUNTING", "1")
+    monkeypatch.setattr(fused_counting, "_failed", set())
+    x = torch.stack([torch.arange(-20.0, 28.0),  # 27 positive, one 0
+                     torch.arange(0.0, 48.0),  # finished: none counts
+                     -torch.arange(0.0, 48.0)],  # 0 and negatives: none
+                    ).to(torch.float64)[:, None, :]
+    x[0, 0, :3] = torch.tensor([-0.0, -1e-300, 1e-300], dtype=torch.float64)  # tiny signs: one counts
+    limits = torch.tensor([0.0, torch.inf, 0.0], dtype=torch.float64).view(3, 1, 1)
+    counts = torch.full((3, 1, 48), 2, dtype=torch.int32)
+    g = fused_counting.silu_and_count_step(SILU, x, limits, counts)
+    assert g is not None and not fused_counting._failed
+    assert torch.equal(g, SILU(x)) and g.data_ptr() != x.data_ptr()
+    assert (counts - 2).sum(dim=(1, 2)).tolist() == [28, 0, 0]
+    assert counts[0, 0, :4].tolist() == [2, 2, 3, 2]  # -0, -tiny, +tiny, -17
+    # Not fused: another function, autograd, or fused counting off.
+    assert fused_counting.silu_and_count_step(torch.relu, x, limits, counts) is None
+    assert fused_counting.silu_and_count_step(SILU, x.clone().requires_grad_(), limits, counts) is None
+    monkeypatch.setenv("ESN_FUSED_COUNTING", "0")
+    assert fused_counting.silu_and_count_step(SILU, x, limits, counts) is None
+    assert (counts - 2).sum().item() == 28  # nothing added by the calls that did not fuse

@@ -60,6 +60,7 @@ from workloads import ForcedLengths, PartTimer, describe, esd_like, fixed, sprea
 from esn_core.hooks import Capture, HookEngine, Intervention
 from esn_core.models.graphed_decode import GraphedDecode
 from esn_core.models.qwen_omni import QwenOmniAdapter, audio_token_count, thinker_text_decoder
+from esn_core.models.speech_overlap import SpeechWorker
 
 MAJOR = int(transformers.__version__.split(".")[0])
 
@@ -182,10 +183,15 @@ def evc_inputs(attempts, device: str, dtype: torch.dtype, rng) -> dict:
 
 class OmniPartTimer(PartTimer):
     """Times thinker.generate, talker.generate and token2wav.forward on the instance, and
-    inside token2wav its DiT sampler (``dit``) and its vocoder (``bigvgan``)."""
+    inside token2wav its DiT sampler (``dit``) and its vocoder (``bigvgan``).
+
+    Each part waits for its own thread's CUDA stream, not the device, so that with
+    ``+overlap`` the decode's parts do not wait for the speech worker's token2wav (and the
+    parts then overlap in time: their sum exceeds the total)."""
 
     def __init__(self, model, device: str):
-        super().__init__(PartTimer.on(device).sync)
+        cuda = str(device).startswith("cuda")
+        super().__init__((lambda: torch.cuda.current_stream().synchronize()) if cuda else (lambda: None))
         self.wrap("thinker", model.thinker, "generate")
         self.wrap("talker", model.talker, "generate")
         self.wrap("token2wav", model.token2wav, "forward")
@@ -229,6 +235,12 @@ def check_lengths(sequences, prompt_len: int, attempts) -> None:
 
 
 GRAPHS = "+graphs"  # a mode's suffix: decode steps replayed as CUDA graphs
+OVERLAP = "+overlap"  # a mode's suffix: token2wav beside the next batch's decode (overlap_speech)
+
+
+def plain_mode(mode: str) -> str:
+    """The hook-free mode run the same way (same suffixes): what a mode's ratio is against."""
+    return "off" + mode[len(mode.split("+")[0]):]
 
 
 def graph_runners(model, mode: str) -> list[GraphedDecode]:
@@ -261,30 +273,40 @@ def check_graphs(adapter, engine, batch, graphed: list[GraphedDecode]) -> str:
 
 
 def run_once(adapter, engine, mode, batches, steer_plans, timer, graphed=()) -> dict:
-    """One timed pass over ``batches`` (a list of (inputs, attempts, seeds)) in one mode."""
+    """One timed pass over ``batches`` (a list of (inputs, attempts, seeds)) in one mode.
+
+    ``+overlap``: as the workflow runs with ``overlap_speech``, each batch's token2wav on the
+    speech worker (its own thread and CUDA stream) while the next batch's thinker and talker
+    decode; the pass ends when the last batch's speech is on the host.
+    """
     timer.reset()
-    adapter._graph_runners = list(graphed) if mode.endswith(GRAPHS) else []
-    mode = mode.removesuffix(GRAPHS)
+    adapter._graph_runners = list(graphed) if GRAPHS in mode else []
+    adapter.overlap_speech = OVERLAP in mode
+    mode = mode.split("+")[0]
     adapter.token2wav_tf32 = mode != "fp32"
     gc.collect()
     gc.disable()  # a collection inside one mode's run would be charged to that mode
     try:
         timer.sync()
         start = time.perf_counter()
-        for inputs, attempts, seeds in batches:
-            if mode in ("off", "fp32"):
-                scope = contextlib.nullcontext()
-            elif mode == "capture":
-                scope = engine.session(capture={"lm": Capture(), "synth": Capture()})
-            else:
-                scope = engine.session(interventions={"lm": steer_plans[len(attempts)]})
-            with scope:
-                sequences, _ = adapter.generate(inputs, seeds, **forced_lengths(adapter, attempts))
-            check_lengths(sequences, inputs["input_ids"].shape[1], attempts)
+        with SpeechWorker(adapter.overlap_speech, adapter.device) as speech:
+            for inputs, attempts, seeds in batches:
+                if mode in ("off", "fp32"):
+                    scope = contextlib.nullcontext()
+                elif mode == "capture":
+                    scope = engine.session(capture={"lm": Capture(), "synth": Capture()})
+                else:
+                    scope = engine.session(interventions={"lm": steer_plans[len(attempts)]})
+                with scope:
+                    result, calls, row_seeds = adapter.generate_codes(
+                        inputs, seeds, **forced_lengths(adapter, attempts))
+                check_lengths(result[0], inputs["input_ids"].shape[1], attempts)
+                speech.submit(adapter.begin_speech(calls, row_seeds), lambda waves: None)
         timer.sync()
         total = time.perf_counter() - start
     finally:
         gc.enable()
+        adapter.overlap_speech = False
     steps = {f"{name}_steps": timer.step_seconds(name) for name in timer.stamps}
     return {**timer.seconds, "total": total, **steps}
 
@@ -315,6 +337,9 @@ def main(argv=None) -> int:
                         help="off: only rows of equal code length share a token2wav call")
     parser.add_argument("--cuda-graphs", choices=["off", "on", "both"], default="off",
                         help="decode steps as CUDA graphs (static caches); both: each mode twice")
+    parser.add_argument("--overlap-speech", choices=["off", "on", "both"], default="off",
+                        help="token2wav of batch n beside the decode of batch n+1 (the adapter's "
+                             "overlap_speech); both: each mode twice")
     parser.add_argument("--rate", type=float, default=0.005, help="steer mask share of lm neurons")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size")
@@ -360,6 +385,9 @@ def main(argv=None) -> int:
     if args.cuda_graphs != "off":
         suffixed = [m + GRAPHS for m in args.modes]
         args.modes = suffixed if args.cuda_graphs == "on" else args.modes + suffixed
+    if args.overlap_speech != "off":
+        suffixed = [m + OVERLAP for m in args.modes]
+        args.modes = suffixed if args.overlap_speech == "on" else args.modes + suffixed
     n_lm = engine.layout("lm").n_neurons
     rng = np.random.default_rng(0)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
@@ -415,7 +443,7 @@ def main(argv=None) -> int:
                    for k in runs[mode][0] if not k.endswith("_steps")}
             per_hour = len(chosen) / med["total"] * 3600
             ratio = ""
-            plain = "off" + (GRAPHS if mode.endswith(GRAPHS) else "")  # hooks vs the same decode
+            plain = plain_mode(mode)  # hooks vs the same decode
             if plain in runs and mode != plain:
                 # Median of the repeat-by-repeat ratios: each pair ran back to back.
                 paired = statistics.median(
@@ -434,15 +462,20 @@ def main(argv=None) -> int:
         print("#   median decode step (ms), ratio to off of the same decode: " + "; ".join(
             f"{mode} " + ", ".join(
                 f"{name} {ms:.2f}" + (f" ({ms / base[plain][name]:.3f}x)"
-                                      if (plain := "off" + (GRAPHS if mode.endswith(GRAPHS) else "")) in base
+                                      if (plain := plain_mode(mode)) in base
                                       and mode != plain and name in base[plain] else "")
                 for name, ms in steps.items())
             for mode, steps in base.items()), flush=True)
+        overlapped = [m for m in args.modes if OVERLAP in m and m.replace(OVERLAP, "") in runs]
+        if overlapped:
+            print("#   overlapped over one batch after another (total, median of paired repeats): " + ", ".join(
+                f"{m} " + f"{statistics.median(o['total'] / r['total'] for o, r in zip(runs[m], runs[m.replace(OVERLAP, '')])):.3f}x"
+                for m in overlapped))
         if graphed and "off" in base and "off" + GRAPHS in base:
             print("#   graphs over eager decode, per step: " + ", ".join(
                 f"{name} {base['off'][name] / ms:.2f}x" for name, ms in base["off" + GRAPHS].items()
                 if name in base["off"]))
-    for plain in ("off", "off" + GRAPHS):
+    for plain in dict.fromkeys(plain_mode(m) for m in args.modes):
         off = {r["batch"]: r["utterances_per_hour"] for r in results if r.get("mode") == plain}
         if 1 in off and len(off) > 1:
             print(f"# utterances/hour over the batch-1 loop ({plain}, same run): " + ", ".join(

@@ -14,7 +14,9 @@ adapter's ``token2wav_batch``:
 - ``per row``: one row per call, as transformers' own ``generate`` runs it (timed on
   ``--per-row-rows`` rows spread over the mix, reported per row);
 - ``buckets``: rows of equal code length share a call (the adapter before ragged batching);
-- ``ragged mN``: rows sorted by length, calls of up to N rows padded to their longest.
+- ``ragged mN``: rows sorted by length, calls of up to N rows padded to their longest;
+  ``--dit-mask both`` times each size also with the DiT's mask built per head, as
+  transformers builds it (``, per-head mask``), beside the adapter's one mask for all heads.
 
 Every path is timed ``--repeats`` times (median) and reports ms per row and peak memory.
 Accuracy: on ``--check-rows`` rows spread over the mix, each path's waveform against the
@@ -87,6 +89,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="ODE steps of the DiT")
     parser.add_argument("--precision", choices=["high", "highest"], default="high",
                         help="float32 matmul precision while token2wav runs (high = TF32)")
+    parser.add_argument("--dit-mask", choices=["shared", "per-head", "both"], default="shared",
+                        help="the DiT's attention mask built once for all heads (the adapter's "
+                             "way) or once per head (transformers'); both: each ragged size twice")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
@@ -191,9 +196,12 @@ def main(argv=None) -> int:
         report("buckets", everything, timed(everything, max_rows=rows, ragged=False),
                len(set(lengths)))
     if "ragged" in args.paths:
+        masks = {"shared": [True], "per-head": [False], "both": [True, False]}[args.dit_mask]
         for size in micro:
-            report(f"ragged m{size}", everything, timed(everything, max_rows=size),
-                   -(-rows // size))
+            for shared in masks:
+                label = f"ragged m{size}" + ("" if shared else ", per-head mask")
+                report(label, everything, timed(everything, max_rows=size, shared_mask=shared),
+                       -(-rows // size))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "argv": sys.argv, "lengths": lengths,

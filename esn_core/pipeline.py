@@ -12,6 +12,12 @@ Stages (SPEC §2-§7) as plain functions over polars tables:
 * ``evaluation_table``: judged attempts as the long table ``esn_core.evaluate`` reads
   (judging itself is ``esn_core.judges.registry.judgement_rows``).
 
+Overlap: both runners call ``adapter.begin_convert`` inside the hook session (all that the
+hooks see) and hand the returned second half (the speech decoder) to a ``SpeechWorker``;
+with the adapter's ``overlap_speech`` it runs on a worker thread while the next batch
+decodes, otherwise at once. Rows, wavs and counts are the same either way and come out in
+plan order; a failed second half fails the run before any later batch is written.
+
 Pairing: an attempt's seed depends only on (seed, source, target), never on the
 condition, so a baseline attempt and its intervened twins share every random draw of the
 model and differ only by the intervention; the paired bootstrap relies on it.
@@ -23,7 +29,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -35,6 +41,7 @@ from esn_core.constants import EMOTIONS, TARGETS
 from esn_core.evaluate import BASELINE, EVAL_COLUMNS
 from esn_core.hooks import METHODS, Capture, HookEngine, Intervention
 from esn_core.models.base import EVCRequest, LALMAdapter
+from esn_core.models.speech_overlap import SpeechWorker
 from esn_core.stats import Counts
 
 ATTEMPT_COLUMNS: tuple[str, ...] = tuple(io.SCHEMAS["attempts"])
@@ -173,6 +180,17 @@ def _attempt_rows(plan: pl.DataFrame, outputs, audio_dir: Path) -> pl.DataFrame:
     ).select(ATTEMPT_COLUMNS)
 
 
+def _writer(batch: pl.DataFrame, audio_dir: Path, parts: list, bar) -> Callable[[list], None]:
+    """What a batch's outputs go to once its speech is decoded: its rows (wavs written) into
+    ``parts``, in submission order, and the progress bar."""
+
+    def done(outputs) -> None:
+        parts.append(_attempt_rows(batch, outputs, audio_dir))
+        bar.update(batch.height)
+
+    return done
+
+
 def _batches(plan: pl.DataFrame, batch_size: int) -> Iterator[pl.DataFrame]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -208,16 +226,16 @@ def sample_attempts(
     audio_dir = Path(audio_dir)
     engine = HookEngine(adapter.groups())
     parts, K, T = [], {g: [] for g in capture}, {g: [] for g in capture}
-    with tqdm(total=plan.height, desc=f"sample {adapter.name}", unit="attempt", disable=not progress) as bar:
+    with tqdm(total=plan.height, desc=f"sample {adapter.name}", unit="attempt", disable=not progress) as bar, \
+            SpeechWorker(adapter.overlap_speech, getattr(adapter, "device", None)) as speech:
         for batch in _batches(plan, batch_size):
             with engine.session(capture=capture) as session:
-                outputs = adapter.convert(requests_of(batch))
-            parts.append(_attempt_rows(batch, outputs, audio_dir))
+                finish = adapter.begin_convert(requests_of(batch))
             for group in capture:
                 result = session.counts(group)
                 K[group].append(_narrow(result.K, result.T))
                 T[group].append(result.T)
-            bar.update(batch.height)
+            speech.submit(finish, _writer(batch, audio_dir, parts, bar))
     attempts = pl.concat(parts) if parts else plan.head(0)
     ids = attempts["attempt_id"].to_list()
     counts = {
@@ -273,13 +291,13 @@ def evaluate_conditions(
     engine = HookEngine(adapter.groups())
     audio_dir = Path(audio_dir)
     parts = []
-    with tqdm(total=plan.height, desc=f"evaluate {adapter.name}", unit="attempt", disable=not progress) as bar:
+    with tqdm(total=plan.height, desc=f"evaluate {adapter.name}", unit="attempt", disable=not progress) as bar, \
+            SpeechWorker(adapter.overlap_speech, getattr(adapter, "device", None)) as speech:
         for _, group_plan in plan.group_by("_key", maintain_order=True):
             for batch in _batches(group_plan.drop("_key"), batch_size):
                 with engine.session(interventions=_interventions(batch, by_name)):
-                    outputs = adapter.convert(requests_of(batch))
-                parts.append(_attempt_rows(batch, outputs, audio_dir))
-                bar.update(batch.height)
+                    finish = adapter.begin_convert(requests_of(batch))
+                speech.submit(finish, _writer(batch, audio_dir, parts, bar))
     return pl.concat(parts)
 
 

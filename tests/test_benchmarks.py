@@ -68,6 +68,18 @@ def test_qwen_omni_throughput_runs_each_mode_on_both_decodes_and_checks_the_grap
     assert "graphs over eager decode, per step: thinker" in out
 
 
+def test_qwen_omni_throughput_times_overlapped_speech_beside_one_batch_after_another():
+    out = _run("benchmarks/qwen_omni_throughput.py", "--tiny", "--batches", "2", "--repeats", "1",
+               "--warmup", "0", "--min-attempts", "4", "--modes", "off", "capture",
+               "--token2wav-steps", "2", "--overlap-speech", "both")
+    rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["off", "capture", "off+overlap", "capture+overlap"]
+    # hooks against the plain run of the same kind; overlap against the same mode without it
+    assert re.search(r"\| 2 \| 4 \| capture\+overlap \|.*\([\d.]+x\)", out)
+    assert re.search(r"overlapped over one batch after another .*: off\+overlap [\d.]+x, "
+                     r"capture\+overlap [\d.]+x", out)
+
+
 def test_qwen_omni_throughput_reports_parts_modes_and_json(tmp_path):
     target = tmp_path / "omni.json"
     out = _run("benchmarks/qwen_omni_throughput.py", "--tiny", "--batches", "1", "3", "--repeats", "1",
@@ -90,15 +102,16 @@ def test_qwen_omni_throughput_reports_parts_modes_and_json(tmp_path):
 def test_token2wav_ragged_compares_every_path_against_the_per_row_decode(tmp_path):
     target = tmp_path / "t2w.json"
     out = _run("benchmarks/token2wav_ragged.py", "--tiny", "--rows", "4", "--steps", "2",
-               "--micro", "2", "4", "--out", str(target))
+               "--micro", "2", "4", "--dit-mask", "both", "--out", str(target))
     saved = json.loads(target.read_text())
     paths = [r["path"] for r in saved["results"]]
-    assert paths == ["per row", "buckets", "ragged m2", "ragged m4"]
+    assert paths == ["per row", "buckets", "ragged m2", "ragged m2, per-head mask", "ragged m4",
+                     "ragged m4, per-head mask"]
     assert len(set(saved["lengths"])) > 1
     by_path = {r["path"]: r for r in saved["results"]}
     assert by_path["per row"]["min_snr_db"] == float("inf")  # the reference itself
     assert by_path["ragged m4"]["calls"] == 1 and by_path["ragged m2"]["calls"] == 2
-    for path in ("buckets", "ragged m2", "ragged m4"):
+    for path in ("buckets", "ragged m2", "ragged m4", "ragged m4, per-head mask"):
         assert by_path[path]["min_snr_db"] > 100, path  # float32 on CPU: rounding only
     assert "| ragged m4 | 4 | 1 |" in out
 

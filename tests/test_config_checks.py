@@ -52,8 +52,9 @@ def _problems(adapter: str, options: dict) -> list[str]:
      ["model.options.audio_temperature: -0.1 is not allowed; a number >= 0",
       "model.options.audio_top_k: 2.5 is not allowed; a whole number >= 0",
       "model.options.detokenizer_batch: 0 is not allowed; a whole number >= 1"]),
-    ("kimi_audio", {"dtype": "half"},
-     ["model.options.dtype: 'half' is not allowed; one of 'bfloat16', 'float16', 'float32', 'float64' or null"]),
+    ("kimi_audio", {"dtype": "half", "overlap_speech": "yes"},
+     ["model.options.dtype: 'half' is not allowed; one of 'bfloat16', 'float16', 'float32', 'float64' or null",
+      "model.options.overlap_speech: 'yes' is not allowed; true or false"]),
     ("planted", {"speech_workers": 0},
      ["model.options.speech_workers: 0 is not allowed; a whole number >= 1 or null"]),
     ("minicpm_o_4_5", {"sampling": {"temperature": 0, "top_p": 1.5, "top_k": 25, "topk": 3,
@@ -72,8 +73,10 @@ def test_bad_option_values_are_named_with_what_is_accepted(adapter, options, exp
     ("minicpm_o_4_5", {"vocoder_batch_size": 1, "dtype": "bfloat16", "device": "cuda:1",
                        "sampling": {"top_p": 0.9}}),
     ("qwen2_5_omni", {"token2wav_steps": 2, "stop_token_ids": [151645], "system_prompt": None,
-                      "dtype": "float16", "cuda_graphs": True}),
-    ("kimi_audio", {"audio_temperature": 0, "audio_top_k": 0, "dtype": None}),  # float takes a whole number
+                      "dtype": "float16", "cuda_graphs": True, "overlap_speech": True}),
+    ("kimi_audio", {"audio_temperature": 0, "audio_top_k": 0, "dtype": None,  # float takes a whole number
+                    "overlap_speech": False}),
+    ("minicpm_o_4_5", {"overlap_speech": True}),
     ("planted", {"speech_workers": None}),
     ("planted", {"speech_workers": 3}),
 ])

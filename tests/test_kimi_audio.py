@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from overlap_runs import assert_overlap_matches_sequential
 from tiny_kimi import BRANCH, MAIN_LAYERS, MIMO_LAYERS, build_checkpoint, lm_state, write_sources
 
 from esn_core.hooks import Capture, HookEngine, Intervention
@@ -492,6 +493,10 @@ def test_convert_gives_text_16k_speech_and_batched_rows_equal_single_runs(adapte
         (alone,) = adapter.convert([request])
         assert np.array_equal(alone.waveform, out.waveform) and alone.decoded_text == out.decoded_text
     assert adapter.convert([]) == []
+
+
+def test_overlapped_speech_gives_the_sequential_run_exactly(adapter, tmp_path):
+    assert_overlap_matches_sequential(adapter, write_sources(tmp_path), tmp_path)
 
 
 def test_registry_builds_the_adapter(checkpoint):

@@ -182,3 +182,10 @@ def test_the_real_vocoder_path_on_tiny_token2wav_assets(tmp_path):
     assert n_codes >= 3 and out.waveform.size == n_codes * 640 and out.sample_rate == 16_000
     adapter.vocoder_batch_size = 1  # the per-row path: a one-row batch is the single-row call
     np.testing.assert_array_equal(adapter.convert([request])[0].waveform, out.waveform)
+
+
+def test_overlapped_speech_gives_the_sequential_run_exactly(setup, tmp_path):
+    from overlap_runs import assert_overlap_matches_sequential
+
+    adapter, requests, _ = setup
+    assert_overlap_matches_sequential(adapter, [r.source_path for r in requests], tmp_path)

@@ -10,12 +10,14 @@ sign test could notice; token2wav runs in float32 as transformers forces it to.
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from overlap_runs import assert_overlap_matches_sequential
 from tiny_omni import build_tiny_omni, write_source
 
 from esn_core.hooks import Capture, HookEngine, Intervention, find_gated_mlps
@@ -388,6 +390,79 @@ def test_pipeline_samples_with_the_adapter_batch_size_invariant(adapter, sources
         assert rate == 16_000 and audio.size > 0
 
 
+@pytest.fixture
+def overlapping(adapter):
+    """The session's adapter with ``overlap_speech`` on for one test."""
+    adapter.overlap_speech = True
+    yield adapter
+    adapter.overlap_speech = False
+
+
+def _sources_table(sources):
+    import polars as pl
+
+    return pl.DataFrame({
+        "utterance_id": [f"0011_00000{i}" for i in range(1, 4)], "speaker": ["0011"] * 3,
+        "split": ["identification"] * 3, "reference_text": ["one", "two", "three"],
+        "path": [str(p) for p in sources],
+    })
+
+
+@batched
+def test_overlapped_speech_gives_the_sequential_run_exactly(adapter, sources, tmp_path):
+    assert_overlap_matches_sequential(adapter, sources, tmp_path)
+
+
+@batched
+def test_a_token2wav_error_on_the_worker_fails_the_run_naming_it(overlapping, sources, tmp_path, monkeypatch):
+    from esn_core import pipeline
+
+    def broken(calls, seeds):
+        raise RuntimeError("token2wav ran out of memory")
+
+    monkeypatch.setattr(overlapping, "speak", broken)
+    plan = pipeline.plan_attempts(_sources_table(sources), ("happy",), seed=3)
+    with pytest.raises(RuntimeError, match="token2wav ran out of memory"):
+        pipeline.sample_attempts(overlapping, plan, tmp_path / "audio", batch_size=1, progress=False)
+    assert not (tmp_path / "audio").exists() or not any((tmp_path / "audio").iterdir())  # no wav of a failed run
+
+
+@batched
+def test_token2wav_calls_from_another_thread_are_run_not_recorded(adapter, sources):
+    """While one thread's generate records token2wav's calls, the worker's own token2wav
+    calls (an earlier batch speaking) run as usual, and its noise draw is its own."""
+    inputs = adapter.prepare(requests(sources[:1]))
+    _, calls, seeds = adapter.generate_codes(inputs, [5])
+    alone = adapter.speak(calls, seeds)[0]
+    spoken = []
+    original = adapter.model.talker.generate
+
+    def talker_then_worker(*args, **kwargs):
+        worker = threading.Thread(target=lambda: spoken.append(adapter.speak(calls, seeds)[0]))
+        worker.start()  # token2wav runs on this thread while generate has forward patched
+        worker.join()
+        return original(*args, **kwargs)
+
+    adapter.model.talker.generate = talker_then_worker
+    try:
+        _, recorded, _ = adapter.generate_codes(inputs, [5])
+    finally:
+        del adapter.model.talker.generate
+    assert len(recorded) == 1  # only this thread's call
+    torch.testing.assert_close(spoken[0], alone, rtol=0, atol=0)
+
+
+def test_initial_noise_serves_only_the_thread_that_asked():
+    noise = torch.arange(6.0).reshape(1, 2, 3)
+    got = []
+    with _initial_noise(noise):
+        other = threading.Thread(target=lambda: got.append(torch.randn(1, 2, 3)))
+        other.start()
+        other.join()
+        assert got[0] is not noise
+        assert torch.randn([1, 2, 3]) is noise
+
+
 @batched
 def test_from_model_wraps_a_model_in_memory(adapter, sources):
     bare = QwenOmniAdapter.from_model(adapter.model, speaker="Ethan", max_new_tokens=3,
@@ -513,12 +588,39 @@ def test_ragged_token2wav_without_the_masks_reads_the_padding(adapter, monkeypat
     token2wav = copy.deepcopy(adapter.model.token2wav).double()
     calls = _token2wav_calls(token2wav, adapter.model.speaker_map["Chelsie"], (9, 4), torch.float64)
     alone = _per_row(token2wav, calls, SEEDS[:2])
-    for part in ("_dit_key_padding", "ragged_time_axis"):
+    for part in ("_dit_block_diff", "ragged_time_axis"):
         with monkeypatch.context() as patch:
             patch.setattr(qwen_omni, part, lambda *a, **k: contextlib.nullcontext())
             short = token2wav_batch(token2wav, calls, SEEDS[:2])[1]
         assert _snr_db(alone[1].float(), short) < 200, part
     assert _snr_db(alone[1].float(), token2wav_batch(token2wav, calls, SEEDS[:2])[1]) >= 250
+
+
+def test_dit_mask_built_once_for_all_heads_gives_the_per_head_attention(adapter, monkeypatch):
+    """SDPA gets one [rows, 1, steps, steps] mask and broadcasts it over the heads: the
+    waveforms equal those of transformers' per-head masks bit for bit, ragged or not."""
+    import copy
+
+    token2wav = copy.deepcopy(adapter.model.token2wav).double()
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        masks.append(tuple(kwargs["attn_mask"].shape))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    heads = token2wav.code2wav_dit_model.num_attention_heads
+    for lengths in ((9, 4, 6), (5, 5)):
+        calls = _token2wav_calls(token2wav, adapter.model.speaker_map["Chelsie"], lengths, torch.float64)
+        masks.clear()
+        shared = token2wav_batch(token2wav, calls, SEEDS[:len(lengths)])
+        assert masks and all(m[1] == 1 for m in masks), masks
+        masks.clear()
+        per_head = token2wav_batch(token2wav, calls, SEEDS[:len(lengths)], shared_mask=False)
+        assert masks and all(m[1] == heads for m in masks), masks
+        for a, b in zip(shared, per_head):
+            assert torch.equal(a, b), lengths
 
 
 def test_initial_noise_is_handed_over_once_and_checked():
@@ -542,7 +644,7 @@ def test_generate_decodes_equal_length_rows_in_one_token2wav_call(adapter, sourc
     fixed = {"talker_min_new_tokens": SETTINGS["talker_max_new_tokens"]}  # equal code lengths
     per_row = QwenOmniAdapter.from_model(adapter.model, adapter.processor, token2wav_batch_size=1,
                                          **{k: v for k, v in SETTINGS.items() if k != "device"})
-    counter = _CountCalls(adapter.model.token2wav)
+    counter = _CountCalls(adapter._token2wav())  # the float64 copy speak runs
     try:
         sequences, waves = adapter.generate(inputs, seeds, **fixed)
         assert counter.rows == [3]
@@ -577,7 +679,7 @@ def test_generate_decodes_rows_of_different_code_lengths_in_one_call(adapter, so
 
     per_row = QwenOmniAdapter.from_model(adapter.model, adapter.processor, token2wav_batch_size=1,
                                          **{k: v for k, v in SETTINGS.items() if k != "device"})
-    counter = _CountCalls(adapter.model.token2wav)
+    counter = _CountCalls(adapter._token2wav())  # the float64 copy speak runs
     try:
         sequences, waves = adapter.generate(inputs, seeds, **forced())
         assert counter.rows == [3]
@@ -600,7 +702,7 @@ def test_token2wav_matrix_products_use_tf32_only_while_it_runs(adapter, sources,
     chosen = QwenOmniAdapter.from_model(adapter.model, adapter.processor, token2wav_tf32=tf32,
                                         **{k: v for k, v in SETTINGS.items() if k != "device"})
     seen = []
-    token2wav = adapter.model.token2wav
+    token2wav = adapter._token2wav()  # the float64 copy speak runs
     inner = token2wav.forward
     token2wav.forward = lambda *a, **k: (seen.append(torch.get_float32_matmul_precision()),
                                          inner(*a, **k))[1]

@@ -60,6 +60,9 @@ class LALMAdapter(ABC):
     """A speech-generative LALM behind the pipeline's one interface."""
 
     name: str
+    # The pipeline runs a batch's speech decoder (``begin_convert``'s second half) on a worker
+    # thread while the next batch decodes (``speech_overlap``); adapters take it as an option.
+    overlap_speech: bool = False
 
     @abstractmethod
     def groups(self) -> dict[str, MLPGroup]:
@@ -73,6 +76,18 @@ class LALMAdapter(ABC):
         sees exactly these rows in this order (row ``b`` of an ``Intervention`` is
         ``requests[b]``).
         """
+
+    def begin_convert(self, requests: list[EVCRequest]) -> Callable[[], list[EVCOutput]]:
+        """Run the part of ``convert`` the hook engine sees; the returned function runs the rest.
+
+        Everything a hooked MLP takes part in (prompt, text, speech codes) happens in this
+        call, so a ``HookEngine`` session around it sees the whole batch; the returned
+        function finishes it (the speech decoder, which no group holds) and returns what
+        ``convert`` would, and may run on another thread while the next batch begins
+        (``esn_core.models.speech_overlap``). This default converts at once.
+        """
+        outputs = self.convert(requests)
+        return lambda: outputs
 
 
 def check_template(template: str) -> str:

@@ -310,7 +310,10 @@ class GraphedDecode:
         for tensor, before in counters:
             tensor.copy_(before)
         graph = torch.cuda.CUDAGraph()
-        with self._static_hooks(step), torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: a speech worker may be running the previous batch's speech decoder on
+        # its own stream meanwhile (speech_overlap); only this thread must not sync or allocate.
+        with self._static_hooks(step), torch.cuda.graph(graph, pool=self.pool,
+                                                        capture_error_mode="thread_local"):
             step.output = self.forward(**step.call)
         step.graph = graph
 

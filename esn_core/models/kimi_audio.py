@@ -61,6 +61,7 @@ from esn_core.models.kimi_detokenizer import Detokenizer, load_dit, load_vocoder
 from esn_core.models.kimi_tokens import KimiTokenizer, TwoStreams, evc_prompt
 from esn_core.models.weights import load_exact, read_safetensors, weight_files
 from esn_core.models.kimi_vq import SourceTokenizer
+from esn_core.models.speech_overlap import StreamHandoff
 from esn_core.option_values import check_arguments
 
 SOURCE_RATE = 16_000
@@ -177,7 +178,9 @@ class KimiAudioAdapter(LALMAdapter):
     in one padded call (when its output length is proportional to its input; else, or when
     off, one call per distinct length; which is faster depends on the device:
     benchmarks/kimi_detokenizer_batched.py times both). ``batch_size``:
-    rows per ``convert`` call the workflow should send.
+    rows per ``convert`` call the workflow should send. ``overlap_speech``: the workflow
+    runs a batch's speech decoder on a worker thread (its own CUDA stream) while the next
+    batch's step loop runs (``speech_overlap``); the outputs are the same.
     """
 
     name = "kimi_audio"
@@ -188,7 +191,7 @@ class KimiAudioAdapter(LALMAdapter):
                  max_tokens: int = int(TOKEN_RATE * 120), audio_temperature: float = 0.8,
                  audio_top_k: int = 10, audio_delay: int = 6, batch_size: int = 8,
                  detokenizer_steps: int = 30, detokenizer_batch: int = 8,
-                 detokenizer_ragged_vocoder: bool = True):
+                 detokenizer_ragged_vocoder: bool = True, overlap_speech: bool = False):
         check_arguments(KimiAudioAdapter.__init__, OPTION_RANGES, locals())  # before the slow loads
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -207,6 +210,7 @@ class KimiAudioAdapter(LALMAdapter):
         )
         self._attach(lm, instruction_template, max_tokens,
                      Sampling(audio_temperature, audio_top_k, audio_delay), batch_size)
+        self.overlap_speech = bool(overlap_speech)
 
     @classmethod
     def from_config(cls, fields: dict, tokenizer: KimiTokenizer | None = None, *,
@@ -344,13 +348,24 @@ class KimiAudioAdapter(LALMAdapter):
         return [to_16k(wave.cpu().numpy(), OUTPUT_RATE) for wave in waves]
 
     def convert(self, requests: list[EVCRequest]) -> list[EVCOutput]:
+        return self.begin_convert(requests)()
+
+    def begin_convert(self, requests: list[EVCRequest]):
+        """Prompts, text and audio codes now (the step loop); the returned function decodes
+        the speech (``speak_rows``) and returns ``convert``'s outputs."""
         if not requests:
-            return []
+            return lambda: []
         seeds = [r.seed for r in requests]
         rows = self.generate(self.prepare(requests), seeds)
-        waves = self.speak_rows([row.codes for row in rows], seeds)
-        return [
-            EVCOutput(attempt_id=request.attempt_id, decoded_text=row.text,
-                      waveform=wave, sample_rate=SOURCE_RATE, n_positions=row.n_positions)
-            for request, row, wave in zip(requests, rows, waves)
-        ]
+        handoff = StreamHandoff(self.device, self.detokenizer, self.overlap_speech)
+
+        def finish() -> list[EVCOutput]:
+            with handoff:
+                waves = self.speak_rows([row.codes for row in rows], seeds)
+            return [
+                EVCOutput(attempt_id=request.attempt_id, decoded_text=row.text,
+                          waveform=wave, sample_rate=SOURCE_RATE, n_positions=row.n_positions)
+                for request, row, wave in zip(requests, rows, waves)
+            ]
+
+        return finish

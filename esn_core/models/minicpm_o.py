@@ -6,7 +6,9 @@ condition (``minicpm_tts_condition``), the speech codes of all rows at once
 (``minicpm_speech_codes``), then the vocoder, each row with its own source as the prompt wav
 and its own seed, in calls of up to ``vocoder_batch_size`` rows (``MiniCPMVocoder.batch``:
 padded rows, each as if alone; 1 = the per-row path, one ``vocoder(codes, seed, wav)`` call
-per row); its 24 kHz speech is resampled to 16 kHz.
+per row); its 24 kHz speech is resampled to 16 kHz. ``overlap_speech``: the workflow runs a
+batch's vocoder on a worker thread (its own CUDA stream) while the next batch's text and
+codes decode (``begin_convert``, ``speech_overlap``); the outputs are the same.
 
 Groups: ``lm`` = the Qwen3 decoder's gated MLPs, rooted at the LM (it is fed the chosen ids
 at decode steps); ``synth`` = ``tts.model``'s gated MLPs, rooted at the adapter-owned
@@ -28,6 +30,7 @@ from esn_core.models.audio import load_source, to_16k
 from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter, check_template
 from esn_core.models.minicpm_speech_codes import CodeSampling, SynthStep, generate_codes
 from esn_core.models.minicpm_tts_condition import tts_condition
+from esn_core.models.speech_overlap import StreamHandoff
 from esn_core.option_values import check_arguments
 
 INSTRUCTION_TEMPLATE = "Repeat exactly the words spoken in this audio with the emotion {emotion}."
@@ -48,7 +51,8 @@ class MiniCPMOAdapter(LALMAdapter):
     def __init__(self, path: str | os.PathLike, device: str = "cpu",
                  dtype: Literal["float32", "bfloat16", "float64"] = "float32", max_new_tokens: int = 256,
                  sampling: CodeSampling | dict = CodeSampling(), instruction_template: str | None = None,
-                 vocoder=None, vocoder_steps: int = 10, vocoder_batch_size: int = 16):
+                 vocoder=None, vocoder_steps: int = 10, vocoder_batch_size: int = 16,
+                 overlap_speech: bool = False):
         from esn_core.models.minicpm_checkpoint import load_checkpoint, load_tokenizer
 
         check_arguments(MiniCPMOAdapter.__init__, OPTION_RANGES, locals())  # before the slow loads
@@ -67,12 +71,14 @@ class MiniCPMOAdapter(LALMAdapter):
             vocoder = load_vocoder(path, device, vocoder_steps)
         self._attach(parts, load_tokenizer(path), vocoder, torch.device(device),
                      max_new_tokens, sampling, instruction_template, vocoder_batch_size)
+        self.overlap_speech = bool(overlap_speech)
 
     def _attach(self, parts, tokenizer, vocoder, device, max_new_tokens, sampling, template,
                 vocoder_batch_size: int = 16):
         check_arguments(MiniCPMOAdapter.__init__, OPTION_RANGES,
                         dict(max_new_tokens=max_new_tokens, vocoder_batch_size=vocoder_batch_size))
         self.vocoder_batch_size = int(vocoder_batch_size)
+        self.device = torch.device(device)
         self.parts, self.tokenizer, self.vocoder = parts, tokenizer, vocoder
         self.llm, self.tts = parts.llm.to(device).eval(), parts.tts.to(device).eval()
         self.audio_in = parts.audio_in.to(device).eval()
@@ -98,13 +104,18 @@ class MiniCPMOAdapter(LALMAdapter):
     def instruction(self, target_emotion: str) -> str:
         return self.instruction_template.format(emotion=target_emotion)
 
-    @torch.no_grad()
     def convert(self, requests: list[EVCRequest]) -> list[EVCOutput]:
+        return self.begin_convert(requests)()
+
+    @torch.no_grad()
+    def begin_convert(self, requests: list[EVCRequest]):
+        """Prompts, text and speech codes now; the returned function vocodes them
+        (``_vocode``) and returns ``convert``'s outputs."""
         from esn_core.models.minicpm_generate import greedy_batch, prompt_embeddings
         from esn_core.models.minicpm_prompt import encode_source, evc_prompt_ids
 
         if not requests:
-            return []
+            return lambda: []
         mel_bins = int(self.parts.config["audio_config"]["num_mel_bins"])
         prompts, sources = [], []
         for r in requests:
@@ -121,9 +132,17 @@ class MiniCPMOAdapter(LALMAdapter):
         codes = generate_codes(self.step, conditions, [r.seed for r in requests], self.sampling)
         self.last_synth_positions = [c.n_positions for c in codes]
         self.last_codes = [c.codes for c in codes]
-        waves = self._vocode([c.codes[:, 0].tolist() for c in codes], [r.seed for r in requests], sources)
-        return [EVCOutput(r.attempt_id, self.tokenizer.decode(t.tokens), to_16k(wave, rate), 16_000, t.n_positions)
-                for r, t, (wave, rate) in zip(requests, texts, waves)]
+        code_rows = [c.codes[:, 0].tolist() for c in codes]
+        handoff = StreamHandoff(self.device, self.vocoder, self.overlap_speech)
+
+        @torch.no_grad()  # on the worker thread too (grad mode is per thread)
+        def finish() -> list[EVCOutput]:
+            with handoff:
+                waves = self._vocode(code_rows, [r.seed for r in requests], sources)
+            return [EVCOutput(r.attempt_id, self.tokenizer.decode(t.tokens), to_16k(wave, rate), 16_000,
+                              t.n_positions) for r, t, (wave, rate) in zip(requests, texts, waves)]
+
+        return finish
 
     def _vocode(self, codes: list[list[int]], seeds: list[int], sources: list) -> list[tuple]:
         """Each row's (wave, rate): batched calls, or one call per row at batch size 1."""

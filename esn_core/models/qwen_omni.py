@@ -62,10 +62,13 @@ Choices, each for a stated reason:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
 import os
+import threading
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -81,6 +84,7 @@ from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter, check_templ
 from esn_core.models.cache_keyword import cache_keyword
 from esn_core.models.graphed_decode import GraphedDecode
 from esn_core.models.ragged import key_padding, ragged_time_axis
+from esn_core.models.speech_overlap import StreamHandoff
 from esn_core.models.weights import weight_files
 from esn_core.option_values import check_arguments
 
@@ -415,15 +419,18 @@ def _bucket_key(call: dict, index: int, ragged: bool = True):
 
 @contextlib.contextmanager
 def _initial_noise(noise: torch.Tensor):
-    """Hand ``noise`` to the next ``torch.randn`` of its shape and dtype (the DiT's draw).
+    """Hand ``noise`` to this thread's next ``torch.randn`` of its shape and dtype (the DiT's draw).
 
     Qwen2.5-Omni's ``Qwen2_5OmniToken2WavDiTModel.sample`` draws its initial state with one
     ``torch.randn([batch, frames, mel], ...)``; inside this context that call returns
     ``noise`` (whose rows were drawn one seed at a time) and the patch removes itself at
-    once. Raises if the draw did not happen (transformers changed how it samples).
+    once. Calls from other threads (a batch decoding beside this one, see
+    ``speech_overlap``) pass through. Raises if the draw did not happen (transformers
+    changed how it samples).
     """
     original = torch.randn
     shape = tuple(noise.shape)
+    owner = threading.get_ident()
     used = []
 
     def randn(*size, **kwargs):
@@ -432,7 +439,8 @@ def _initial_noise(noise: torch.Tensor):
             dims = tuple(int(d) for d in dims)
         except TypeError:
             dims = None
-        if not used and dims == shape and kwargs.get("dtype", noise.dtype) == noise.dtype \
+        if not used and threading.get_ident() == owner and dims == shape \
+                and kwargs.get("dtype", noise.dtype) == noise.dtype \
                 and kwargs.get("out") is None and kwargs.get("generator") is None:
             used.append(True)
             torch.randn = original
@@ -443,7 +451,8 @@ def _initial_noise(noise: torch.Tensor):
     try:
         yield
     finally:
-        torch.randn = original
+        if torch.randn is randn:
+            torch.randn = original
     if not used:
         raise RuntimeError(
             "token2wav did not draw its initial noise with torch.randn of shape "
@@ -465,27 +474,33 @@ def float32_matmul_precision(precision: str | None):
 
 
 @contextlib.contextmanager
-def _dit_key_padding(dit: nn.Module, frames: torch.Tensor):
-    """The DiT's block attention mask, with each row's keys past ``frames[b]`` blocked.
+def _dit_block_diff(dit: nn.Module, frames: torch.Tensor | None, shared: bool = True):
+    """The DiT's block-difference grid (``_create_block_diff``) once per row, with each row's
+    keys past ``frames[b]`` blocked (None: every row is full length).
 
-    The DiT builds its mask from a block-difference tensor (``_create_block_diff``) that
-    every layer compares with its look-behind / look-ahead window; a blocked key gets a
-    difference no window reaches. Classifier-free guidance stacks the batch twice
-    (conditioned rows, then unconditioned), so the row lengths repeat to match.
+    Every layer compares the grid with its look-behind / look-ahead window into the boolean
+    mask SDPA takes, and SDPA turns that into an additive float mask. transformers expands
+    the grid over the heads, so each layer builds 16 identical heads' masks (at 16 rows of
+    ~400 frames, ~1.3 GB of memory traffic a layer); ``shared`` hands over ``[rows, 1,
+    steps, steps]`` instead and SDPA broadcasts it over the heads: the same mask, the same
+    attention. A blocked key gets a difference no window reaches. Classifier-free guidance
+    stacks the batch twice (conditioned rows, then unconditioned), so the row lengths
+    repeat to match.
     """
     original = dit._create_block_diff
 
     def block_diff(hidden_states):
         rows, steps = hidden_states.shape[0], hidden_states.shape[1]
-        if rows % len(frames):
-            raise RuntimeError(f"the DiT ran {rows} rows for {len(frames)} ragged lengths")
         diff = original(hidden_states)  # [rows, heads, steps, steps], expanded from one grid
-        blocked = key_padding(frames.repeat(rows // len(frames)), steps)
-        # One grid per row broadcast over heads, in int16: a [rows, steps, steps] int64
-        # copy per head would take gigabytes at batch 64.
-        far = torch.iinfo(torch.int16).max  # more blocks away than any window looks
-        grid = diff[:, :1].to(torch.int16).masked_fill(blocked[:, None], far)
-        return grid.expand_as(diff)
+        # One grid per row, in int16: an int64 copy per head would take gigabytes at batch 64.
+        grid = diff[:, :1].to(torch.int16)
+        if frames is not None:
+            if rows % len(frames):
+                raise RuntimeError(f"the DiT ran {rows} rows for {len(frames)} ragged lengths")
+            blocked = key_padding(frames.repeat(rows // len(frames)), steps)
+            far = torch.iinfo(torch.int16).max  # more blocks away than any window looks
+            grid = grid.masked_fill(blocked[:, None], far)
+        return grid if shared else grid.expand_as(diff)
 
     dit._create_block_diff = block_diff
     try:
@@ -512,14 +527,16 @@ def _bigvgan_replicate_padded() -> tuple[type, ...]:
 
 
 def _decode_rows(token2wav: nn.Module, calls: Sequence[dict], seeds: Sequence[int],
-                 settings: dict) -> list[torch.Tensor]:
+                 settings: dict, shared_mask: bool = True) -> list[torch.Tensor]:
     """One token2wav call for rows of equal settings, each row's waveform as if alone.
 
     Rows of unequal code length are padded to the longest; the DiT's attention ignores the
-    padding (``_dit_key_padding``) and BigVGAN sees, past each row's end, what its own
+    padding (``_dit_block_diff``, which also builds one mask for all heads: ``shared_mask``)
+    and BigVGAN sees, past each row's end, what its own
     padding would supply (``ragged_time_axis``); each waveform is then cropped to its row.
-    Each row's initial noise is drawn from its own seed at its own length, exactly as the
-    single-row path draws it.
+    Each row's initial noise is drawn from a generator seeded with its own seed, at its own
+    length: the numbers transformers' own ``sample`` draws after ``torch.manual_seed(seed)``,
+    without touching the global generator (a batch may be decoding on another thread).
     """
     dit = token2wav.code2wav_dit_model
     lengths = [int(call["code"].shape[1]) for call in calls]
@@ -529,8 +546,8 @@ def _decode_rows(token2wav: nn.Module, calls: Sequence[dict], seeds: Sequence[in
                         dtype=reference.dtype, device=calls[0]["code"].device)
     code = torch.zeros(len(calls), longest, dtype=calls[0]["code"].dtype, device=noise.device)
     for b, (call, seed, n) in enumerate(zip(calls, seeds, lengths)):
-        torch.manual_seed(int(seed) % 2**63)
-        noise[b, : n * dit.repeats] = torch.randn([1, n * dit.repeats, dit.mel_dim],
+        generator = torch.Generator(device=noise.device).manual_seed(int(seed) % 2**63)
+        noise[b, : n * dit.repeats] = torch.randn([1, n * dit.repeats, dit.mel_dim], generator=generator,
                                                   dtype=reference.dtype, device=noise.device)
         code[b, :n] = call["code"][0]
     inputs = {n: torch.cat([call[n] for call in calls]) for n in TOKEN2WAV_INPUTS if n != "code"}
@@ -538,8 +555,8 @@ def _decode_rows(token2wav: nn.Module, calls: Sequence[dict], seeds: Sequence[in
     ragged = len(set(lengths)) > 1
     with contextlib.ExitStack() as stack:
         stack.enter_context(_initial_noise(noise))
+        stack.enter_context(_dit_block_diff(dit, frames if ragged else None, shared_mask))
         if ragged:
-            stack.enter_context(_dit_key_padding(dit, frames))
             stack.enter_context(ragged_time_axis(token2wav.code2wav_bigvgan_model, frames,
                                                  _bigvgan_replicate_padded()))
         out = token2wav(code, **inputs, **settings)
@@ -554,16 +571,18 @@ def _decode_rows(token2wav: nn.Module, calls: Sequence[dict], seeds: Sequence[in
 @torch.no_grad()
 def token2wav_batch(token2wav: nn.Module, calls: Sequence[dict], seeds: Sequence[int],
                     max_rows: int = 32, dtype: torch.dtype | None = None,
-                    ragged: bool = True) -> list[torch.Tensor]:
+                    ragged: bool = True, shared_mask: bool = True) -> list[torch.Tensor]:
     """Waveforms of per-row token2wav ``calls``, decoded in batches, each as if alone.
 
     ``calls[i]`` holds ``code`` ``[1, n_i]``, ``conditioning``, ``reference_mel`` (one row)
     and the sampler settings; ``seeds[i]`` seeds row ``i``'s initial noise. Rows with the
     same settings (and, unless ``ragged``, the same code length) go into calls of up to
     ``max_rows`` rows, longest first, so that a call pads as little as it can; a call of one
-    row is the per-row path itself (seed, then ``token2wav``). ``dtype``: cast
+    row is the per-row path itself (its seed's noise, then ``token2wav``). ``dtype``: cast
     ``conditioning``/``reference_mel`` (and so the noise) to it, for a token2wav held in that
-    dtype. Returns one 1-D float32 waveform per call, in order.
+    dtype. ``shared_mask``: the DiT's attention mask built once for all heads (the same
+    attention; off: once per head, as transformers builds it). Returns one 1-D float32
+    waveform per call, in order.
     """
     if len(seeds) != len(calls):
         raise ValueError(f"{len(calls)} token2wav calls but {len(seeds)} seeds")
@@ -581,17 +600,29 @@ def token2wav_batch(token2wav: nn.Module, calls: Sequence[dict], seeds: Sequence
             chunk = rows[start : start + step]
             first = calls[chunk[0]]
             settings = {k: v for k, v in first.items() if k not in TOKEN2WAV_INPUTS}
-            if len(chunk) == 1:
-                torch.manual_seed(int(seeds[chunk[0]]) % 2**63)
-                out = token2wav(first["code"], conditioning=first["conditioning"],
-                                reference_mel=first["reference_mel"], **settings)
-                waves[chunk[0]] = out.reshape(-1).float()
-                continue
             decoded = _decode_rows(token2wav, [calls[i] for i in chunk],
-                                   [seeds[i] for i in chunk], settings)
+                                   [seeds[i] for i in chunk], settings, shared_mask)
             for i, wave in zip(chunk, decoded):
                 waves[i] = wave
     return waves
+
+
+_FLOAT64_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _float64_token2wav(token2wav: nn.Module) -> nn.Module:
+    """A float64 copy of ``token2wav``, one per model (every adapter on it shares it).
+
+    Beside a float64 model (tests) token2wav runs in float64 too, so that batched rows
+    equal single runs bit for bit (in float32 they agree to rounding, ~1e-10). A copy,
+    because transformers' ``generate`` casts the model's own back to float32, maybe while
+    a worker thread speaks; made without instance-level patches (a recorder, a timer).
+    """
+    if token2wav not in _FLOAT64_COPIES:
+        copied = copy.deepcopy(token2wav).to(torch.float64)
+        vars(copied).pop("forward", None)
+        _FLOAT64_COPIES[token2wav] = copied
+    return _FLOAT64_COPIES[token2wav]
 
 
 # --------------------------------------------------------------------------- adapter
@@ -612,7 +643,10 @@ class QwenOmniAdapter(LALMAdapter):
     are, by torch's default); off = the global ``torch`` setting. ``cuda_graphs``: thinker
     and talker decode steps on a static cache, replayed as CUDA graphs with the session's
     hooks inside (``graphed_decode``); off = transformers' eager decode. On CPU the same
-    fixed-slot path runs without a graph.
+    fixed-slot path runs without a graph. ``overlap_speech``: the workflow runs a batch's
+    token2wav on a worker thread (its own CUDA stream) while the next batch's thinker and
+    talker decode (``speech_overlap``); the outputs are the same, the GPU idles less. While
+    it runs, ``token2wav_tf32``'s matmul precision holds process-wide (the decode is bf16).
     ``stop_token_ids``: extra ids that end the text answer (hooks stop counting there too).
     """
 
@@ -636,12 +670,14 @@ class QwenOmniAdapter(LALMAdapter):
         token2wav_tf32: bool = True,
         token2wav_ragged: bool = True,
         cuda_graphs: bool = False,
+        overlap_speech: bool = False,
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self._configure(system_prompt, instruction_template, max_new_tokens,
                         talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids,
-                        token2wav_batch_size, token2wav_tf32, token2wav_ragged, cuda_graphs)
+                        token2wav_batch_size, token2wav_tf32, token2wav_ragged, cuda_graphs,
+                        overlap_speech)
         from transformers import Qwen2_5OmniForConditionalGeneration
 
         self.path = resolve_checkpoint(path)
@@ -661,7 +697,8 @@ class QwenOmniAdapter(LALMAdapter):
                    token2wav_batch_size: int = 16,
                    token2wav_tf32: bool = True,
                    token2wav_ragged: bool = True,
-                   cuda_graphs: bool = False) -> QwenOmniAdapter:
+                   cuda_graphs: bool = False,
+                   overlap_speech: bool = False) -> QwenOmniAdapter:
         """An adapter around a model already in memory (benchmarks with random weights).
 
         Without a ``processor`` there is no prompt building (``prepare``/``convert``), but
@@ -670,7 +707,8 @@ class QwenOmniAdapter(LALMAdapter):
         self = cls.__new__(cls)
         self._configure(system_prompt, instruction_template, max_new_tokens,
                         talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids,
-                        token2wav_batch_size, token2wav_tf32, token2wav_ragged, cuda_graphs)
+                        token2wav_batch_size, token2wav_tf32, token2wav_ragged, cuda_graphs,
+                        overlap_speech)
         self.path = None
         self._attach(model, processor, speaker)
         return self
@@ -678,7 +716,7 @@ class QwenOmniAdapter(LALMAdapter):
     def _configure(self, system_prompt, instruction_template, max_new_tokens,
                    talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids,
                    token2wav_batch_size=16, token2wav_tf32=True, token2wav_ragged=True,
-                   cuda_graphs=False) -> None:
+                   cuda_graphs=False, overlap_speech=False) -> None:
         check_arguments(QwenOmniAdapter.__init__, OPTION_RANGES, dict(
             max_new_tokens=max_new_tokens, talker_max_new_tokens=talker_max_new_tokens, batch_size=batch_size,
             token2wav_steps=token2wav_steps, token2wav_batch_size=token2wav_batch_size))
@@ -693,6 +731,7 @@ class QwenOmniAdapter(LALMAdapter):
         self.token2wav_tf32 = bool(token2wav_tf32)
         self.token2wav_ragged = bool(token2wav_ragged)
         self.cuda_graphs = bool(cuda_graphs)
+        self.overlap_speech = bool(overlap_speech)
         self.batch_size = int(batch_size) if _transformers_major() >= 5 else 1
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
 
@@ -712,6 +751,8 @@ class QwenOmniAdapter(LALMAdapter):
         self._groups = self._find_groups()
         self._graph_runners: list[GraphedDecode] = []
         self._caches: dict[tuple[str, int], tuple] = {}  # (thinker|talker, batch) -> (length, StaticCache)
+        if self.dtype == torch.float64:
+            _float64_token2wav(model.token2wav)  # made now, before anything patches the model
         if self.cuda_graphs:
             # Recorded graphs are kept across batches; on CPU the same fixed-slot path runs
             # without a graph (tests), so the option means one thing on every device.
@@ -784,23 +825,42 @@ class QwenOmniAdapter(LALMAdapter):
 
         ``overrides``: further ``generate`` keywords (``thinker_*``/``talker_*``/``token2wav_*``),
         e.g. ``thinker_min_new_tokens`` to fix the work per attempt in a benchmark.
-        ``generate``'s per-row token2wav calls are recorded (they return an empty
-        placeholder) and decoded afterwards by ``token2wav_batch`` (rows of any code length
-        together, unless ``token2wav_ragged`` is off), row ``b``'s noise drawn from
-        ``seeds[b]``; the result replaces the placeholders.
+        ``generate``'s per-row token2wav calls are recorded (``generate_codes``) and decoded
+        afterwards by ``token2wav_batch`` (``speak``: rows of any code length together,
+        unless ``token2wav_ragged`` is off), row ``b``'s noise drawn from ``seeds[b]``; the
+        result replaces the placeholders.
+        """
+        result, calls, row_seeds = self.generate_codes(inputs, seeds, **overrides)
+        if not calls:
+            return result
+        waves = self.speak(calls, row_seeds)
+        sequences, audio = result
+        return sequences, (waves[0] if torch.is_tensor(audio) else waves)
+
+    def generate_codes(self, inputs, seeds: Sequence[int], **overrides) -> tuple:
+        """``generate``'s first half: the model's own generate (thinker and talker, where the
+        hooked MLPs run) with its token2wav calls recorded instead of run.
+
+        Returns (generate's result, the recorded calls, each call's seed); ``speak`` decodes
+        the calls. Only this thread's token2wav calls are recorded: another thread's (an
+        earlier batch's ``speak``, see ``speech_overlap``) run as they are.
         """
         token2wav = self.model.token2wav
         calls: list[dict] = []
+        owner = threading.get_ident()
+        patched = "forward" in vars(token2wav)  # an instance-level wrapper (timers, accelerate)
+        previous = vars(token2wav).get("forward")
+        forward = previous if patched else type(token2wav).forward.__get__(token2wav)
 
         def record(*args, **kwargs):
+            if threading.get_ident() != owner:
+                return forward(*args, **kwargs)
             calls.append(_token2wav_call(args, kwargs))
             return torch.empty(0)
 
         handles = [self.model.talker.register_forward_pre_hook(_talker_mask, with_kwargs=True)]
         if self._graph_runners:
             handles.append(self.model.talker.register_forward_pre_hook(_talker_static_mask, with_kwargs=True))
-        patched = "forward" in vars(token2wav)  # an instance-level wrapper (timers, accelerate)
-        previous = vars(token2wav).get("forward")
         devices = [self.device] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
@@ -828,35 +888,38 @@ class QwenOmniAdapter(LALMAdapter):
                         token2wav.forward = previous
                     else:
                         del token2wav.forward
-                if not calls:
-                    return result
-                row_seeds = [seeds[min(i, len(seeds) - 1)] for i in range(len(calls))]
-                # float64 (tests): token2wav in float64 too, so that batched rows equal
-                # single runs bit for bit (in float32 they agree to rounding, ~1e-10).
-                exact = self.dtype == torch.float64
-                if exact:
-                    token2wav.to(torch.float64)
-                try:
-                    with float32_matmul_precision("high" if self.token2wav_tf32 else None):
-                        waves = token2wav_batch(token2wav, calls, row_seeds,
-                                                self.token2wav_batch_size,
-                                                dtype=torch.float64 if exact else None,
-                                                ragged=self.token2wav_ragged)
-                finally:
-                    if exact:
-                        token2wav.float()  # what transformers' generate expects to find
         finally:
             for handle in handles:
                 handle.remove()
-        sequences, audio = result
-        if torch.is_tensor(audio) and len(waves) == 1:
-            return sequences, waves[0]
-        if isinstance(audio, (list, tuple)) and len(audio) == len(waves):
-            return sequences, waves
-        raise RuntimeError(
-            f"generate made {len(calls)} token2wav calls but returned audio of type "
-            f"{type(audio).__name__}: unexpected transformers version"
-        )
+        if calls:
+            _, audio = result
+            if not ((torch.is_tensor(audio) and len(calls) == 1)
+                    or (isinstance(audio, (list, tuple)) and len(audio) == len(calls))):
+                raise RuntimeError(
+                    f"generate made {len(calls)} token2wav calls but returned audio of type "
+                    f"{type(audio).__name__}: unexpected transformers version"
+                )
+        return result, calls, [seeds[min(i, len(seeds) - 1)] for i in range(len(calls))]
+
+    def speak(self, calls: Sequence[dict], seeds: Sequence[int]) -> list[torch.Tensor]:
+        """``generate``'s second half: recorded token2wav calls decoded in batches (one 1-D
+        float32 waveform per call, 24 kHz), call ``i``'s noise from ``seeds[i]``.
+
+        No hooked MLP runs here, so it may run on a worker thread while the next batch's
+        ``generate_codes`` runs (``overlap_speech``, ``begin_convert``).
+        """
+        exact = self.dtype == torch.float64
+        with float32_matmul_precision("high" if self.token2wav_tf32 else None):
+            return token2wav_batch(self._token2wav(), calls, seeds, self.token2wav_batch_size,
+                                   dtype=torch.float64 if exact else None,
+                                   ragged=self.token2wav_ragged)
+
+    def _token2wav(self) -> nn.Module:
+        """token2wav as ``speak`` runs it: the model's own, or beside a float64 model (tests)
+        its float64 copy (``_float64_token2wav``)."""
+        if self.dtype != torch.float64:
+            return self.model.token2wav
+        return _float64_token2wav(self.model.token2wav)
 
     def _static_caches(self, shape) -> dict:
         """``generate`` keywords that hand thinker and talker our own static KV caches.
@@ -888,36 +951,55 @@ class QwenOmniAdapter(LALMAdapter):
             settings[f"{part}_disable_compile"] = True
         return settings
 
+    def begin_speech(self, calls: Sequence[dict], seeds: Sequence[int]):
+        """``speak``, deferred: call where ``generate_codes`` ended; the returned function
+        decodes the calls and returns their waveforms on the CPU. With ``overlap_speech`` it
+        may run on a worker thread: after the work queued so far, on a CUDA stream of its
+        own, paced (``speech_overlap.StreamHandoff``)."""
+        handoff = StreamHandoff(self.device, self._token2wav(), self.overlap_speech)
+
+        def finish() -> list[torch.Tensor]:
+            with handoff:
+                return [wave.detach().float().cpu() for wave in self.speak(calls, seeds)]
+
+        return finish
+
     def convert(self, requests: list[EVCRequest]) -> list[EVCOutput]:
+        return self.begin_convert(requests)()
+
+    def begin_convert(self, requests: list[EVCRequest]):
+        """Prompts, text and speech codes now (``generate_codes``); the returned function
+        decodes the speech (``speak``) and returns ``convert``'s outputs."""
         if not requests:
-            return []
+            return lambda: []
         if len(requests) > 1 and _transformers_major() < 5:
             raise RuntimeError(
                 "transformers < 5 generates Qwen2.5-Omni speech for one row at a time; "
                 "send batches of 1 (batch_size: 1) or install transformers >= 5.17"
             )
         inputs = self.prepare(requests)
-        sequences, waves = self.generate(inputs, [r.seed for r in requests])
-        if torch.is_tensor(waves):
-            waves = [waves] if len(requests) == 1 else list(waves)
+        result, calls, seeds = self.generate_codes(inputs, [r.seed for r in requests])
+        if len(calls) != len(requests):
+            raise RuntimeError(f"generate made {len(calls)} token2wav calls for {len(requests)} rows")
+        sequences = result[0]
         prompt_len = inputs["input_ids"].shape[1]
         prompt_real = inputs["attention_mask"].sum(dim=1).tolist()
         generated = sequences[:, prompt_len:].cpu()
         eos = torch.as_tensor(self.thinker_eos)
-        outputs = []
-        for b, request in enumerate(requests):
+        texts, positions = [], []
+        for b in range(len(requests)):
             row = generated[b]
             ends = torch.nonzero(torch.isin(row, eos)).flatten()
             n_fed = int(ends[0]) + 1 if ends.numel() else row.numel()
             answer = row[: int(ends[0])] if ends.numel() else row
-            text = self.processor.tokenizer.decode(answer, skip_special_tokens=True).strip()
-            wave = waves[b].detach().float().cpu().numpy()
-            outputs.append(EVCOutput(
-                attempt_id=request.attempt_id,
-                decoded_text=text,
-                waveform=to_16k(wave),
-                sample_rate=SOURCE_RATE,
-                # Prompt positions plus every generated token fed back (the last one is not).
-                n_positions=int(prompt_real[b]) + n_fed - 1,
-            ))
-        return outputs
+            texts.append(self.processor.tokenizer.decode(answer, skip_special_tokens=True).strip())
+            # Prompt positions plus every generated token fed back (the last one is not).
+            positions.append(int(prompt_real[b]) + n_fed - 1)
+        speech = self.begin_speech(calls, seeds)
+
+        def finish() -> list[EVCOutput]:
+            return [EVCOutput(attempt_id=r.attempt_id, decoded_text=text, waveform=to_16k(wave.numpy()),
+                              sample_rate=SOURCE_RATE, n_positions=n)
+                    for r, text, wave, n in zip(requests, texts, speech(), positions)]
+
+        return finish

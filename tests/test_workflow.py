@@ -244,7 +244,7 @@ def _run_on_human_labels(tmp_path: Path, adapter: str, checkpoint: Path, options
 
 def test_workflow_runs_end_to_end_on_a_tiny_qwen2_5_omni(tmp_path):
     """The paper's model class through the whole workflow (random weights: relaxed tau_wer),
-    with token2wav overlapped with the next batch's decode, as config/paper.yaml runs it."""
+    with token2wav overlapped with the next batch's decode (``overlap_speech``)."""
     from tiny_omni import build_tiny_omni
 
     checkpoint = build_tiny_omni(tmp_path / "Qwen2.5-Omni-tiny")

@@ -53,6 +53,15 @@ def test_hook_overhead_refuses_periods_longer_than_the_run_allows():
     assert "--alternate-periods 3: needs a period >= 2 and --new >= 6 (got --new 5)" in proc.stderr
 
 
+def test_graph_counting_checks_the_fused_kernel_bit_for_bit_and_times_every_way():
+    out = _run("benchmarks/graph_counting.py", "--batches", "2", "--layers", "2", "--width", "64",
+               "--replays", "1", "--random", "512")
+    checks = [line for line in out.splitlines() if "differs from eager SiLU" in line]
+    assert len(checks) == 3 and all("in 0 of" in c and "counts equal" in c for c in checks)
+    row = next(line for line in out.splitlines() if line.startswith("| 2 |"))
+    assert len(re.findall(r"[\d.]+ us", row)) == 4
+
+
 def test_qwen_omni_throughput_runs_each_mode_on_both_decodes_and_checks_the_graphs():
     out = _run("benchmarks/qwen_omni_throughput.py", "--tiny", "--batches", "2", "--repeats", "1",
                "--warmup", "0", "--min-attempts", "2", "--modes", "off", "capture",

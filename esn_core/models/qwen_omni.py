@@ -13,9 +13,10 @@ Choices, each for a stated reason:
   followed by one fixed, emotion-agnostic instruction in which only ``{emotion}`` changes
   (``INSTRUCTION_TEMPLATE``); both are overridable from config.
 * **Determinism.** Thinker and talker decode greedily. token2wav's diffusion starts from
-  Gaussian noise: row ``b``'s noise is drawn right after seeding the generator with
-  ``requests[b].seed`` (inside ``torch.random.fork_rng``, so the caller's RNG is left as
-  it was), so a row's waveform depends only on its own codes and seed.
+  Gaussian noise: row ``b``'s noise is drawn from a generator seeded with
+  ``requests[b].seed`` (the numbers transformers' own ``sample`` draws after
+  ``torch.manual_seed``; the global generator is left alone), so a row's waveform depends
+  only on its own codes and seed, on whichever thread it is decoded (``overlap_speech``).
 * **Batched token2wav.** transformers >= 5.17 calls token2wav one row after another (73%
   of a 16-row batch's time on an H200). The adapter records those per-row calls during
   ``generate`` and runs them afterwards in calls of up to ``token2wav_batch_size`` rows,
@@ -481,7 +482,7 @@ def _dit_block_diff(dit: nn.Module, frames: torch.Tensor | None, shared: bool = 
     Every layer compares the grid with its look-behind / look-ahead window into the boolean
     mask SDPA takes, and SDPA turns that into an additive float mask. transformers expands
     the grid over the heads, so each layer builds 16 identical heads' masks (at 16 rows of
-    ~400 frames, ~1.3 GB of memory traffic a layer); ``shared`` hands over ``[rows, 1,
+    ~400 frames, over 1 GB of memory traffic a layer); ``shared`` hands over ``[rows, 1,
     steps, steps]`` instead and SDPA broadcasts it over the heads: the same mask, the same
     attention. A blocked key gets a difference no window reaches. Classifier-free guidance
     stacks the batch twice (conditioned rows, then unconditioned), so the row lengths

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from esn_core.models.speech_overlap import SWITCH_INTERVAL, SpeechWorker, StreamHandoff, paced, repeated_blocks
+from esn_core.models.speech_overlap import SpeechWorker, StreamHandoff, paced, repeated_blocks
 
 
 def test_results_reach_done_in_submission_order_on_the_callers_thread():
@@ -130,15 +129,6 @@ def test_handoff_runs_after_the_first_half_on_its_own_stream():
     thread.start()
     thread.join()
     assert result == [6.0 * (1 << 22)]
-
-
-def test_an_enabled_worker_shortens_the_gil_interval_only_while_it_runs():
-    before = sys.getswitchinterval()
-    with SpeechWorker(True, "cpu"):
-        assert sys.getswitchinterval() == min(before, SWITCH_INTERVAL)
-    assert sys.getswitchinterval() == before
-    with SpeechWorker(False, "cpu"):
-        assert sys.getswitchinterval() == before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams")

@@ -6,7 +6,9 @@ whose launching costs more than running them, so the GPU idles most of the time.
 second, the speech decoder (Qwen2.5-Omni's token2wav, Kimi-Audio's detokenizer, MiniCPM-o's
 vocoder), holds no hooked MLP and fills the GPU with large kernels. Running batch n's second
 half beside batch n+1's first puts that idle time to use; the outputs are the same, since
-each half keeps its own random generators and inputs.
+each half keeps its own random generators and inputs. Measured on an H100 (Qwen2.5-Omni,
+batch 64, graphs): 5-8 % more utterances an hour; beside token2wav the decode's steps take
+2.6x as long, so most of the decode is not hidden (BENCHMARKS.md, "2026-12-07").
 
 * ``SpeechWorker`` (the pipeline's side): runs each batch's second half on one worker thread,
   in order, while the caller goes on with the next batch; each result is handed back to the
@@ -16,16 +18,16 @@ each half keeps its own random generators and inputs.
   queued its work; inside it, on the worker, the second half runs on a CUDA stream of its
   own that starts after that work, and at its exit waits for its own kernels (so that its
   inputs may be freed and its outputs read).
-* ``paced``: the worker's Python holds the GIL while it queues kernels, and once CUDA's
-  launch queue is full a launch blocks with the GIL held: the decoding thread would stop
-  too. Pacing waits, with the GIL released, until the GPU has run all but the last ``lag``
-  forwards of the listed modules, so the worker never runs far ahead of the GPU.
+* ``paced``: the speech decoder queues thousands of kernels a call, far faster than the GPU
+  runs them; once CUDA's queue of pending launches is full, launches block, perhaps the
+  decoding thread's too. Pacing waits, with the GIL released, until the GPU has run all
+  but the last ``lag`` forwards of the decoder's repeated blocks, so the worker never runs
+  far ahead of the GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -75,12 +77,6 @@ class SpeechWorker:
     def __enter__(self) -> SpeechWorker:
         if self._device is not None:
             self._scope.enter_context(_decode_first(self._device))
-        if self.enabled:
-            # The decoding thread gives the GIL up within 1 ms when the worker asks (5 ms by
-            # default), and gets it back as soon: its steps are host-bound, the worker's not.
-            interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(interval, SWITCH_INTERVAL))
-            self._scope.callback(sys.setswitchinterval, interval)
         return self
 
     def __exit__(self, kind, error, trace) -> None:
@@ -96,15 +92,14 @@ class SpeechWorker:
             self._scope.close()
 
 
-SWITCH_INTERVAL = 0.001  # seconds: Python's GIL hand-over interval while a worker runs
-
-
 @contextlib.contextmanager
 def _decode_first(device: torch.device) -> Iterator[None]:
     """The caller's CUDA work in the block on a stream of high priority, the worker's on
     streams of the default (lowest) one: the GPU's block scheduler then starts
     the decode's small kernels before the speech decoder's pending blocks, instead of after
-    its whole grid. Ordered after the caller's earlier work, and its later work after it."""
+    its whole grid. Ordered after the caller's earlier work, and its later work after it.
+    (On an H100 the decode's steps beside token2wav were 2.6x as long with it as without:
+    BENCHMARKS.md, "2026-12-07".)"""
     caller = torch.cuda.current_stream(device)
     high = torch.cuda.Stream(device, priority=-1)  # lower is higher; 0 is the default
     high.wait_stream(caller)
@@ -198,7 +193,7 @@ def paced(modules: Iterable[nn.Module], device: torch.device | str, lag: int = 4
 
     A DiT block launches ~50 kernels and a vocoder's resblock ~100 (Qwen2.5-Omni's, counted
     by the profiler), so 4 keep a few hundred queued: enough that the GPU never waits for
-    the worker, well under the ~1,000 launches at which CUDA's queue blocks."""
+    the worker, well under the ~1,000 pending launches at which CUDA's queue blocks."""
     if torch.device(device).type != "cuda":
         yield
         return

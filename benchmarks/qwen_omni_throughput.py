@@ -31,7 +31,12 @@ collector paused inside each timed run; the median of ``--repeats`` runs is repo
 a mode's ratio to ``off`` is the median of the repeat-by-repeat ratios. A batch size that
 does not fit is reported as OOM, so ``--batches 1 16 32 64 128`` finds the largest that fits.
 ``--token2wav-ragged off`` decodes only rows of equal code length together (the adapter's
-earlier behaviour), for a side-by-side comparison.
+earlier behaviour), for a side-by-side comparison. ``--cuda-graphs`` and ``--overlap-speech``
+(``on`` or ``both``) add modes suffixed ``+graphs`` (the adapter's ``cuda_graphs``) and
+``+overlap`` (its ``overlap_speech``: batch n's token2wav on a worker thread while batch n+1
+decodes, so time with several batches, e.g. ``--min-attempts`` three times the batch); each
+mode's ratio is against ``off`` with the same suffixes, and an overlapped mode is also
+compared with the same mode one batch after another.
 """
 
 from __future__ import annotations

@@ -98,8 +98,8 @@ def _decode_first(device: torch.device) -> Iterator[None]:
     streams of the default (lowest) one: the GPU's block scheduler then starts
     the decode's small kernels before the speech decoder's pending blocks, instead of after
     its whole grid. Ordered after the caller's earlier work, and its later work after it.
-    (On an H100 the decode's steps beside token2wav were 2.6x as long with it as without:
-    BENCHMARKS.md, "2026-12-07".)"""
+    (No measurable effect on an H100: the decode's steps beside token2wav took 2.6x as long
+    with the high-priority stream and without it; BENCHMARKS.md, "2026-12-07".)"""
     caller = torch.cuda.current_stream(device)
     high = torch.cuda.Stream(device, priority=-1)  # lower is higher; 0 is the default
     high.wait_stream(caller)

@@ -62,12 +62,19 @@ def test_graph_counting_checks_the_fused_kernel_bit_for_bit_and_times_every_way(
     assert len(re.findall(r"[\d.]+ us", row)) == 4
 
 
-def test_qwen_omni_throughput_runs_each_mode_on_both_decodes_and_checks_the_graphs():
+def _omni_modes(attempts: int, *flags: str) -> tuple[str, list[str]]:
+    """The tiny Qwen2.5-Omni benchmark at batch 2, modes off and capture with ``flags``:
+    its output and the modes of its table, in order."""
     out = _run("benchmarks/qwen_omni_throughput.py", "--tiny", "--batches", "2", "--repeats", "1",
-               "--warmup", "0", "--min-attempts", "2", "--modes", "off", "capture",
-               "--token2wav-steps", "2", "--cuda-graphs", "both")
+               "--warmup", "0", "--min-attempts", str(attempts), "--modes", "off", "capture",
+               "--token2wav-steps", "2", *flags)
     rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
-    assert [row.split("|")[3].strip() for row in rows] == ["off", "capture", "off+graphs", "capture+graphs"]
+    return out, [row.split("|")[3].strip() for row in rows]
+
+
+def test_qwen_omni_throughput_runs_each_mode_on_both_decodes_and_checks_the_graphs():
+    out, modes = _omni_modes(2, "--cuda-graphs", "both")
+    assert modes == ["off", "capture", "off+graphs", "capture+graphs"]
     # hook ratios against the plain run of the same decode
     assert re.search(r"\| 2 \| 2 \| capture\+graphs \|.*\([\d.]+x\)", out)
     # CPU runs the fixed-slot path without recording: the check must find it identical
@@ -78,11 +85,8 @@ def test_qwen_omni_throughput_runs_each_mode_on_both_decodes_and_checks_the_grap
 
 
 def test_qwen_omni_throughput_times_overlapped_speech_beside_one_batch_after_another():
-    out = _run("benchmarks/qwen_omni_throughput.py", "--tiny", "--batches", "2", "--repeats", "1",
-               "--warmup", "0", "--min-attempts", "4", "--modes", "off", "capture",
-               "--token2wav-steps", "2", "--overlap-speech", "both")
-    rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
-    assert [row.split("|")[3].strip() for row in rows] == ["off", "capture", "off+overlap", "capture+overlap"]
+    out, modes = _omni_modes(4, "--overlap-speech", "both")
+    assert modes == ["off", "capture", "off+overlap", "capture+overlap"]
     # hooks against the plain run of the same kind; overlap against the same mode without it
     assert re.search(r"\| 2 \| 4 \| capture\+overlap \|.*\([\d.]+x\)", out)
     assert re.search(r"overlapped over one batch after another .*: off\+overlap [\d.]+x, "

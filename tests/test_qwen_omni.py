@@ -433,13 +433,19 @@ def test_token2wav_calls_from_another_thread_are_run_not_recorded(adapter, sourc
     calls (an earlier batch speaking) run as usual, and its noise draw is its own."""
     inputs = adapter.prepare(requests(sources[:1]))
     _, calls, seeds = adapter.generate_codes(inputs, [5])
-    alone = adapter.speak(calls, seeds)[0]
+    token2wav = adapter.model.token2wav  # the module generate_codes patches (float32)
+
+    def speak():
+        return token2wav_batch(token2wav, calls, seeds, dtype=torch.float32)[0]
+
+    alone = speak()
     spoken = []
     original = adapter.model.talker.generate
 
     def talker_then_worker(*args, **kwargs):
-        worker = threading.Thread(target=lambda: spoken.append(adapter.speak(calls, seeds)[0]))
-        worker.start()  # token2wav runs on this thread while generate has forward patched
+        assert "forward" in vars(token2wav)  # the recorder is in place now
+        worker = threading.Thread(target=lambda: spoken.append(speak()))
+        worker.start()
         worker.join()
         return original(*args, **kwargs)
 

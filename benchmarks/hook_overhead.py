@@ -220,31 +220,46 @@ def rotated(modes: tuple[str, ...], repeat: int) -> tuple[str, ...]:
     return modes[shift:] + modes[:shift]
 
 
-def paired_calls(chunks: list, time_call) -> tuple[dict[str, float], list[tuple[float, float]]]:
-    """Hooks off against capture, call by call: ``time_call(chunk, mode)`` (seconds) runs for
-    both modes back to back on every chunk, in ABBA order (off first on even calls), so each
+def paired_calls(chunks: list, time_call) -> dict[str, tuple[dict[str, float], list[tuple[float, float]]]]:
+    """Hooks off against capture, call by call: ``time_call(chunk, mode)`` runs for both
+    modes back to back on every chunk, in ABBA order (off first on even calls), so each
     pair shares the host's state of the moment; whole runs one after the other are a minute
-    apart and drift by more than capture costs. Returns each mode's summed seconds and every
-    pair's (off, capture) seconds.
+    apart and drift by more than capture costs.
+
+    ``time_call`` returns the call's seconds, or its parts' seconds by name (the whole
+    call first: e.g. ``{"whole": 26.1, "lm": 4.3}``), so one run gives each part's ratio
+    from the same pairs. Returns, by part (``"call"`` for plain seconds), each mode's summed
+    seconds and every pair's (off, capture) seconds.
 
     The first chunk runs once in each mode untimed before the pairs (its times printed):
     first calls pay one-off costs a job pays once, such as compiling the fused counting
     kernels (``esn_core.fused_counting``, on by default on CUDA). Each pair is printed as it
     ends (``#`` lines), so a run cut off by a time limit still shows what it measured."""
-    first = {mode: time_call(chunks[0], mode) for mode in ("off", "capture")}
-    print(f"# first calls, untimed in the pairs: off {first['off']:.2f} s, capture "
-          f"{first['capture']:.2f} s", flush=True)
-    totals = {"off": 0.0, "capture": 0.0}
-    pairs = []
+    def parts_of(chunk, mode) -> dict[str, float]:
+        seconds = time_call(chunk, mode)
+        return dict(seconds) if isinstance(seconds, dict) else {"call": float(seconds)}
+
+    first = {mode: parts_of(chunks[0], mode) for mode in ("off", "capture")}
+    names = list(first["off"])
+    print("# first calls, untimed in the pairs: " + "; ".join(
+        f"{name}: off {first['off'][name]:.2f} s, capture {first['capture'][name]:.2f} s"
+        for name in names), flush=True)
+    out = {name: ({"off": 0.0, "capture": 0.0}, []) for name in names}
     for n, chunk in enumerate(chunks):
         seconds = {}
         for mode in (("off", "capture") if n % 2 == 0 else ("capture", "off")):
-            seconds[mode] = time_call(chunk, mode)
-            totals[mode] += seconds[mode]
-        pairs.append((seconds["off"], seconds["capture"]))
-        print(f"# pair {n + 1}/{len(chunks)}: off {seconds['off']:.3f} s, capture "
-              f"{seconds['capture']:.3f} s ({seconds['capture'] / seconds['off']:.3f}x)", flush=True)
-    return totals, pairs
+            seconds[mode] = parts_of(chunk, mode)
+        for name in names:
+            totals, pairs = out[name]
+            off, capture = seconds["off"][name], seconds["capture"][name]
+            totals["off"] += off
+            totals["capture"] += capture
+            pairs.append((off, capture))
+        print(f"# pair {n + 1}/{len(chunks)}: " + "; ".join(
+            f"{name}: off {seconds['off'][name]:.3f} s, capture {seconds['capture'][name]:.3f} s "
+            f"({seconds['capture'][name] / seconds['off'][name]:.3f}x)" for name in names),
+            flush=True)
+    return out
 
 
 def ratio_interval(pairs: list[tuple[float, float]], level: float = 0.95, resamples: int = 10_000,
@@ -263,18 +278,23 @@ def ratio_interval(pairs: list[tuple[float, float]], level: float = 0.95, resamp
     return float(low), float(high)
 
 
-PAIRED_HEADER = ("| batch | calls | off s (sum) | capture s (sum) | capture / off (sums) "
+PAIRED_HEADER = ("| batch | part | calls | off s (sum) | capture s (sum) | capture / off (sums) "
                  "| 95 % interval (pairs resampled) | per call: median [quartiles] |\n"
-                 "|---|---|---|---|---|---|---|")
+                 "|---|---|---|---|---|---|---|---|")
 
 
-def paired_row(batch: int, totals: dict[str, float], pairs: list[tuple[float, float]]) -> str:
+def paired_row(batch: int, part: str, totals: dict[str, float], pairs: list[tuple[float, float]]) -> str:
     ratios = [capture / off for off, capture in pairs]
     a, b = quartiles(ratios)
     low, high = ratio_interval(pairs)
-    return (f"| {batch} | {len(ratios)} | {totals['off']:.3f} | {totals['capture']:.3f} | "
+    return (f"| {batch} | {part} | {len(ratios)} | {totals['off']:.3f} | {totals['capture']:.3f} | "
             f"{totals['capture'] / totals['off']:.3f}x | [{low:.3f}, {high:.3f}] | "
             f"{statistics.median(ratios):.3f}x [{a:.3f}, {b:.3f}] |")
+
+
+def paired_rows(batch: int, parts: dict[str, tuple[dict[str, float], list[tuple[float, float]]]]) -> str:
+    """``paired_calls``' result as table rows, one per part."""
+    return "\n".join(paired_row(batch, name, totals, pairs) for name, (totals, pairs) in parts.items())
 
 
 def per_call_cost(model, engine, layout, batch: int, device: str, calls: int = 2000) -> dict:

@@ -6,9 +6,16 @@ hooks off and capturing both groups (``lm``: 28 main layers, ``synth``: 6 MIMO l
 The batch-1 loop stands in for upstream's loop, which is batch 1 only and cannot run here
 (flash-attn, remote code): same rules, same model, one row per call.
 
+With ``--speech`` each call is a whole conversion: the speech decoder (``speak_rows``: the
+flow-matching DiT + BigVGAN, ``--speech-batch`` rows a call, then 16 kHz on the host, as the
+adapter's ``convert`` runs it) decodes the call's codes, outside the hook session as in the
+workflow. Its sizes are ``kimi_detokenizer_batched.py``'s (ASSUMED for the full shape: that
+script's docstring says whence), random weights. Tables then give the whole call and the
+LM's part (``text + codes``: prefill, step loop and session exit) from the same calls.
+
 What is not timed (say so beside any figure): the source encoders (Whisper-large-v3 and the
-WhisperVQ tokenizer, one row at a time) and the speech decoder (flow-matching DiT + BigVGAN,
-timed on its own by ``kimi_detokenizer_batched.py``). The prompt's Whisper features are random tensors of the real width.
+WhisperVQ tokenizer, one row at a time); without ``--speech``, the speech decoder too. The
+prompt's Whisper features are random tensors of the real width.
 
 Workload (``workloads.esd_like``, Kimi's rates): source U(2, 5) s → 12.5 audio tokens a
 second in the prompt (after a 24-token instruction); the answer's text ~3 tokens a second of
@@ -41,13 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without
 
 from hook_overhead import (  # noqa: E402
     ADAPTER_MODES as ALTERNATING, PAIRED_HEADER, Alternator, adapter_sessions, alternating_ratios,
-    paired_calls, paired_row, quartiles, rotated, steering_plan, sync,
+    paired_calls, paired_rows, quartiles, rotated, steering_plan, sync,
 )
 from workloads import Attempt, add_throughput_arguments, describe, esd_like, spread  # noqa: E402
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
 from esn_core.models.kimi_audio import TOKEN_RATE, KimiAudioAdapter  # noqa: E402
 from esn_core.models.kimi_generate import Sampling  # noqa: E402
 from esn_core.models.kimi_tokens import evc_prompt  # noqa: E402
+from esn_core.models.kimi_detokenizer import Detokenizer  # noqa: E402
+from kimi_detokenizer_batched import DIT, build as build_speech_decoder  # noqa: E402
 
 SHAPES = {
     # Kimi-Audio-7B-Instruct's config.json (Qwen2-7B LM, 6 MIMO layers after layer 21).
@@ -120,6 +129,16 @@ def prompt_batch(adapter: KimiAudioAdapter, attempts: list[Attempt], seed: int):
     return adapter.batch(prompts, list(drawn.split(lengths)))
 
 
+def attach_speech(adapter: KimiAudioAdapter, shape: str, max_rows: int, steps: int | None = None) -> None:
+    """Give ``adapter`` a random-weight speech decoder of ``shape`` (the DiT's code vocabulary
+    is the LM's audio vocabulary), run by ``speak_rows`` in calls of ``max_rows`` rows."""
+    audio_codes = adapter.config.vocab_size - adapter.config.kimia_token_offset
+    dit_config = dict(DIT[shape], semantic_vocab_size=audio_codes)
+    dit, vocoder = build_speech_decoder(shape, str(adapter.device), adapter.dtype, dit_config)
+    adapter.detokenizer = Detokenizer(dit, vocoder, steps=steps or (30 if shape == "full" else 3),
+                                      max_rows=max_rows)
+
+
 def run(adapter: KimiAudioAdapter, attempts: list[Attempt], seed: int, after_step=None):
     """One ``generate`` call on ``attempts`` with their lengths forced; returns its rows."""
     batch = prompt_batch(adapter, attempts, seed)
@@ -134,32 +153,46 @@ def run(adapter: KimiAudioAdapter, attempts: list[Attempt], seed: int, after_ste
         adapter.lm = real_lm
 
 
-def timed_rows(adapter, engine, attempts, batch: int, mode: str, device: str):
-    """``(seconds, exit seconds)``: time to generate every attempt in calls of ``batch``
-    rows, hooks as ``mode`` says, and of that the time spent leaving the capture sessions
-    (the counts reduced and copied to the host), which per-step figures do not see."""
+def timed_rows(adapter, engine, attempts, batch: int, mode: str, device: str) -> dict[str, float]:
+    """Time to convert every attempt in calls of ``batch`` rows, hooks as ``mode`` says:
+    ``whole`` seconds; of them ``leaving``, the time spent leaving the capture sessions (the
+    counts reduced and copied to the host), which per-step figures do not see, and ``speech``,
+    the speech decoder's (0 unless the adapter has one: ``attach_speech``)."""
     sync(device)
-    start, leaving = time.perf_counter(), 0.0
+    start, leaving, speech = time.perf_counter(), 0.0, 0.0
     for i in range(0, len(attempts), batch):
         chunk = attempts[i:i + batch]
         if mode == "capture":
             with engine.session(capture={"lm": Capture(), "synth": Capture()}):
-                run(adapter, chunk, seed=i)
+                rows = run(adapter, chunk, seed=i)
                 sync(device)
                 exit_start = time.perf_counter()
             leaving += time.perf_counter() - exit_start
         else:
-            run(adapter, chunk, seed=i)
+            rows = run(adapter, chunk, seed=i)
+        if adapter.detokenizer is not None:
+            sync(device)
+            speech_start = time.perf_counter()
+            adapter.speak_rows([r.codes for r in rows], [i + b for b in range(len(rows))])
+            sync(device)
+            speech += time.perf_counter() - speech_start
     sync(device)
-    return time.perf_counter() - start, leaving
+    return {"whole": time.perf_counter() - start, "leaving": leaving, "speech": speech}
 
 
 def paired_chunks(adapter, engine, attempts, batch: int, repeats: int, device: str):
     """``hook_overhead.paired_calls`` over every call of ``batch`` rows, ``repeats`` passes;
-    session exits are inside capture's times, as a job pays them."""
+    session exits are inside capture's times, as a job pays them. With a speech decoder,
+    the whole conversion and the LM's part (``text + codes``) from the same calls."""
     chunks = [attempts[i:i + batch] for i in range(0, len(attempts), batch)] * repeats
-    return paired_calls(chunks, lambda chunk, mode: timed_rows(
-        adapter, engine, chunk, batch, mode, device)[0])
+
+    def time_call(chunk, mode):
+        t = timed_rows(adapter, engine, chunk, batch, mode, device)
+        if adapter.detokenizer is None:
+            return t["whole"]
+        return {"whole conversion": t["whole"], "text + codes": t["whole"] - t["speech"]}
+
+    return paired_calls(chunks, time_call)
 
 
 def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int, device: str,
@@ -208,45 +241,54 @@ def main(argv=None) -> None:
     ap.add_argument("--paired-repeats", type=int, default=0,
                     help="passes over the rows with off and capture paired call by call "
                          "(whole-run capture cost without the host's drift; 0: skip it)")
+    ap.add_argument("--speech", action="store_true",
+                    help="time whole conversions: the speech decoder runs on each call's codes")
+    ap.add_argument("--speech-batch", type=int, default=8,
+                    help="rows per speech-decoder call (the adapter's detokenizer_batch)")
+    ap.add_argument("--speech-steps", type=int, default=None,
+                    help="Euler points per chunk (default: upstream's 30; tiny shape 3)")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
     build_start = time.perf_counter()
     adapter = build(args.shape, args.device, dtype)
     engine = HookEngine(adapter.groups())
+    if args.speech:
+        attach_speech(adapter, args.shape, args.speech_batch, args.speech_steps)
     print(f"# Kimi-Audio {args.shape} shape, {dtype}, {args.device}, "
-          f"built in {time.perf_counter() - build_start:.1f} s")
+          f"built in {time.perf_counter() - build_start:.1f} s; "
+          + (f"whole conversions: speech decoder ({'ASSUMED sizes, ' if args.shape == 'full' else ''}"
+             f"{adapter.detokenizer.steps} Euler points a chunk, {args.speech_batch} rows a call)"
+             if args.speech else "text + codes only (no speech decoder)"))
     largest = max(args.batches)
     attempts = esd_like(args.attempts or largest, seed=args.seed)
     print(f"# workload: {describe(attempts)}; answer codes 12.5/s "
           f"({min(map(answer_codes, attempts))}-{max(map(answer_codes, attempts))})")
-    run(adapter, spread(attempts, 2), seed=10_000)  # warm-up (kernels, allocator)
+    timed_rows(adapter, engine, spread(attempts, 2), 2, "off", args.device)  # warm-up (kernels, allocator)
 
     rates: dict[tuple[int, str], float] = {}
     if args.repeats:
-        print("| batch | rows | mode | s (median) | of which leaving sessions s | utterances/hour "
-              "| peak GiB (both modes) |")
-        print("|---|---|---|---|---|---|---|")
+        print("| batch | rows | mode | s (median) | of which leaving sessions s | of which speech s "
+              "| utterances/hour | peak GiB (both modes) |")
+        print("|---|---|---|---|---|---|---|---|")
     for batch in sorted(args.batches) if args.repeats else ():
         rows = spread(attempts, args.single_rows) if batch == 1 else attempts
-        run(adapter, attempts[:batch], seed=20_000)  # this batch size's first call, untimed
+        timed_rows(adapter, engine, attempts[:batch], batch, "off", args.device)  # first call, untimed
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         # Modes interleaved repeat by repeat, so drift on the host hits them alike.
         times = {mode: [] for mode in args.modes}
-        leaving = {mode: [] for mode in args.modes}
         for _ in range(args.repeats):
             for mode in args.modes:
-                seconds, exits = timed_rows(adapter, engine, rows, batch, mode, args.device)
-                times[mode].append(seconds)
-                leaving[mode].append(exits)
+                times[mode].append(timed_rows(adapter, engine, rows, batch, mode, args.device))
         peak = (torch.cuda.max_memory_allocated() / 2**30
                 if args.device.startswith("cuda") else float("nan"))
         for mode in args.modes:
-            seconds = float(np.median(times[mode]))
+            seconds, leaving, speech = (float(np.median([t[k] for t in times[mode]]))
+                                        for k in ("whole", "leaving", "speech"))
             rates[batch, mode] = len(rows) / seconds * 3600
-            print(f"| {batch} | {len(rows)} | {mode} | {seconds:.3f} | "
-                  f"{float(np.median(leaving[mode])):.4f} | {rates[batch, mode]:,.0f} | {peak:.1f} |")
+            print(f"| {batch} | {len(rows)} | {mode} | {seconds:.3f} | {leaving:.4f} | "
+                  f"{speech:.3f} | {rates[batch, mode]:,.0f} | {peak:.1f} |")
     if args.alternate_repeats:
         print("\n| batch | mode | hooked step / plain neighbours: median [quartiles of runs] "
               "| mean hooked / mean plain [quartiles] | steps |")
@@ -263,7 +305,7 @@ def main(argv=None) -> None:
     if args.paired_repeats:
         print("\n" + PAIRED_HEADER)
         for batch in sorted(b for b in args.batches if b > 1):
-            print(paired_row(batch, *paired_chunks(adapter, engine, attempts, batch,
+            print(paired_rows(batch, paired_chunks(adapter, engine, attempts, batch,
                                                    args.paired_repeats, args.device)))
     for batch in sorted(args.batches) if args.repeats else ():
         if "off" in args.modes and "capture" in args.modes:

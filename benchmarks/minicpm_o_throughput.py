@@ -6,9 +6,17 @@ batch 1 against batched, hooks off and capturing both groups (``lm``: 36 Qwen3 l
 ``synth``: the 20 TTS backbone layers). The batch-1 loop (same code, one row per call)
 stands in for upstream's ``chat``, which is batch 1 only and cannot run on our transformers.
 
+With ``--speech`` each call is a whole conversion: the vocoder (S3 flow + HiFT, the adapter's
+``_vocode``: ``MiniCPMVocoder.batch`` in calls of ``--speech-batch`` rows, each row's source as
+its voice prompt, then 16 kHz on the host) runs on the call's codes, outside the hook session
+as in the workflow. Its sizes and the stand-ins for its two ONNX models are
+``minicpm_vocoder_batched.py``'s (the flow's sizes ASSUMED: that script's docstring says
+whence), random float32 weights; the sources are that script's voiced stand-ins. Tables then
+give the whole call and the text + codes part from the same calls.
+
 What is not timed (say so beside any figure): the Whisper audio-in (one row at a time; the
-prompt's audio embeddings are random tensors of the LM's width) and the vocoder (S3 flow +
-HiFT; ``MiniCPMVocoder.batch`` batches it across rows; not timed here).
+prompt's audio embeddings are random tensors of the LM's width); without ``--speech``, the
+vocoder too.
 
 Shapes: Qwen3-8B's (hidden 4096, 12,288 gate neurons, 36 layers, 32/8 heads, vocab 151,748)
 and MiniCPMTTSConfig's defaults (hidden 768, 3072 neurons, 20 layers, 12 heads; 6,562 codes
@@ -25,6 +33,7 @@ pass and the code loop are forced to end each row at its drawn lengths (``Forced
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -39,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without
 
 from hook_overhead import (  # noqa: E402
     ADAPTER_MODES as ALTERNATING, PAIRED_HEADER, Alternator, adapter_sessions, alternating_ratios,
-    paired_calls, paired_row, rotated, steering_plan, sync,
+    paired_calls, paired_rows, rotated, steering_plan, sync,
 )
 from workloads import (  # noqa: E402
     Attempt, add_throughput_arguments, codes_at, describe, esd_like, spread,
@@ -52,6 +61,8 @@ from esn_core.models.minicpm_prompt import audio_embedding_count  # noqa: E402
 from esn_core.models.minicpm_speech_codes import CodeSampling, generate_codes  # noqa: E402
 from esn_core.models.minicpm_tts import MiniCPMTTS  # noqa: E402
 from esn_core.models.minicpm_tts_condition import tts_condition  # noqa: E402
+from esn_core.models.audio import to_16k  # noqa: E402
+from minicpm_vocoder_batched import build as build_vocoder, source_wav  # noqa: E402
 
 SHAPES = {
     "full": dict(
@@ -150,6 +161,20 @@ def build(shape: str, device: str, dtype: str) -> MiniCPMOAdapter:
     return adapter
 
 
+@functools.lru_cache(maxsize=None)
+def source_of(seconds: float, seed: int):
+    """A stand-in source wave, made once (a real job reads its source from disk)."""
+    return source_wav(seconds, seed)
+
+
+def speak(adapter: MiniCPMOAdapter, attempts: list[Attempt], codes, seed: int) -> list:
+    """The call's 16 kHz waves, as the adapter's ``finish`` makes them (``_vocode``)."""
+    rows = [c.codes[:, 0].tolist() for c in codes]
+    sources = [source_of(a.source_seconds, i) for i, a in enumerate(attempts)]
+    waves = adapter._vocode(rows, [seed + i for i in range(len(attempts))], sources)
+    return [to_16k(wave, rate) for wave, rate in waves]
+
+
 def prompts_for(adapter: MiniCPMOAdapter, attempts: list[Attempt], seed: int) -> list[torch.Tensor]:
     device = adapter.llm.device
     width = adapter.llm.config.hidden_size
@@ -187,27 +212,42 @@ def convert(adapter: MiniCPMOAdapter, attempts: list[Attempt], seed: int,
     return texts, codes, middle - start, time.perf_counter() - middle
 
 
-def timed_rows(adapter, engine, attempts, batch: int, mode: str):
-    """(seconds, text seconds, code seconds) for every attempt in calls of ``batch`` rows."""
+def timed_rows(adapter, engine, attempts, batch: int, mode: str) -> dict[str, float]:
+    """Seconds for every attempt in calls of ``batch`` rows: ``whole``, and of it ``text``,
+    ``codes`` and ``speech`` (the vocoder's; 0 unless the adapter has one)."""
     device = str(adapter.llm.device)
     sync(device)
-    start, text_s, code_s = time.perf_counter(), 0.0, 0.0
+    start, text_s, code_s, speech_s = time.perf_counter(), 0.0, 0.0, 0.0
     for i in range(0, len(attempts), batch):
         chunk = attempts[i:i + batch]
         if mode == "capture":
             with engine.session(capture={"lm": Capture(), "synth": Capture()}):
-                _, _, a, b = convert(adapter, chunk, seed=i)
+                _, codes, a, b = convert(adapter, chunk, seed=i)
         else:
-            _, _, a, b = convert(adapter, chunk, seed=i)
+            _, codes, a, b = convert(adapter, chunk, seed=i)
         text_s, code_s = text_s + a, code_s + b
+        if adapter.vocoder is not None:
+            sync(device)
+            speech_start = time.perf_counter()
+            speak(adapter, chunk, codes, seed=i)
+            sync(device)
+            speech_s += time.perf_counter() - speech_start
     sync(device)
-    return time.perf_counter() - start, text_s, code_s
+    return {"whole": time.perf_counter() - start, "text": text_s, "codes": code_s, "speech": speech_s}
 
 
 def paired_chunks(adapter, engine, attempts, batch: int, repeats: int):
-    """``hook_overhead.paired_calls`` over every call of ``batch`` rows, ``repeats`` passes."""
+    """``hook_overhead.paired_calls`` over every call of ``batch`` rows, ``repeats`` passes;
+    with a vocoder, the whole conversion and the text + codes part from the same calls."""
     chunks = [attempts[i:i + batch] for i in range(0, len(attempts), batch)] * repeats
-    return paired_calls(chunks, lambda chunk, mode: timed_rows(adapter, engine, chunk, batch, mode)[0])
+
+    def time_call(chunk, mode):
+        t = timed_rows(adapter, engine, chunk, batch, mode)
+        if adapter.vocoder is None:
+            return t["whole"]
+        return {"whole conversion": t["whole"], "text + codes": t["whole"] - t["speech"]}
+
+    return paired_calls(chunks, time_call)
 
 
 LOOPS = ("text", "codes")
@@ -268,26 +308,39 @@ def main(argv=None) -> None:
     ap.add_argument("--paired-repeats", type=int, default=0,
                     help="passes over the rows with off and capture paired call by call "
                          "(whole-run capture cost without the host's drift; 0: skip it)")
+    ap.add_argument("--speech", action="store_true",
+                    help="time whole conversions: the vocoder runs on each call's codes")
+    ap.add_argument("--speech-batch", type=int, default=16,
+                    help="rows per vocoder call (the adapter's vocoder_batch_size)")
+    ap.add_argument("--speech-steps", type=int, default=10,
+                    help="the vocoder flow's Euler steps (the adapter's vocoder_steps)")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
     build_start = time.perf_counter()
     adapter = build(args.shape, args.device, dtype)
     engine = HookEngine(adapter.groups())
+    if args.speech:
+        adapter.vocoder = build_vocoder(args.shape, args.device, args.speech_steps)
+        adapter.vocoder_batch_size = args.speech_batch
     print(f"# MiniCPM-o 4.5 {args.shape} shape, {dtype}, {args.device}, "
-          f"built in {time.perf_counter() - build_start:.1f} s")
+          f"built in {time.perf_counter() - build_start:.1f} s; "
+          + (f"whole conversions: vocoder ({'ASSUMED flow sizes, ' if args.shape == 'full' else ''}"
+             f"float32, {args.speech_steps} flow steps, {args.speech_batch} rows a call)"
+             if args.speech else "text + codes only (no vocoder)"))
     attempts = esd_like(args.attempts or max(args.batches), seed=args.seed)
     codes = [answer_codes(a, adapter.sampling) for a in attempts]
     print(f"# workload: {describe(attempts)}; answer codes 25/s ({min(codes)}-{max(codes)})")
-    convert(adapter, spread(attempts, 2), seed=10_000)  # warm-up (kernels, allocator)
+    timed_rows(adapter, engine, spread(attempts, 2), 2, "off")  # warm-up (kernels, allocator)
 
     rates: dict[tuple[int, str], float] = {}
     if args.repeats:
-        print("| batch | rows | mode | s (median) | text s | codes s | utterances/hour | peak GiB |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| batch | rows | mode | s (median) | text s | codes s | speech s | utterances/hour "
+              "| peak GiB |")
+        print("|---|---|---|---|---|---|---|---|---|")
     for batch in sorted(args.batches) if args.repeats else ():
         rows = spread(attempts, args.single_rows) if batch == 1 else attempts
-        convert(adapter, attempts[:batch], seed=20_000)  # this batch size's first call
+        timed_rows(adapter, engine, attempts[:batch], batch, "off")  # first call, untimed
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         times = {mode: [] for mode in ("off", "capture")}
@@ -297,10 +350,11 @@ def main(argv=None) -> None:
         peak = (torch.cuda.max_memory_allocated() / 2**30
                 if args.device.startswith("cuda") else float("nan"))
         for mode, runs in times.items():
-            total, text_s, code_s = (float(np.median([r[k] for r in runs])) for k in range(3))
+            total, text_s, code_s, speech_s = (float(np.median([r[k] for r in runs]))
+                                               for k in ("whole", "text", "codes", "speech"))
             rates[batch, mode] = len(rows) / total * 3600
             print(f"| {batch} | {len(rows)} | {mode} | {total:.3f} | {text_s:.3f} | "
-                  f"{code_s:.3f} | {rates[batch, mode]:,.0f} | {peak:.1f} |")
+                  f"{code_s:.3f} | {speech_s:.3f} | {rates[batch, mode]:,.0f} | {peak:.1f} |")
     if args.alternate_repeats:
         print("\n| batch | loop | mode | hooked step / plain neighbours (median) "
               "| mean hooked / mean plain | steps |")
@@ -315,7 +369,7 @@ def main(argv=None) -> None:
     if args.paired_repeats:
         print("\n" + PAIRED_HEADER)
         for batch in sorted(b for b in args.batches if b > 1):
-            print(paired_row(batch, *paired_chunks(adapter, engine, attempts, batch,
+            print(paired_rows(batch, paired_chunks(adapter, engine, attempts, batch,
                                                    args.paired_repeats)))
     for batch in sorted(args.batches) if args.repeats else ():
         print(f"# batch {batch}: capture overhead {rates[batch, 'off'] / rates[batch, 'capture']:.3f}x")

@@ -394,18 +394,54 @@ def test_step_counting_fused_ways_count_as_the_engine_does():
     assert all(float(c) > 0 for c in rows[0][1:6]) and rows[0][7].strip() == "True"
 
 
-def _assert_paired_table(out: str, expected: list[tuple[str, str]]) -> None:
-    """The ``--paired-repeats`` table: (batch, calls) rows as ``expected`` (batch 1 is never
-    paired), and each ratio the one of its printed sums, up to the printing's rounding."""
+def _assert_paired_table(out: str, expected: list[tuple[str, str, str]]) -> dict:
+    """The ``--paired-repeats`` table: (batch, part, calls) rows as ``expected`` (batch 1 is
+    never paired), and each ratio the one of its printed sums, up to the printing's rounding.
+    Returns each (batch, part)'s (off, capture) sums."""
     paired = [line.split("|")[1:-1] for line in out.splitlines()
-              if re.match(r"\| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \|", line)]
-    assert [(r[0].strip(), r[1].strip()) for r in paired] == expected
+              if re.match(r"\| \d+ \| [a-z +]+ \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \|", line)]
+    assert [tuple(c.strip() for c in r[:3]) for r in paired] == expected
+    sums = {}
     for row in paired:
-        off, capture, ratio = float(row[2]), float(row[3]), float(row[4].strip()[:-1])
+        off, capture, ratio = float(row[3]), float(row[4]), float(row[5].strip()[:-1])
         assert abs(ratio - capture / off) <= 0.0005 + 0.0005 * (1 + capture) / off ** 2
-        low, high = map(float, re.fullmatch(r" \[([\d.]+), ([\d.]+)\] ", row[5]).groups())
+        low, high = map(float, re.fullmatch(r" \[([\d.]+), ([\d.]+)\] ", row[6]).groups())
         assert low <= ratio + 0.0005 and ratio - 0.0005 <= high  # the interval holds its ratio
-        assert re.fullmatch(r" [\d.]+x \[[\d.]+, [\d.]+\] ", row[6])
+        assert re.fullmatch(r" [\d.]+x \[[\d.]+, [\d.]+\] ", row[7])
+        sums[row[0].strip(), row[1].strip()] = (off, capture)
+    return sums
+
+
+def test_paired_calls_times_every_part_in_abba_order(capsys):
+    """Known answers: a fake call whose parts' seconds say which mode and call ran; the
+    pairs run off first on even calls, capture first on odd ones, after one untimed call
+    of each mode, and every part's pairs and sums come from the same calls."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from hook_overhead import paired_calls, paired_rows
+
+    order = []
+
+    def time_call(chunk, mode):
+        order.append((chunk, mode))
+        lm = chunk + (0.5 if mode == "capture" else 0.0)
+        return {"whole": lm + 10.0, "lm": lm}
+
+    parts = paired_calls([1.0, 2.0, 3.0], time_call)
+    assert order == [(1.0, "off"), (1.0, "capture"), (1.0, "off"), (1.0, "capture"),
+                     (2.0, "capture"), (2.0, "off"), (3.0, "off"), (3.0, "capture")]
+    assert list(parts) == ["whole", "lm"]
+    totals, pairs = parts["lm"]
+    assert pairs == [(1.0, 1.5), (2.0, 2.5), (3.0, 3.5)] and totals == {"off": 6.0, "capture": 7.5}
+    totals, pairs = parts["whole"]
+    assert pairs == [(11.0, 11.5), (12.0, 12.5), (13.0, 13.5)] and totals == {"off": 36.0, "capture": 37.5}
+    table = paired_rows(8, parts)
+    sums = _assert_paired_table(table, [("8", "whole", "3"), ("8", "lm", "3")])
+    assert sums == {("8", "whole"): (36.0, 37.5), ("8", "lm"): (6.0, 7.5)}
+    assert "| 1.250x |" in table and "| 1.042x |" in table  # 7.5 / 6 and 37.5 / 36
+    printed = capsys.readouterr().out
+    assert "# pair 2/3: whole: off 12.000 s, capture 12.500 s (1.042x); lm: off 2.000 s" in printed
+    # a call that returns plain seconds is the part "call"
+    assert list(paired_calls([1.0], lambda chunk, mode: chunk)) == ["call"]
 
 
 def test_paired_ratio_interval_resamples_whole_pairs():
@@ -421,8 +457,8 @@ def test_paired_ratio_interval_resamples_whole_pairs():
     spread = [(4.0, 4.0 * r) for r in (0.9, 1.0, 1.05, 1.1, 1.2)]
     low, high = ratio_interval(spread)
     assert low < 1.05 < high and ratio_interval(spread) == (low, high)
-    row = paired_row(256, {"off": 20.0, "capture": 21.0}, spread)
-    assert row.startswith("| 256 | 5 | 20.000 | 21.000 | 1.050x | [") and "| 1.050x [1.000, 1.100] |" in row
+    row = paired_row(256, "call", {"off": 20.0, "capture": 21.0}, spread)
+    assert row.startswith("| 256 | call | 5 | 20.000 | 21.000 | 1.050x | [") and "| 1.050x [1.000, 1.100] |" in row
 
 
 def test_kimi_audio_throughput_ends_every_row_at_its_drawn_lengths(capsys):
@@ -446,12 +482,12 @@ def test_kimi_audio_throughput_ends_every_row_at_its_drawn_lengths(capsys):
                 "--alternate-repeats", "1", "--paired-repeats", "2"])
     out = capsys.readouterr().out
     assert "| 2 | 2 | capture |" in out and "capture overhead" in out and "the batch-1 loop" in out
-    _assert_paired_table(out, [("2", "2")])  # 2 rows at batch 2, two passes: 2 calls
+    _assert_paired_table(out, [("2", "call", "2")])  # 2 rows at batch 2, two passes: 2 calls
     # hooks off never leave a session; capture's time leaving them (~1 ms here, printed to
     # 0.1 ms) is part of its total
     whole = {(r[0].strip(), r[2].strip()): (float(r[3]), float(r[4])) for r in
              (line.split("|")[1:-1] for line in out.splitlines())
-             if len(r) == 7 and r[2].strip() in ("off", "capture")}
+             if len(r) == 8 and r[2].strip() in ("off", "capture")}
     assert whole["2", "off"][1] == 0 and 0 < whole["2", "capture"][1] < whole["2", "capture"][0]
     # per-step overhead: every mode at every batch, ratios of hooked steps to plain neighbours
     alternating = [line.split("|")[1:-1] for line in out.splitlines()
@@ -461,6 +497,65 @@ def test_kimi_audio_throughput_ends_every_row_at_its_drawn_lengths(capsys):
     for row in alternating:
         assert all(re.fullmatch(r" [\d.]+x \[[\d.]+, [\d.]+\] ", c) for c in row[2:4])
         assert int(row[4]) > 10  # hooked steps compared: about half the run's steps
+
+
+def _whole_conversion_rows(out: str, columns: int) -> dict:
+    """The main table's (batch, mode) -> its numeric cells, for a table of ``columns``."""
+    return {(r[0].strip(), r[2].strip()): [float(c.replace(",", "")) for c in r[3:]] for r in
+            (line.split("|")[1:-1] for line in out.splitlines())
+            if len(r) == columns and r[2].strip() in ("off", "capture")}
+
+
+def test_kimi_audio_throughput_times_whole_conversions_with_speech(capsys):
+    """``--speech``: every call's codes go through the speech decoder (80 ms of 16 kHz audio
+    a code), its seconds are part of the call's, and the paired table gives the whole
+    conversion and the LM's part from the same calls."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kimi_audio_throughput as bench
+    from workloads import esd_like
+
+    adapter = bench.build("tiny", "cpu", "float32")
+    bench.attach_speech(adapter, "tiny", max_rows=2)
+    attempts = esd_like(3, seed=4)
+    rows = bench.run(adapter, attempts, seed=0)
+    waves = adapter.speak_rows([r.codes for r in rows], [0, 1, 2])
+    assert [len(w) for w in waves] == [1280 * bench.answer_codes(a) for a in attempts]
+
+    bench.main(["--batches", "2", "--attempts", "2", "--repeats", "1", "--alternate-repeats", "0",
+                "--paired-repeats", "2", "--speech", "--speech-batch", "2"])
+    out = capsys.readouterr().out
+    assert "whole conversions: speech decoder (3 Euler points a chunk, 2 rows a call)" in out
+    for (batch, mode), (seconds, leaving, speech, rate, _) in _whole_conversion_rows(out, 8).items():
+        assert 0 < speech < seconds and abs(rate - 2 / seconds * 3600) <= 0.5 + 1e-3 * rate
+    sums = _assert_paired_table(out, [("2", "whole conversion", "2"), ("2", "text + codes", "2")])
+    for mode in (0, 1):  # the LM's part is part of the whole, call by call and so in sum
+        assert 0 < sums["2", "text + codes"][mode] < sums["2", "whole conversion"][mode]
+
+
+def test_minicpm_o_throughput_times_whole_conversions_with_speech(capsys):
+    """``--speech``: every call's codes go through the vocoder (40 ms of 16 kHz audio a code,
+    each row's source as its prompt); text, codes and speech are parts of the call."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import minicpm_o_throughput as bench
+    from workloads import esd_like
+
+    adapter = bench.build("tiny", "cpu", "float32")
+    adapter.vocoder = bench.build_vocoder("tiny", "cpu", 2)
+    attempts = esd_like(3, seed=2)
+    _, codes, _, _ = bench.convert(adapter, attempts, seed=0)
+    waves = bench.speak(adapter, attempts, codes, seed=0)
+    assert [len(w) for w in waves] == [640 * bench.answer_codes(a, adapter.sampling) for a in attempts]
+
+    bench.main(["--batches", "2", "--attempts", "2", "--repeats", "1", "--alternate-repeats", "0",
+                "--paired-repeats", "2", "--speech", "--speech-steps", "2"])
+    out = capsys.readouterr().out
+    assert "whole conversions: vocoder (float32, 2 flow steps, 16 rows a call)" in out
+    for (batch, mode), (total, text_s, code_s, speech_s, rate, _) in _whole_conversion_rows(out, 9).items():
+        assert 0 < text_s and 0 < code_s and 0 < speech_s
+        assert text_s + code_s + speech_s <= total + 0.002  # each printed to 1 ms
+    sums = _assert_paired_table(out, [("2", "whole conversion", "2"), ("2", "text + codes", "2")])
+    for mode in (0, 1):
+        assert 0 < sums["2", "text + codes"][mode] < sums["2", "whole conversion"][mode]
 
 
 def test_counts_to_host_times_every_staging_policy():
@@ -506,7 +601,7 @@ def test_minicpm_o_throughput_ends_every_row_at_its_drawn_lengths(capsys):
     bench.main(["--batches", "1", "2", "--attempts", "4", "--single-rows", "1", "--repeats", "1",
                 "--paired-repeats", "1"])
     out = capsys.readouterr().out
-    _assert_paired_table(out, [("2", "2")])  # 4 rows at batch 2, one pass: 2 calls
+    _assert_paired_table(out, [("2", "call", "2")])  # 4 rows at batch 2, one pass: 2 calls
     rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| [12] \| \d+ \| (off|capture) \|", line)]
     assert [(r[0].strip(), r[1].strip(), r[2].strip()) for r in rows] == [
         ("1", "1", "off"), ("1", "1", "capture"), ("2", "4", "off"), ("2", "4", "capture")]

@@ -331,6 +331,9 @@ def main(argv=None) -> int:
                         help="multiply the drawn text and codec lengths (default 1; --tiny 0.05)")
     parser.add_argument("--min-attempts", type=int, default=8,
                         help="attempts timed per batch size at least (a batch-1 loop runs this many)")
+    parser.add_argument("--batch1-attempts", type=int, default=None,
+                        help="attempts the batch-1 loop runs (default: --min-attempts), spread "
+                             "over the same draw, so one run can time it beside large batches")
     parser.add_argument("--seed", type=int, default=0, help="seed of the drawn workload")
     parser.add_argument("--text-tokens", type=int, default=None, help="--lengths fixed")
     parser.add_argument("--codec-tokens", type=int, default=None, help="--lengths fixed")
@@ -408,7 +411,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     results = []
     for batch in args.batches:
-        chosen = spread(draw, max(batch, args.min_attempts))
+        wanted = args.batch1_attempts if batch == 1 and args.batch1_attempts else args.min_attempts
+        chosen = spread(draw, max(batch, wanted))
         batches = []
         for start in range(0, len(chosen), batch):
             attempts = chosen[start : start + batch]

@@ -718,3 +718,65 @@ def test_token2wav_matrix_products_use_tf32_only_while_it_runs(adapter, sources,
         del token2wav.forward
     assert seen == [during]
     assert torch.get_float32_matmul_precision() == "highest"  # restored
+
+
+@batched
+@pytest.mark.parametrize("overlap, during", [(True, "high"), (False, "highest")])
+def test_decode_holds_token2wav_precision_only_when_speech_runs_beside_it(adapter, sources,
+                                                                          overlap, during):
+    """With overlap_speech a token2wav on the worker shares the one process-wide precision
+    with the decode, so the decode holds it from start to end: its float32 products never
+    change precision in mid-run. Without overlap the decode runs at the caller's."""
+    inputs = adapter.prepare(requests(sources)[:1])
+    chosen = QwenOmniAdapter.from_model(adapter.model, adapter.processor, overlap_speech=overlap,
+                                        **{k: v for k, v in SETTINGS.items() if k != "device"})
+    seen = []
+    handle = adapter.model.thinker.register_forward_pre_hook(
+        lambda *_: seen.append(torch.get_float32_matmul_precision()))
+    try:
+        chosen.generate_codes(inputs, [3])
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {during}
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_float32_precision_is_shared_by_threads_and_put_back_by_the_last():
+    """Two threads hold "high" with overlapping spans: it stays set until the last leaves,
+    then the previous precision is back; another precision while one is held is refused."""
+    import threading
+
+    from esn_core.models.qwen_omni import float32_matmul_precision
+
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with float32_matmul_precision("high"):
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second():
+        first_in.wait(5)
+        with float32_matmul_precision("high"):
+            second_in.set()
+            first_out.wait(5)
+            seen["after the first left"] = torch.get_float32_matmul_precision()
+            try:
+                with float32_matmul_precision("medium"):
+                    pass
+            except RuntimeError as error:
+                seen["refused"] = str(error)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    before = torch.get_float32_matmul_precision()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"after the first left": "high", "refused": "float32 matmul precision "
+                    "'medium' asked for while another thread holds 'high'"}
+    assert torch.get_float32_matmul_precision() == before == "highest"
+    with float32_matmul_precision(None):  # None: nothing held, nothing changed
+        assert torch.get_float32_matmul_precision() == "highest"

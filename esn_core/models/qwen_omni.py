@@ -36,7 +36,11 @@ Choices, each for a stated reason:
   float32 matrix products per 200-code row, which without TF32 run at a fraction of the
   tensor cores' rate. torch already runs its convolutions (BigVGAN) in TF32 by default, so
   ``token2wav_tf32`` (default on) sets ``float32_matmul_precision("high")`` for token2wav
-  alone and restores the caller's setting afterwards.
+  alone and restores the caller's setting afterwards. With ``overlap_speech`` token2wav
+  runs beside the next batch's decode, and the precision is one process-wide setting: the
+  decode then holds it too, so its few float32 products (the rotary angles) run in TF32
+  in every batch, whatever the timing. Such runs equal one another; on a GPU they may
+  differ in the last bits from runs with ``overlap_speech`` off.
 * **Groups by structure.** ``lm`` = the gated MLPs of the thinker's text decoder, found as
   the module that owns the thinker's input embedding and a ``layers`` list
   (``thinker.model`` in transformers 4.57 and 5.17, ``thinker.model.language_model`` in
@@ -462,16 +466,51 @@ def _initial_noise(noise: torch.Tensor):
         )
 
 
-@contextlib.contextmanager
+class _Float32Precision:
+    """torch's float32 matmul precision, held by any number of threads at once.
+
+    The precision is one process-wide setting. With ``overlap_speech`` token2wav runs on a
+    worker thread beside the next batch's decode, and a worker that set it and put it back
+    on its own would change the decode's float32 matrix products (e.g. its rotary angles)
+    in mid-run, and race with dynamo, which saves the setting before compiling and writes
+    it back after (torch 2.11 then refuses to read it: "mix of the legacy and new APIs").
+    So holders share it: the first sets it, the last puts the previous one back, and two
+    different precisions are never held at once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._holders, self._held, self._previous = 0, None, None
+
+    @contextlib.contextmanager
+    def hold(self, precision: str | None):
+        if precision is None:
+            yield
+            return
+        with self._lock:
+            if self._holders == 0:
+                self._previous = torch.get_float32_matmul_precision()
+                torch.set_float32_matmul_precision(precision)
+                self._held = precision
+            elif precision != self._held:
+                raise RuntimeError(f"float32 matmul precision {precision!r} asked for while another "
+                                   f"thread holds {self._held!r}")
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if self._holders == 0:
+                    torch.set_float32_matmul_precision(self._previous)
+
+
+_FLOAT32_PRECISION = _Float32Precision()
+
+
 def float32_matmul_precision(precision: str | None):
-    """``torch.set_float32_matmul_precision(precision)`` for the block (None: unchanged)."""
-    previous = torch.get_float32_matmul_precision()
-    if precision is not None:
-        torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    """``torch.set_float32_matmul_precision(precision)`` for the block (None: unchanged),
+    shared with other threads holding the same precision (``_Float32Precision``)."""
+    return _FLOAT32_PRECISION.hold(precision)
 
 
 @contextlib.contextmanager
@@ -883,6 +922,11 @@ class QwenOmniAdapter(LALMAdapter):
                     with contextlib.ExitStack() as graphs:
                         for runner in self._graph_runners:
                             graphs.enter_context(runner)
+                        # An earlier batch's token2wav may run beside this decode: both hold
+                        # its precision, so the decode's float32 products do not depend on
+                        # the timing (float32_matmul_precision).
+                        if self.overlap_speech:
+                            graphs.enter_context(float32_matmul_precision(self._speech_precision()))
                         result = self.model.generate(**inputs, **{**settings, **overrides})
                 finally:
                     if patched:
@@ -910,10 +954,13 @@ class QwenOmniAdapter(LALMAdapter):
         ``generate_codes`` runs (``overlap_speech``, ``begin_convert``).
         """
         exact = self.dtype == torch.float64
-        with float32_matmul_precision("high" if self.token2wav_tf32 else None):
+        with float32_matmul_precision(self._speech_precision()):
             return token2wav_batch(self._token2wav(), calls, seeds, self.token2wav_batch_size,
                                    dtype=torch.float64 if exact else None,
                                    ragged=self.token2wav_ragged)
+
+    def _speech_precision(self) -> str | None:
+        return "high" if self.token2wav_tf32 else None
 
     def _token2wav(self) -> nn.Module:
         """token2wav as ``speak`` runs it: the model's own, or beside a float64 model (tests)

@@ -567,16 +567,25 @@ ALTERNATING = ("plain/plain", "capture", "steer", "capture+steer")
 FAST_STATE = 1.25
 
 
+def composed_whole(prefill: float, decode: float, entering: float, leaving: float,
+                   prefill_ratio: float, step_ratios: list[float]) -> tuple[float, float]:
+    """A whole call's hooked/plain ratio composed from its parts, each measured where the
+    host's drift cancels: the plain prefill and decode times, entering and leaving the
+    session (hooked only), the prefill's paired ratio and the decode steps' alternating
+    ratios. Lowest and highest over ``step_ratios`` (e.g. a median and a mean ratio)."""
+    extra = entering + prefill * (prefill_ratio - 1) + leaving
+    whole = [1 + (extra + decode * (r - 1)) / (prefill + decode) for r in step_ratios]
+    return min(whole), max(whole)
+
+
 def composed_ratios(row: dict, mode: str) -> tuple[float, float]:
     """Lowest and highest whole-generate ratio that the parts give (see the table's title)."""
-    prefill, decode = row["prefill_ms"], row["decode_ms"]
-    extra = row["entering_ms"][mode] + prefill * (row[mode + " (prefill)"] - 1) + row["leaving_ms"][mode]
     step_ratios = []
     for by_mode in row["alternating"].values():
         result = by_mode[mode]
         step_ratios += [statistics.median(result["steps"]), statistics.median(result["means"])]
-    whole = [1 + (extra + decode * (r - 1)) / (prefill + decode) for r in step_ratios]
-    return min(whole), max(whole)
+    return composed_whole(row["prefill_ms"], row["decode_ms"], row["entering_ms"][mode],
+                          row["leaving_ms"][mode], row[mode + " (prefill)"], step_ratios)
 
 
 def fast_state_ratios(run_steps: dict[str, list[float]], times: dict[str, list[float]]) -> dict:

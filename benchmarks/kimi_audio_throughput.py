@@ -48,12 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without
 
 from hook_overhead import (  # noqa: E402
     ADAPTER_MODES as ALTERNATING, PAIRED_HEADER, Alternator, adapter_sessions, alternating_ratios,
-    paired_calls, paired_rows, quartiles, rotated, steering_plan, sync,
+    composed_whole, paired_calls, paired_rows, quartiles, rotated, steering_plan, sync,
 )
 from workloads import Attempt, add_throughput_arguments, describe, esd_like, spread  # noqa: E402
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
 from esn_core.models.kimi_audio import TOKEN_RATE, KimiAudioAdapter  # noqa: E402
-from esn_core.models.kimi_generate import Sampling  # noqa: E402
+from esn_core.models.kimi_generate import Sampling, generate_two_streams  # noqa: E402
 from esn_core.models.kimi_tokens import evc_prompt  # noqa: E402
 from esn_core.models.kimi_detokenizer import Detokenizer  # noqa: E402
 from kimi_detokenizer_batched import DIT, build as build_speech_decoder  # noqa: E402
@@ -230,6 +230,86 @@ def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int, de
     return out
 
 
+def prefill_call(adapter: KimiAudioAdapter, attempts: list[Attempt], seed: int) -> None:
+    """The prompt's prefill alone: the step loop with every row capped at one forward."""
+    batch = prompt_batch(adapter, attempts, seed)
+    rows = len(attempts)
+    generate_two_streams(adapter.lm, batch, adapter.ids, [seed + b for b in range(rows)],
+                         [1] * rows, adapter.sampling)
+
+
+def timed_prefill(adapter, engine, attempts, mode: str, device: str) -> dict[str, float]:
+    """One prefill's seconds, hooks as ``mode`` says; with capture also the seconds spent
+    entering and leaving its session (the counts to the host), timed apart."""
+    sync(device)
+    start = time.perf_counter()
+    if mode != "capture":
+        prefill_call(adapter, attempts, seed=0)
+        sync(device)
+        return {"prefill": time.perf_counter() - start, "entering": 0.0, "leaving": 0.0}
+    session = engine.session(capture={"lm": Capture(), "synth": Capture()})
+    session.__enter__()
+    sync(device)
+    entered = time.perf_counter()
+    try:
+        prefill_call(adapter, attempts, seed=0)
+        sync(device)
+    finally:
+        ran = time.perf_counter()
+        session.__exit__(None, None, None)
+        sync(device)
+    return {"prefill": ran - entered, "entering": entered - start,
+            "leaving": time.perf_counter() - ran}
+
+
+def composed_overhead(adapter, engine, attempts, batch: int, repeats: int, device: str) -> dict:
+    """Whole-call capture cost composed from parts that are each measured where the host's
+    drift cancels (whole calls paired back to back still drift by +-5-10 % on the lent
+    hosts): the prefill alone, off and capture paired call by call (``repeats`` x 4 pairs);
+    entering and leaving the session, timed apart in those calls; the decode steps'
+    alternating ratio (``alternating_overhead``, ``repeats`` runs); and the plain call's
+    prefill and decode times (the median whole call off, ``repeats`` calls, minus the
+    median prefill off). See ``hook_overhead.composed_whole``."""
+    chunk = attempts[:batch]
+    extra = {"entering": [], "leaving": []}
+
+    def time_prefill(part, mode):
+        t = timed_prefill(adapter, engine, part, mode, device)
+        if mode == "capture":
+            extra["entering"].append(t["entering"])
+            extra["leaving"].append(t["leaving"])
+        return t["prefill"]
+
+    (totals, pairs), = paired_calls([chunk] * (4 * repeats), time_prefill).values()
+    prefill_off = statistics.median(off for off, _ in pairs)
+    prefill_ratio = totals["capture"] / totals["off"]
+    whole_off = statistics.median(timed_rows(adapter, engine, chunk, batch, "off", device)["whole"]
+                                  for _ in range(repeats))
+    steps = alternating_overhead(adapter, engine, attempts, batch, repeats, device)["capture"]
+    step_ratios = [statistics.median(steps["steps"]), statistics.median(steps["means"])]
+    entering, leaving = (statistics.median(extra[k]) for k in ("entering", "leaving"))
+    decode_off = whole_off - prefill_off
+    low, high = composed_whole(prefill_off, decode_off, entering, leaving, prefill_ratio, step_ratios)
+    return {"prefill_off": prefill_off, "prefill_ratio": prefill_ratio,
+            "prefill_quartiles": quartiles([c / o for o, c in pairs]), "entering": entering,
+            "leaving": leaving, "decode_off": decode_off, "step_ratios": step_ratios,
+            "whole_off": whole_off, "composed": (low, high)}
+
+
+COMPOSED_HEADER = (
+    "| batch | prefill off ms | prefill capture / off (sums) [pair quartiles] | entering ms "
+    "| leaving ms | decode off s | capture step / plain neighbours (median, mean) "
+    "| whole call off s | composed capture / off |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def composed_row(batch: int, r: dict) -> str:
+    (qa, qb), (low, high) = r["prefill_quartiles"], r["composed"]
+    return (f"| {batch} | {1e3 * r['prefill_off']:.1f} | {r['prefill_ratio']:.3f}x [{qa:.3f}, {qb:.3f}] "
+            f"| {1e3 * r['entering']:.2f} | {1e3 * r['leaving']:.1f} | {r['decode_off']:.3f} | "
+            f"{r['step_ratios'][0]:.3f}x, {r['step_ratios'][1]:.3f}x | {r['whole_off']:.3f} | "
+            f"{low:.3f}x-{high:.3f}x |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_throughput_arguments(ap, SHAPES)
@@ -241,6 +321,10 @@ def main(argv=None) -> None:
     ap.add_argument("--paired-repeats", type=int, default=0,
                     help="passes over the rows with off and capture paired call by call "
                          "(whole-run capture cost without the host's drift; 0: skip it)")
+    ap.add_argument("--composed-repeats", type=int, default=0,
+                    help="whole-call capture cost composed from parts measured where drift "
+                         "cancels (composed_overhead): alternating runs, whole off calls, and "
+                         "4x as many paired prefills (0: skip it)")
     ap.add_argument("--speech", action="store_true",
                     help="time whole conversions: the speech decoder runs on each call's codes")
     ap.add_argument("--speech-batch", type=int, default=8,
@@ -307,6 +391,12 @@ def main(argv=None) -> None:
         for batch in sorted(b for b in args.batches if b > 1):
             print(paired_rows(batch, paired_chunks(adapter, engine, attempts, batch,
                                                    args.paired_repeats, args.device)))
+    if args.composed_repeats:
+        print("\n" + COMPOSED_HEADER)
+        for batch in sorted(args.batches):
+            result = composed_overhead(adapter, engine, attempts, batch, args.composed_repeats,
+                                       args.device)
+            print(composed_row(batch, result), flush=True)
     for batch in sorted(args.batches) if args.repeats else ():
         if "off" in args.modes and "capture" in args.modes:
             print(f"# batch {batch}: capture overhead "

@@ -506,6 +506,41 @@ def _whole_conversion_rows(out: str, columns: int) -> dict:
             if len(r) == columns and r[2].strip() in ("off", "capture")}
 
 
+def test_composed_whole_adds_each_part_of_a_call():
+    """Known answer: prefill 1 s (capture 1.5x), decode 9 s, entering 0.1 s and leaving
+    0.2 s: capture adds 0.1 + 0.5 + 0.2 s and 9 s x (step ratio - 1) to a 10 s call."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from hook_overhead import composed_whole
+
+    low, high = composed_whole(1.0, 9.0, 0.1, 0.2, 1.5, [1.02, 1.01])
+    assert abs(low - 1.089) < 1e-12 and abs(high - 1.098) < 1e-12
+    assert composed_whole(2.0, 6.0, 0.0, 0.0, 1.0, [1.0]) == (1.0, 1.0)  # nothing added
+
+
+def test_kimi_audio_composed_overhead_table_is_its_parts(capsys):
+    """``--composed-repeats``: one row per batch; the composed ratio is the printed parts'
+    (up to their printing), the decode the whole call less its prefill."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kimi_audio_throughput as bench
+
+    bench.main(["--batches", "2", "--attempts", "2", "--repeats", "0", "--alternate-repeats", "0",
+                "--composed-repeats", "1"])
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| 2 \| [\d.]+ \| ", line)]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0]]
+    prefill, entering, leaving, decode, whole = (float(cells[i]) for i in (1, 3, 4, 5, 7))
+    prefill_ratio = float(cells[2].split("x")[0])
+    steps = [float(x) for x in re.findall(r"([\d.]+)x", cells[6])]
+    low, high = (float(x) for x in re.fullmatch(r"([\d.]+)x-([\d.]+)x", cells[8]).groups())
+    assert len(steps) == 2 and prefill > 0 and decode > 0 and entering >= 0 and leaving > 0
+    assert abs(decode + prefill / 1e3 - whole) <= 0.002
+    for ratio, expected in zip(sorted([low, high]), sorted(
+            1 + ((entering + prefill * (prefill_ratio - 1) + leaving) / 1e3 + decode * (r - 1))
+            / (prefill / 1e3 + decode) for r in steps)):
+        assert abs(ratio - expected) <= 0.003
+
+
 def test_kimi_audio_throughput_times_whole_conversions_with_speech(capsys):
     """``--speech``: every call's codes go through the speech decoder (80 ms of 16 kHz audio
     a code), its seconds are part of the call's, and the paired table gives the whole

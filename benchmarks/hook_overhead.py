@@ -567,15 +567,29 @@ ALTERNATING = ("plain/plain", "capture", "steer", "capture+steer")
 FAST_STATE = 1.25
 
 
+def composed_loops(whole: float, entering: float, leaving: float,
+                   loops: list[tuple[float, float, float, list[float]]]) -> tuple[float, float]:
+    """A whole call's hooked/plain ratio composed from its parts, each measured where the
+    host's drift cancels: ``whole``, the plain call's seconds; entering and leaving the
+    session (hooked only); and per hooked loop (prefill then decode steps) its plain
+    prefill seconds, the prefill's paired ratio, its plain decode seconds and its decode
+    steps' alternating ratios (e.g. a median and a mean ratio, the same kinds for every
+    loop). Time outside the loops (``whole`` less theirs) runs no hook. Lowest and highest
+    over the kinds of step ratio."""
+    fixed = entering + leaving + sum(prefill * (ratio - 1) for prefill, ratio, _, _ in loops)
+    kinds = {len(steps) for _, _, _, steps in loops}
+    if len(kinds) != 1:
+        raise ValueError("every loop needs the same kinds of step ratio")
+    whole_ratios = [1 + (fixed + sum(decode * (steps[k] - 1) for _, _, decode, steps in loops)) / whole
+                    for k in range(kinds.pop())]
+    return min(whole_ratios), max(whole_ratios)
+
+
 def composed_whole(prefill: float, decode: float, entering: float, leaving: float,
                    prefill_ratio: float, step_ratios: list[float]) -> tuple[float, float]:
-    """A whole call's hooked/plain ratio composed from its parts, each measured where the
-    host's drift cancels: the plain prefill and decode times, entering and leaving the
-    session (hooked only), the prefill's paired ratio and the decode steps' alternating
-    ratios. Lowest and highest over ``step_ratios`` (e.g. a median and a mean ratio)."""
-    extra = entering + prefill * (prefill_ratio - 1) + leaving
-    whole = [1 + (extra + decode * (r - 1)) / (prefill + decode) for r in step_ratios]
-    return min(whole), max(whole)
+    """``composed_loops`` for a call that is one prefill and its decode steps."""
+    return composed_loops(prefill + decode, entering, leaving,
+                          [(prefill, prefill_ratio, decode, step_ratios)])
 
 
 def composed_ratios(row: dict, mode: str) -> tuple[float, float]:

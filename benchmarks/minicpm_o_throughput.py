@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without
 
 from hook_overhead import (  # noqa: E402
     ADAPTER_MODES as ALTERNATING, PAIRED_HEADER, Alternator, adapter_sessions, alternating_ratios,
-    paired_calls, paired_rows, rotated, steering_plan, sync,
+    composed_loops, paired_calls, paired_rows, quartiles, rotated, steering_plan, sync,
 )
 from workloads import (  # noqa: E402
     Attempt, add_throughput_arguments, codes_at, describe, esd_like, spread,
@@ -298,6 +298,98 @@ def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int):
     return out
 
 
+ONE_CODE = CodeSampling(min_codes=0, max_codes=1)  # the code loop's prefill alone
+
+
+def timed_prefills(adapter, engine, attempts, conditions, mode: str) -> dict[str, float]:
+    """The two loops' prefills alone (the text pass capped at one forward, the code loop at
+    one code, on the conditions of the rows' real answers), hooks as ``mode`` says; with
+    capture also the seconds spent entering and leaving its session, timed apart."""
+    device = str(adapter.llm.device)
+    prompts = prompts_for(adapter, attempts, seed=0)
+    seeds = list(range(len(attempts)))
+    session = engine.session(capture={"lm": Capture(), "synth": Capture()}) if mode == "capture" else None
+    sync(device)
+    start = time.perf_counter()
+    if session is not None:
+        session.__enter__()
+        sync(device)
+    entered = time.perf_counter()
+    try:
+        greedy_batch(adapter.llm, prompts, adapter.end_ids, adapter.pad, 1)
+        sync(device)
+        text_done = time.perf_counter()
+        generate_codes(adapter.step, conditions, seeds, ONE_CODE)
+        sync(device)
+    finally:
+        ran = time.perf_counter()
+        if session is not None:
+            session.__exit__(None, None, None)
+            sync(device)
+    return {"text prefill": text_done - entered, "code prefill": ran - text_done,
+            "entering": entered - start, "leaving": time.perf_counter() - ran}
+
+
+def composed_overhead(adapter, engine, attempts, batch: int, repeats: int) -> dict:
+    """Whole-call capture cost composed from parts each measured where the host's drift
+    cancels (as ``kimi_audio_throughput.composed_overhead``), for both loops: their
+    prefills alone, off and capture paired call by call (``repeats`` x 4 pairs), entering
+    and leaving the session timed apart in those calls, each loop's decode steps by
+    alternation (``repeats`` runs), and the plain call's parts (median of ``repeats`` whole
+    calls off). The TTS conditions run no hook (outside both loops)."""
+    chunk = attempts[:batch]
+    texts, _, _, _ = convert(adapter, chunk, seed=0)
+    conditions = [tts_condition(adapter.tts, t.tokens[:t.hidden.shape[0]], t.hidden) for t in texts]
+    extra = {"entering": [], "leaving": []}
+
+    def time_prefills(part, mode):
+        t = timed_prefills(adapter, engine, part, conditions, mode)
+        if mode == "capture":
+            extra["entering"].append(t["entering"])
+            extra["leaving"].append(t["leaving"])
+        return {k: t[k] for k in ("text prefill", "code prefill")}
+
+    prefills = paired_calls([chunk] * (4 * repeats), time_prefills)
+    calls = [timed_rows(adapter, engine, chunk, batch, "off") for _ in range(repeats)]
+    whole, loop_off = (statistics.median(c["whole"] - c["speech"] for c in calls),
+                       {"text": statistics.median(c["text"] for c in calls),
+                        "codes": statistics.median(c["codes"] for c in calls)})
+    steps = alternating_overhead(adapter, engine, attempts, batch, repeats)
+    loops, out = [], {"whole_off": whole, "loops": {}}
+    for loop, name in (("text", "text prefill"), ("codes", "code prefill")):
+        totals, pairs = prefills[name]
+        prefill_off = statistics.median(off for off, _ in pairs)
+        result = steps["capture", loop]
+        ratios = [statistics.median(result["steps"]), statistics.median(result["means"])]
+        decode_off = loop_off[loop] - prefill_off
+        loops.append((prefill_off, totals["capture"] / totals["off"], decode_off, ratios))
+        out["loops"][loop] = {"prefill_off": prefill_off, "prefill_ratio": loops[-1][1],
+                              "prefill_quartiles": quartiles([c / o for o, c in pairs]),
+                              "decode_off": decode_off, "step_ratios": ratios}
+    out["entering"], out["leaving"] = (statistics.median(extra[k]) for k in ("entering", "leaving"))
+    out["composed"] = composed_loops(whole, out["entering"], out["leaving"], loops)
+    return out
+
+
+COMPOSED_HEADER = (
+    "| batch | loop | prefill off ms | prefill capture / off (sums) [pair quartiles] "
+    "| decode off s | capture step / plain neighbours (median, mean) |\n|---|---|---|---|---|---|")
+
+
+def composed_rows(batch: int, r: dict) -> str:
+    lines = []
+    for loop, p in r["loops"].items():
+        qa, qb = p["prefill_quartiles"]
+        lines.append(f"| {batch} | {loop} | {1e3 * p['prefill_off']:.1f} | {p['prefill_ratio']:.3f}x "
+                     f"[{qa:.3f}, {qb:.3f}] | {p['decode_off']:.3f} | {p['step_ratios'][0]:.3f}x, "
+                     f"{p['step_ratios'][1]:.3f}x |")
+    low, high = r["composed"]
+    lines.append(f"# batch {batch}: entering {1e3 * r['entering']:.2f} ms, leaving "
+                 f"{1e3 * r['leaving']:.1f} ms, whole call off {r['whole_off']:.3f} s (text + codes); "
+                 f"composed capture / off {low:.3f}x-{high:.3f}x")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_throughput_arguments(ap, SHAPES)
@@ -308,6 +400,10 @@ def main(argv=None) -> None:
     ap.add_argument("--paired-repeats", type=int, default=0,
                     help="passes over the rows with off and capture paired call by call "
                          "(whole-run capture cost without the host's drift; 0: skip it)")
+    ap.add_argument("--composed-repeats", type=int, default=0,
+                    help="whole-call capture cost composed from parts measured where drift "
+                         "cancels (composed_overhead): alternating runs, whole off calls, and "
+                         "4x as many paired prefills (0: skip it)")
     ap.add_argument("--speech", action="store_true",
                     help="time whole conversions: the vocoder runs on each call's codes")
     ap.add_argument("--speech-batch", type=int, default=16,
@@ -371,6 +467,11 @@ def main(argv=None) -> None:
         for batch in sorted(b for b in args.batches if b > 1):
             print(paired_rows(batch, paired_chunks(adapter, engine, attempts, batch,
                                                    args.paired_repeats)))
+    if args.composed_repeats:
+        print("\n" + COMPOSED_HEADER)
+        for batch in sorted(args.batches):
+            print(composed_rows(batch, composed_overhead(adapter, engine, attempts, batch,
+                                                         args.composed_repeats)), flush=True)
     for batch in sorted(args.batches) if args.repeats else ():
         print(f"# batch {batch}: capture overhead {rates[batch, 'off'] / rates[batch, 'capture']:.3f}x")
         if batch != 1 and 1 in args.batches:

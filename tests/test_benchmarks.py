@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -510,11 +511,19 @@ def test_composed_whole_adds_each_part_of_a_call():
     """Known answer: prefill 1 s (capture 1.5x), decode 9 s, entering 0.1 s and leaving
     0.2 s: capture adds 0.1 + 0.5 + 0.2 s and 9 s x (step ratio - 1) to a 10 s call."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from hook_overhead import composed_whole
+    from hook_overhead import composed_loops, composed_whole
 
     low, high = composed_whole(1.0, 9.0, 0.1, 0.2, 1.5, [1.02, 1.01])
     assert abs(low - 1.089) < 1e-12 and abs(high - 1.098) < 1e-12
     assert composed_whole(2.0, 6.0, 0.0, 0.0, 1.0, [1.0]) == (1.0, 1.0)  # nothing added
+    # two loops in a 20 s call (2 s of it unhooked): 0.3 s fixed, prefills +0.2 and +0.1 s,
+    # decodes 8 s and 6 s at +1 % / +2 % (medians) and +2 % / +1 % (means)
+    low, high = composed_loops(20.0, 0.1, 0.2, [(2.0, 1.1, 8.0, [1.01, 1.02]),
+                                                (2.0, 1.05, 6.0, [1.02, 1.01])])
+    assert abs(low - (1 + (0.6 + 0.08 + 0.12) / 20)) < 1e-12
+    assert abs(high - (1 + (0.6 + 0.16 + 0.06) / 20)) < 1e-12
+    with pytest.raises(ValueError, match="same kinds"):
+        composed_loops(1.0, 0, 0, [(0.1, 1.0, 0.5, [1.0]), (0.1, 1.0, 0.3, [1.0, 1.1])])
 
 
 def test_kimi_audio_composed_overhead_table_is_its_parts(capsys):
@@ -539,6 +548,34 @@ def test_kimi_audio_composed_overhead_table_is_its_parts(capsys):
             1 + ((entering + prefill * (prefill_ratio - 1) + leaving) / 1e3 + decode * (r - 1))
             / (prefill / 1e3 + decode) for r in steps)):
         assert abs(ratio - expected) <= 0.003
+
+
+def test_minicpm_o_composed_overhead_is_its_loops_parts(capsys):
+    """``--composed-repeats``: a row per loop (text, codes) and the composed ratio, which
+    is ``composed_loops`` of the printed parts (up to their printing)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import minicpm_o_throughput as bench
+
+    bench.main(["--batches", "2", "--attempts", "2", "--repeats", "0", "--alternate-repeats", "0",
+                "--composed-repeats", "1"])
+    out = capsys.readouterr().out
+    rows = {r[1].strip(): [c.strip() for c in r] for r in
+            (line.split("|")[1:-1] for line in out.splitlines())
+            if len(r) == 6 and r[0].strip() == "2" and r[1].strip() in ("text", "codes")}
+    assert list(rows) == ["text", "codes"]
+    summary = re.search(r"# batch 2: entering ([\d.]+) ms, leaving ([\d.]+) ms, whole call off "
+                        r"([\d.]+) s \(text \+ codes\); composed capture / off ([\d.]+)x-([\d.]+)x", out)
+    entering, leaving, whole, low, high = map(float, summary.groups())
+    fixed = (entering + leaving) / 1e3
+    decode_extra = [0.0, 0.0]
+    for cells in rows.values():
+        prefill, ratio, decode = float(cells[2]) / 1e3, float(cells[3].split("x")[0]), float(cells[4])
+        assert prefill > 0 and decode > 0
+        fixed += prefill * (ratio - 1)
+        for k, step in enumerate(re.findall(r"([\d.]+)x", cells[5])):
+            decode_extra[k] += decode * (float(step) - 1)
+    expected = sorted(1 + (fixed + extra) / whole for extra in decode_extra)
+    assert abs(low - expected[0]) <= 0.004 and abs(high - expected[1]) <= 0.004
 
 
 def test_kimi_audio_throughput_times_whole_conversions_with_speech(capsys):

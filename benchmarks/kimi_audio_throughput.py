@@ -196,7 +196,7 @@ def paired_chunks(adapter, engine, attempts, batch: int, repeats: int, device: s
 
 
 def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int, device: str,
-                         period: int = 2) -> dict[str, dict[str, list[float]]]:
+                         period: int = 2, modes: tuple[str, ...] = ALTERNATING) -> dict[str, dict[str, list[float]]]:
     """Per-step hook cost: each hooked mode runs one ``generate`` with its hooks on for one
     step in ``period`` (``hook_overhead.Alternator``), and each hooked step is compared with
     its two plain neighbours, which share the machine's state of the moment (whole-run wall
@@ -207,9 +207,9 @@ def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int, de
     plan = steering_plan(adapter.groups()["lm"].layout, batch, 0.005, seed=batch)
     sessions = adapter_sessions(engine, ("lm", "synth"), {"lm": plan})
     chunk = attempts[:batch]
-    out = {m: {"steps": [], "runs": [], "means": []} for m in ALTERNATING}
+    out = {m: {"steps": [], "runs": [], "means": []} for m in modes}
     for repeat in range(repeats):
-        for mode in rotated(ALTERNATING, repeat):
+        for mode in rotated(modes, repeat):
             stamps: list[float] = []
             with sessions[mode]() as session:
                 alternator = Alternator(session, period)
@@ -267,7 +267,8 @@ def composed_overhead(adapter, engine, attempts, batch: int, repeats: int, devic
     drift cancels (whole calls paired back to back still drift by +-5-10 % on the lent
     hosts): the prefill alone, off and capture paired call by call (``repeats`` x 4 pairs);
     entering and leaving the session, timed apart in those calls; the decode steps'
-    alternating ratio (``alternating_overhead``, ``repeats`` runs); and the plain call's
+    alternating ratio (``alternating_overhead``, ``repeats`` runs; its ``control``, which
+    toggles nothing, printed beside it: the alternation's own bias); and the plain call's
     prefill and decode times (the median whole call off, ``repeats`` calls, minus the
     median prefill off). See ``hook_overhead.composed_whole``."""
     chunk = attempts[:batch]
@@ -285,28 +286,33 @@ def composed_overhead(adapter, engine, attempts, batch: int, repeats: int, devic
     prefill_ratio = totals["capture"] / totals["off"]
     whole_off = statistics.median(timed_rows(adapter, engine, chunk, batch, "off", device)["whole"]
                                   for _ in range(repeats))
-    steps = alternating_overhead(adapter, engine, attempts, batch, repeats, device)["capture"]
-    step_ratios = [statistics.median(steps["steps"]), statistics.median(steps["means"])]
+    alternated = alternating_overhead(adapter, engine, attempts, batch, repeats, device,
+                                      modes=("control", "capture"))
+    step_ratios, control = ([statistics.median(alternated[m]["steps"]),
+                             statistics.median(alternated[m]["means"])] for m in ("capture", "control"))
     entering, leaving = (statistics.median(extra[k]) for k in ("entering", "leaving"))
     decode_off = whole_off - prefill_off
     low, high = composed_whole(prefill_off, decode_off, entering, leaving, prefill_ratio, step_ratios)
     return {"prefill_off": prefill_off, "prefill_ratio": prefill_ratio,
             "prefill_quartiles": quartiles([c / o for o, c in pairs]), "entering": entering,
             "leaving": leaving, "decode_off": decode_off, "step_ratios": step_ratios,
+            "control_ratios": control,
             "whole_off": whole_off, "composed": (low, high)}
 
 
 COMPOSED_HEADER = (
     "| batch | prefill off ms | prefill capture / off (sums) [pair quartiles] | entering ms "
     "| leaving ms | decode off s | capture step / plain neighbours (median, mean) "
-    "| whole call off s | composed capture / off |\n|---|---|---|---|---|---|---|---|---|")
+    "| control step (median, mean) | whole call off s | composed capture / off |\n"
+    "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def composed_row(batch: int, r: dict) -> str:
     (qa, qb), (low, high) = r["prefill_quartiles"], r["composed"]
     return (f"| {batch} | {1e3 * r['prefill_off']:.1f} | {r['prefill_ratio']:.3f}x [{qa:.3f}, {qb:.3f}] "
             f"| {1e3 * r['entering']:.2f} | {1e3 * r['leaving']:.1f} | {r['decode_off']:.3f} | "
-            f"{r['step_ratios'][0]:.3f}x, {r['step_ratios'][1]:.3f}x | {r['whole_off']:.3f} | "
+            f"{r['step_ratios'][0]:.3f}x, {r['step_ratios'][1]:.3f}x | {r['control_ratios'][0]:.3f}x, "
+            f"{r['control_ratios'][1]:.3f}x | {r['whole_off']:.3f} | "
             f"{low:.3f}x-{high:.3f}x |")
 
 

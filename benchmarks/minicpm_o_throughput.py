@@ -271,7 +271,8 @@ class LoopClock:
         self.alternator.close()
 
 
-def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int):
+def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int,
+                         modes: tuple[str, ...] = ALTERNATING):
     """Per-step hook cost in each loop: hooks on for every other forward of one conversion,
     each hooked step over its two plain neighbours (as ``kimi_audio_throughput``); capture
     and steering on both groups (steering: 0.5 % of each group's neurons per row, one row
@@ -280,9 +281,9 @@ def alternating_overhead(adapter, engine, attempts, batch: int, repeats: int):
     layouts = {name: group.layout for name, group in adapter.groups().items()}
     plans = {name: steering_plan(layout, batch, 0.005, seed=batch) for name, layout in layouts.items()}
     sessions = adapter_sessions(engine, ("lm", "synth"), plans)
-    out = {(m, loop): {"steps": [], "means": []} for m in ALTERNATING for loop in LOOPS}
+    out = {(m, loop): {"steps": [], "means": []} for m in modes for loop in LOOPS}
     for repeat in range(repeats):
-        for mode in rotated(ALTERNATING, repeat):
+        for mode in rotated(modes, repeat):
             with sessions[mode]() as session:
                 clocks = {loop: LoopClock(session, device) for loop in LOOPS}
                 try:
@@ -354,18 +355,21 @@ def composed_overhead(adapter, engine, attempts, batch: int, repeats: int) -> di
     whole, loop_off = (statistics.median(c["whole"] - c["speech"] for c in calls),
                        {"text": statistics.median(c["text"] for c in calls),
                         "codes": statistics.median(c["codes"] for c in calls)})
-    steps = alternating_overhead(adapter, engine, attempts, batch, repeats)
+    steps = alternating_overhead(adapter, engine, attempts, batch, repeats,
+                                 modes=("control", "capture"))
     loops, out = [], {"whole_off": whole, "loops": {}}
     for loop, name in (("text", "text prefill"), ("codes", "code prefill")):
         totals, pairs = prefills[name]
         prefill_off = statistics.median(off for off, _ in pairs)
         result = steps["capture", loop]
         ratios = [statistics.median(result["steps"]), statistics.median(result["means"])]
+        control = [statistics.median(steps["control", loop][k]) for k in ("steps", "means")]
         decode_off = loop_off[loop] - prefill_off
         loops.append((prefill_off, totals["capture"] / totals["off"], decode_off, ratios))
         out["loops"][loop] = {"prefill_off": prefill_off, "prefill_ratio": loops[-1][1],
                               "prefill_quartiles": quartiles([c / o for o, c in pairs]),
-                              "decode_off": decode_off, "step_ratios": ratios}
+                              "decode_off": decode_off, "step_ratios": ratios,
+                              "control_ratios": control}
     out["entering"], out["leaving"] = (statistics.median(extra[k]) for k in ("entering", "leaving"))
     out["composed"] = composed_loops(whole, out["entering"], out["leaving"], loops)
     return out
@@ -373,7 +377,8 @@ def composed_overhead(adapter, engine, attempts, batch: int, repeats: int) -> di
 
 COMPOSED_HEADER = (
     "| batch | loop | prefill off ms | prefill capture / off (sums) [pair quartiles] "
-    "| decode off s | capture step / plain neighbours (median, mean) |\n|---|---|---|---|---|---|")
+    "| decode off s | capture step / plain neighbours (median, mean) | control step (median, mean) |\n"
+    "|---|---|---|---|---|---|---|")
 
 
 def composed_rows(batch: int, r: dict) -> str:
@@ -382,7 +387,8 @@ def composed_rows(batch: int, r: dict) -> str:
         qa, qb = p["prefill_quartiles"]
         lines.append(f"| {batch} | {loop} | {1e3 * p['prefill_off']:.1f} | {p['prefill_ratio']:.3f}x "
                      f"[{qa:.3f}, {qb:.3f}] | {p['decode_off']:.3f} | {p['step_ratios'][0]:.3f}x, "
-                     f"{p['step_ratios'][1]:.3f}x |")
+                     f"{p['step_ratios'][1]:.3f}x | {p['control_ratios'][0]:.3f}x, "
+                     f"{p['control_ratios'][1]:.3f}x |")
     low, high = r["composed"]
     lines.append(f"# batch {batch}: entering {1e3 * r['entering']:.2f} ms, leaving "
                  f"{1e3 * r['leaving']:.1f} ms, whole call off {r['whole_off']:.3f} s (text + codes); "

@@ -538,10 +538,11 @@ def test_kimi_audio_composed_overhead_table_is_its_parts(capsys):
     rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| 2 \| [\d.]+ \| ", line)]
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0]]
-    prefill, entering, leaving, decode, whole = (float(cells[i]) for i in (1, 3, 4, 5, 7))
+    prefill, entering, leaving, decode, whole = (float(cells[i]) for i in (1, 3, 4, 5, 8))
     prefill_ratio = float(cells[2].split("x")[0])
     steps = [float(x) for x in re.findall(r"([\d.]+)x", cells[6])]
-    low, high = (float(x) for x in re.fullmatch(r"([\d.]+)x-([\d.]+)x", cells[8]).groups())
+    assert len(re.findall(r"([\d.]+)x", cells[7])) == 2  # the control's, printed beside
+    low, high = (float(x) for x in re.fullmatch(r"([\d.]+)x-([\d.]+)x", cells[9]).groups())
     assert len(steps) == 2 and prefill > 0 and decode > 0 and entering >= 0 and leaving > 0
     assert abs(decode + prefill / 1e3 - whole) <= 0.002
     for ratio, expected in zip(sorted([low, high]), sorted(
@@ -561,7 +562,7 @@ def test_minicpm_o_composed_overhead_is_its_loops_parts(capsys):
     out = capsys.readouterr().out
     rows = {r[1].strip(): [c.strip() for c in r] for r in
             (line.split("|")[1:-1] for line in out.splitlines())
-            if len(r) == 6 and r[0].strip() == "2" and r[1].strip() in ("text", "codes")}
+            if len(r) == 7 and r[0].strip() == "2" and r[1].strip() in ("text", "codes")}
     assert list(rows) == ["text", "codes"]
     summary = re.search(r"# batch 2: entering ([\d.]+) ms, leaving ([\d.]+) ms, whole call off "
                         r"([\d.]+) s \(text \+ codes\); composed capture / off ([\d.]+)x-([\d.]+)x", out)

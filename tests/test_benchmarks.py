@@ -688,3 +688,17 @@ def test_minicpm_o_throughput_ends_every_row_at_its_drawn_lengths(capsys):
     assert [tuple(c.strip() for c in r[:3]) for r in alternating] == [
         (b, loop, m) for b in ("1", "2") for loop in bench.LOOPS for m in bench.ALTERNATING]
     assert all(int(r[5]) >= 2 for r in alternating if r[1].strip() == "codes")
+
+
+def test_decode_beside_runs_the_decode_alone_and_beside_each_load():
+    """Every load ran while the decode did (its rounds counted), the decode is timed in each
+    condition, and ``alone`` is its own reference (1.00x)."""
+    out = _run("benchmarks/decode_beside.py", "--tiny")
+    rows = {r[0].strip(): [c.strip() for c in r[1:]] for r in
+            (line.split("|")[1:-1] for line in out.splitlines())
+            if len(r) == 6 and r[0].strip() in ("alone", "host", "device", "token2wav")}
+    assert list(rows) == ["alone", "host", "device", "token2wav"]
+    assert rows["alone"][1] == rows["alone"][3] == "1.00x" and rows["alone"][4] == "0"
+    for load in ("host", "device", "token2wav"):
+        thinker, talker = float(rows[load][0]), float(rows[load][2])
+        assert thinker > 0 and talker > 0 and float(rows[load][4]) >= 1

@@ -29,8 +29,16 @@ hosts drift by more than the hooks cost, so each hooked mode (capture on both gr
 steering on ``lm``, both) also runs with its hooks on for every other step, and a hooked
 step is compared with its plain neighbours; ``control`` shows what noise alone gives.
 
+Whole-call capture cost (``--composed-repeats``): whole calls paired back to back still
+drift by +-5-10 % on those hosts, so the whole call is also composed from its parts, each
+measured where the drift cancels (``composed_overhead``): the prefill alone paired call by
+call, entering and leaving the session timed apart, the decode steps by alternation (with
+its ``control`` beside it), and the plain call's prefill and decode times.
+
     python benchmarks/kimi_audio_throughput.py --shape full --device cuda --batches 1 64 \
         --alternate-repeats 4
+    python benchmarks/kimi_audio_throughput.py --shape full --device cuda --batches 256 \
+        --attempts 256 --repeats 0 --alternate-repeats 0 --composed-repeats 3
 """
 
 from __future__ import annotations

@@ -27,7 +27,12 @@ codes a second, at least upstream's 50. Random weights never end on their own, s
 pass and the code loop are forced to end each row at its drawn lengths (``ForcedText``,
 ``ForcedCodes``): rows of a batch finish at different steps, as real conversions do.
 
+``--composed-repeats`` composes the whole call's capture cost from parts measured where the
+host's drift cancels, as ``kimi_audio_throughput.py`` does, for both loops (text, codes).
+
     python benchmarks/minicpm_o_throughput.py --shape full --device cuda --batches 1 64 256
+    python benchmarks/minicpm_o_throughput.py --shape full --device cuda --batches 256 \
+        --attempts 256 --repeats 0 --alternate-repeats 0 --composed-repeats 3
 """
 
 from __future__ import annotations

@@ -408,15 +408,6 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--alternate-repeats", type=int, default=1,
                     help="conversions per hooked mode for the per-step overhead (0: skip it)")
-    ap.add_argument("--paired-repeats", type=int, default=0,
-                    help="passes over the rows with off and capture paired call by call "
-                         "(whole-run capture cost without the host's drift; 0: skip it)")
-    ap.add_argument("--composed-repeats", type=int, default=0,
-                    help="whole-call capture cost composed from parts measured where drift "
-                         "cancels (composed_overhead): alternating runs, whole off calls, and "
-                         "4x as many paired prefills (0: skip it)")
-    ap.add_argument("--speech", action="store_true",
-                    help="time whole conversions: the vocoder runs on each call's codes")
     ap.add_argument("--speech-batch", type=int, default=16,
                     help="rows per vocoder call (the adapter's vocoder_batch_size)")
     ap.add_argument("--speech-steps", type=int, default=10,

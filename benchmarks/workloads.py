@@ -218,7 +218,8 @@ def vocoder_device(ap, args) -> str:
 
 
 def add_throughput_arguments(ap, shapes) -> None:
-    """The options the adapter throughput benchmarks share (shape, device, batches, rows)."""
+    """The options the adapter throughput benchmarks share (shape, device, batches, rows,
+    the whole-call capture cost's ways, whole conversions)."""
     ap.add_argument("--shape", choices=sorted(shapes), default="tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
@@ -227,3 +228,13 @@ def add_throughput_arguments(ap, shapes) -> None:
                     help="rows per batched measurement (default: the largest batch)")
     ap.add_argument("--single-rows", type=int, default=4,
                     help="rows the batch-1 loop is timed on (spread over the length range)")
+    # Whole-call capture cost, two ways around the lent hosts' drift (hook_overhead.py).
+    ap.add_argument("--paired-repeats", type=int, default=0,
+                    help="passes over the rows with off and capture paired call by call "
+                         "(whole-run capture cost without the host's drift; 0: skip it)")
+    ap.add_argument("--composed-repeats", type=int, default=0,
+                    help="whole-call capture cost composed from parts measured where drift "
+                         "cancels (composed_overhead): alternating runs, whole off calls, and "
+                         "4x as many paired prefills (0: skip it)")
+    ap.add_argument("--speech", action="store_true",
+                    help="time whole conversions: the speech decoder runs on each call's codes")

@@ -342,7 +342,8 @@ def composed_overhead(adapter, engine, attempts, batch: int, repeats: int) -> di
     prefills alone, off and capture paired call by call (``repeats`` x 4 pairs), entering
     and leaving the session timed apart in those calls, each loop's decode steps by
     alternation (``repeats`` runs), and the plain call's parts (median of ``repeats`` whole
-    calls off). The TTS conditions run no hook (outside both loops)."""
+    calls off). The TTS conditions (no hook) count as the text loop's decode time, so the
+    composed cost errs high by their share."""
     chunk = attempts[:batch]
     texts, _, _, _ = convert(adapter, chunk, seed=0)
     conditions = [tts_condition(adapter.tts, t.tokens[:t.hidden.shape[0]], t.hidden) for t in texts]

@@ -38,7 +38,7 @@ Choices, each for a stated reason:
   ``token2wav_tf32`` (default on) sets ``float32_matmul_precision("high")`` for token2wav
   alone and restores the caller's setting afterwards. With ``overlap_speech`` token2wav
   runs beside the next batch's decode, and the precision is one process-wide setting: the
-  decode then holds it too, so its few float32 products (the rotary angles) run in TF32
+  decode then holds it too, so its float32 products (e.g. the rotary angles) run in TF32
   in every batch, whatever the timing. Such runs equal one another; on a GPU they may
   differ in the last bits from runs with ``overlap_speech`` off.
 * **Groups by structure.** ``lm`` = the gated MLPs of the thinker's text decoder, found as

@@ -541,14 +541,16 @@ def test_kimi_audio_composed_overhead_table_is_its_parts(capsys):
     prefill, entering, leaving, decode, whole = (float(cells[i]) for i in (1, 3, 4, 5, 8))
     prefill_ratio = float(cells[2].split("x")[0])
     steps = [float(x) for x in re.findall(r"([\d.]+)x", cells[6])]
-    assert len(re.findall(r"([\d.]+)x", cells[7])) == 2  # the control's, printed beside
-    low, high = (float(x) for x in re.fullmatch(r"([\d.]+)x-([\d.]+)x", cells[9]).groups())
-    assert len(steps) == 2 and prefill > 0 and decode > 0 and entering >= 0 and leaving > 0
-    assert abs(decode + prefill / 1e3 - whole) <= 0.002
-    for ratio, expected in zip(sorted([low, high]), sorted(
-            1 + ((entering + prefill * (prefill_ratio - 1) + leaving) / 1e3 + decode * (r - 1))
-            / (prefill / 1e3 + decode) for r in steps)):
-        assert abs(ratio - expected) <= 0.003
+    control = [float(x) for x in re.findall(r"([\d.]+)x", cells[7])]
+    assert len(steps) == len(control) == 2 and prefill > 0 and decode > 0
+    assert entering >= 0 and leaving > 0 and abs(decode + prefill / 1e3 - whole) <= 0.002
+    # composed from the raw step ratios, and from the step ratios over the control's
+    for cell, ratios in ((cells[9], steps), (cells[10], [s / c for s, c in zip(steps, control)])):
+        low, high = (float(x) for x in re.fullmatch(r"([\d.]+)x-([\d.]+)x", cell).groups())
+        for ratio, expected in zip(sorted([low, high]), sorted(
+                1 + ((entering + prefill * (prefill_ratio - 1) + leaving) / 1e3 + decode * (r - 1))
+                / (prefill / 1e3 + decode) for r in ratios)):
+            assert abs(ratio - expected) <= 0.003
 
 
 def test_minicpm_o_composed_overhead_is_its_loops_parts(capsys):
@@ -565,18 +567,23 @@ def test_minicpm_o_composed_overhead_is_its_loops_parts(capsys):
             if len(r) == 7 and r[0].strip() == "2" and r[1].strip() in ("text", "codes")}
     assert list(rows) == ["text", "codes"]
     summary = re.search(r"# batch 2: entering ([\d.]+) ms, leaving ([\d.]+) ms, whole call off "
-                        r"([\d.]+) s \(text \+ codes\); composed capture / off ([\d.]+)x-([\d.]+)x", out)
-    entering, leaving, whole, low, high = map(float, summary.groups())
+                        r"([\d.]+) s \(text \+ codes\); composed capture / off ([\d.]+)x-([\d.]+)x; "
+                        r"steps over control ([\d.]+)x-([\d.]+)x", out)
+    entering, leaving, whole, low, high, c_low, c_high = map(float, summary.groups())
     fixed = (entering + leaving) / 1e3
-    decode_extra = [0.0, 0.0]
+    raw, over_control = [0.0, 0.0], [0.0, 0.0]  # the decodes' extra seconds, by kind of ratio
     for cells in rows.values():
         prefill, ratio, decode = float(cells[2]) / 1e3, float(cells[3].split("x")[0]), float(cells[4])
         assert prefill > 0 and decode > 0
         fixed += prefill * (ratio - 1)
-        for k, step in enumerate(re.findall(r"([\d.]+)x", cells[5])):
-            decode_extra[k] += decode * (float(step) - 1)
-    expected = sorted(1 + (fixed + extra) / whole for extra in decode_extra)
-    assert abs(low - expected[0]) <= 0.004 and abs(high - expected[1]) <= 0.004
+        steps = [float(x) for x in re.findall(r"([\d.]+)x", cells[5])]
+        control = [float(x) for x in re.findall(r"([\d.]+)x", cells[6])]
+        for k in range(2):
+            raw[k] += decode * (steps[k] - 1)
+            over_control[k] += decode * (steps[k] / control[k] - 1)
+    for (a, b), extras in (((low, high), raw), ((c_low, c_high), over_control)):
+        expected = sorted(1 + (fixed + extra) / whole for extra in extras)
+        assert abs(a - expected[0]) <= 0.004 and abs(b - expected[1]) <= 0.004
 
 
 def test_kimi_audio_throughput_times_whole_conversions_with_speech(capsys):

@@ -699,8 +699,9 @@ def test_minicpm_o_throughput_ends_every_row_at_its_drawn_lengths(capsys):
 
 def test_decode_beside_runs_the_decode_alone_and_beside_each_load():
     """Every load ran while the decode did (its rounds counted), the decode is timed in each
-    condition, and ``alone`` is its own reference (1.00x)."""
-    out = _run("benchmarks/decode_beside.py", "--tiny")
+    condition, and ``alone`` is its own reference (1.00x); ``--profile`` lists the decode's
+    costliest ops, costliest first."""
+    out = _run("benchmarks/decode_beside.py", "--tiny", "--profile", "3")
     rows = {r[0].strip(): [c.strip() for c in r[1:]] for r in
             (line.split("|")[1:-1] for line in out.splitlines())
             if len(r) == 6 and r[0].strip() in ("alone", "host", "device", "token2wav")}
@@ -709,3 +710,10 @@ def test_decode_beside_runs_the_decode_alone_and_beside_each_load():
     for load in ("host", "device", "token2wav"):
         thinker, talker = float(rows[load][0]), float(rows[load][2])
         assert thinker > 0 and talker > 0 and float(rows[load][4]) >= 1
+    # --profile: the decode alone, its 3 costliest ops (by CPU time here), each with its calls
+    ops = out.split("its 3 costliest ops")[1].split("| load |")[0]
+    op_rows = [line.split("|")[1:-1] for line in ops.splitlines()
+               if line.startswith("| ") and not line.startswith("| op |")]
+    assert len(op_rows) == 3 and all(int(r[1]) >= 1 and float(r[2]) > 0 for r in op_rows)
+    totals = [float(r[2]) for r in op_rows]
+    assert totals == sorted(totals, reverse=True)

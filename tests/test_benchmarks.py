@@ -85,6 +85,20 @@ def test_qwen_omni_throughput_runs_each_mode_on_both_decodes_and_checks_the_grap
     assert "graphs over eager decode, per step: thinker" in out
 
 
+def test_qwen_omni_throughput_runs_the_eager_batch_1_loop_beside_graphs_at_larger_batches():
+    out = _run("benchmarks/qwen_omni_throughput.py", "--tiny", "--batches", "1", "2", "--repeats", "1",
+               "--warmup", "0", "--min-attempts", "2", "--modes", "off", "--token2wav-steps", "2",
+               "--cuda-graphs", "both", "--eager-batches", "1")
+    table = {(cells[1], cells[3]): cells for cells in
+             ([c.strip() for c in line.split("|")] for line in out.splitlines()
+              if re.match(r"\| [12] \|", line))}
+    assert sorted(table) == [("1", "off"), ("1", "off+graphs"), ("2", "off+graphs")]
+    rate = {key: float(cells[8].replace(",", "")) for key, cells in table.items()}
+    line = next(line for line in out.splitlines() if "over the eager batch-1 loop (off, same run)" in line)
+    printed = float(re.search(r"batch 2 off\+graphs ([\d.]+)x", line).group(1))
+    assert printed == pytest.approx(rate[("2", "off+graphs")] / rate[("1", "off")], abs=0.06)
+
+
 def test_qwen_omni_throughput_times_overlapped_speech_beside_one_batch_after_another():
     out, modes = _omni_modes(4, "--overlap-speech", "both")
     assert modes == ["off", "capture", "off+overlap", "capture+overlap"]

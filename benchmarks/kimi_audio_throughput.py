@@ -59,7 +59,9 @@ from hook_overhead import (  # noqa: E402
     ADAPTER_MODES as ALTERNATING, PAIRED_HEADER, Alternator, adapter_sessions, alternating_ratios,
     composed_whole, paired_calls, paired_rows, quartiles, rotated, steering_plan, sync,
 )
-from workloads import Attempt, add_throughput_arguments, describe, esd_like, spread  # noqa: E402
+from workloads import (  # noqa: E402
+    Attempt, add_throughput_arguments, describe, esd_like, set_attention, spread,
+)
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
 from esn_core.models.kimi_audio import TOKEN_RATE, KimiAudioAdapter  # noqa: E402
 from esn_core.models.kimi_generate import Sampling, generate_two_streams  # noqa: E402
@@ -347,10 +349,11 @@ def main(argv=None) -> None:
     build_start = time.perf_counter()
     adapter = build(args.shape, args.device, dtype)
     engine = HookEngine(adapter.groups())
+    attention = set_attention(adapter.lm, args.attention)
     if args.speech:
         attach_speech(adapter, args.shape, args.speech_batch, args.speech_steps)
     print(f"# Kimi-Audio {args.shape} shape, {dtype}, {args.device}, "
-          f"built in {time.perf_counter() - build_start:.1f} s; "
+          f"built in {time.perf_counter() - build_start:.1f} s; {attention}; "
           + (f"whole conversions: speech decoder ({'ASSUMED sizes, ' if args.shape == 'full' else ''}"
              f"{adapter.detokenizer.steps} Euler points a chunk, {args.speech_batch} rows a call)"
              if args.speech else "text + codes only (no speech decoder)"))

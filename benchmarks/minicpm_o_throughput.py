@@ -56,7 +56,7 @@ from hook_overhead import (  # noqa: E402
     composed_loops, paired_calls, paired_rows, quartiles, rotated, steering_plan, sync,
 )
 from workloads import (  # noqa: E402
-    Attempt, add_throughput_arguments, codes_at, describe, esd_like, spread,
+    Attempt, add_throughput_arguments, codes_at, describe, esd_like, set_attention, spread,
 )
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
 from esn_core.models.minicpm_checkpoint import MiniCPMParts, lm_config  # noqa: E402
@@ -424,11 +424,12 @@ def main(argv=None) -> None:
     build_start = time.perf_counter()
     adapter = build(args.shape, args.device, dtype)
     engine = HookEngine(adapter.groups())
+    attention = set_attention(adapter.llm, args.attention)
     if args.speech:
         adapter.vocoder = build_vocoder(args.shape, args.device, args.speech_steps)
         adapter.vocoder_batch_size = args.speech_batch
     print(f"# MiniCPM-o 4.5 {args.shape} shape, {dtype}, {args.device}, "
-          f"built in {time.perf_counter() - build_start:.1f} s; "
+          f"built in {time.perf_counter() - build_start:.1f} s; {attention}; "
           + (f"whole conversions: vocoder ({'ASSUMED flow sizes, ' if args.shape == 'full' else ''}"
              f"float32, {args.speech_steps} flow steps, {args.speech_batch} rows a call)"
              if args.speech else "text + codes only (no vocoder)"))

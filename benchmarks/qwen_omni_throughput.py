@@ -62,7 +62,9 @@ from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without an install
 
 from transformers import LogitsProcessorList  # noqa: E402
-from workloads import ForcedLengths, PartTimer, describe, esd_like, fixed, spread  # noqa: E402
+from workloads import (  # noqa: E402
+    ForcedLengths, PartTimer, describe, esd_like, fixed, set_attention, spread,
+)
 
 from esn_core.hooks import Capture, HookEngine, Intervention
 from esn_core.models.graphed_decode import GraphedDecode
@@ -345,6 +347,9 @@ def main(argv=None) -> int:
                         help="most rows per token2wav call (1 = per row, transformers' way)")
     parser.add_argument("--token2wav-ragged", choices=["on", "off"], default="on",
                         help="off: only rows of equal code length share a token2wav call")
+    parser.add_argument("--attention", choices=["packed", "stock"], default="packed",
+                        help="decode-step attention: packed (the adapter's, the default) or "
+                             "transformers' sdpa (up to 5.2x: the KV cache expanded per query head)")
     parser.add_argument("--eager-batches", type=int, nargs="+", default=None,
                         help="with --cuda-graphs both: the eager-decode modes only at these batch "
                              "sizes (e.g. 1: the batch-1 loop as upstream runs it, beside graphs)")
@@ -392,6 +397,7 @@ def main(argv=None) -> int:
         token2wav_ragged=args.token2wav_ragged == "on",
     )
     engine = HookEngine(adapter.groups())
+    attention = set_attention(model, args.attention)
     timer = OmniPartTimer(model, device)
     graphed = graph_runners(model, "cuda" if device.startswith("cuda") else "eager") \
         if args.cuda_graphs != "off" else []
@@ -405,7 +411,8 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
     print(f"# Qwen2.5-Omni {'tiny' if args.tiny else '7B'} throughput on {name}; torch "
-          f"{torch.__version__}, transformers {transformers.__version__}; built in {built:.1f} s")
+          f"{torch.__version__}, transformers {transformers.__version__}; built in {built:.1f} s; "
+          f"{attention}")
     print(f"# {' '.join(sys.argv)}")
     print(f"# workload {args.lengths}"
           + (f" (lengths x{scale:g})" if scale != 1 else "") + f": {describe(draw)}; each row ends "

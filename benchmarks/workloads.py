@@ -238,3 +238,17 @@ def add_throughput_arguments(ap, shapes) -> None:
                          "4x as many paired prefills (0: skip it)")
     ap.add_argument("--speech", action="store_true",
                     help="time whole conversions: the speech decoder runs on each call's codes")
+    ap.add_argument("--attention", choices=["packed", "stock"], default="packed",
+                    help="decode-step attention: packed (the adapters' own, the default) or "
+                         "transformers' sdpa (up to 5.2x: the KV cache expanded per query head)")
+
+
+def set_attention(model, choice: str) -> str:
+    """``--attention``: leave ``model``'s decoders on the packed decode step, or put them back
+    on transformers' own SDPA; returns what the header prints."""
+    from esn_core.models.decode_attention import use_packed_decode_attention
+
+    if choice == "stock":
+        use_packed_decode_attention(model, on=False)
+        return "decode attention: transformers' sdpa"
+    return "decode attention: packed"

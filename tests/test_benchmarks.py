@@ -731,3 +731,36 @@ def test_decode_beside_runs_the_decode_alone_and_beside_each_load():
     assert len(op_rows) == 3 and all(int(r[1]) >= 1 and float(r[2]) > 0 for r in op_rows)
     totals = [float(r[2]) for r in op_rows]
     assert totals == sorted(totals, reverse=True)
+
+
+def test_decode_attention_times_both_paths_and_checks_they_agree(tmp_path):
+    target = tmp_path / "attention.json"
+    out = _run("benchmarks/decode_attention.py", "--tiny", "--batches", "1", "3", "--lengths", "5", "17",
+               "--out", str(target))
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+            if line.startswith("| tiny |")]
+    assert [(r[1], r[2]) for r in rows] == [("1", "5"), ("1", "17"), ("3", "5"), ("3", "17")]
+    saved = json.loads(target.read_text())["results"]
+    for row, result in zip(rows, saved):
+        assert result["max_diff"] < 1e-5  # float32: rounding only
+        # the step's attention is one layer's times the model's layers (2 for the tiny shape)
+        assert float(row[7]) == pytest.approx(result["expanded_ms"] * 2, abs=1e-3)
+        assert float(row[8]) == pytest.approx(result["packed_ms"] * 2, abs=1e-3)
+
+
+def test_the_attention_option_puts_an_adapter_back_on_transformers_sdpa_and_says_so():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from workloads import set_attention
+
+    from esn_core.models.decode_attention import NAME, grouped_query_configs, use_packed_decode_attention
+    from tests.test_decode_attention import _tiny_qwen2
+
+    model = _tiny_qwen2()
+    use_packed_decode_attention(model)  # as the adapters leave it
+    assert set_attention(model, "packed") == "decode attention: packed"
+    assert [c._attn_implementation for c in grouped_query_configs(model)] == [NAME]
+    assert set_attention(model, "stock") == "decode attention: transformers' sdpa"
+    assert [c._attn_implementation for c in grouped_query_configs(model)] == ["sdpa"]
+    out = _run("benchmarks/qwen_omni_throughput.py", "--tiny", "--batches", "1", "--repeats", "1", "--warmup",
+               "0", "--min-attempts", "1", "--modes", "off", "--token2wav-steps", "2", "--attention", "stock")
+    assert "; decode attention: transformers' sdpa" in out.splitlines()[0]

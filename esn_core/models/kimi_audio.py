@@ -49,6 +49,7 @@ from esn_core.hooks import MLPGroup, find_gated_mlps
 from esn_core.models import audio as audio_io
 from esn_core.models.audio import load_source
 from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter, check_template
+from esn_core.models.decode_attention import use_packed_decode_attention
 from esn_core.models.kimi_generate import (
     PromptBatch, RowResult, Sampling, generate_two_streams, pad_prompts,
 )
@@ -240,6 +241,7 @@ class KimiAudioAdapter(LALMAdapter):
         if max_tokens < 1 or batch_size < 1:
             raise ValueError("max_tokens and batch_size must be >= 1")
         self.lm = lm
+        use_packed_decode_attention(lm)  # decode steps read the KV cache unexpanded
         self.config = lm.config
         self.sampling = sampling
         self.max_tokens = int(max_tokens)

@@ -28,6 +28,7 @@ import torch
 from esn_core.hooks import MLPGroup, find_gated_mlps
 from esn_core.models.audio import load_source, to_16k
 from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter, check_template
+from esn_core.models.decode_attention import use_packed_decode_attention
 from esn_core.models.minicpm_speech_codes import CodeSampling, SynthStep, generate_codes
 from esn_core.models.minicpm_tts_condition import tts_condition
 from esn_core.models.speech_overlap import StreamHandoff
@@ -81,6 +82,7 @@ class MiniCPMOAdapter(LALMAdapter):
         self.device = torch.device(device)
         self.parts, self.tokenizer, self.vocoder = parts, tokenizer, vocoder
         self.llm, self.tts = parts.llm.to(device).eval(), parts.tts.to(device).eval()
+        use_packed_decode_attention(self.llm)  # decode steps read the KV cache unexpanded
         self.audio_in = parts.audio_in.to(device).eval()
         self.step = SynthStep(self.tts)
         self.max_new_tokens, self.sampling = int(max_new_tokens), sampling

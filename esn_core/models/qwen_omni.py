@@ -87,6 +87,7 @@ from esn_core.models import audio as audio_io
 from esn_core.models.audio import load_source
 from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter, check_template
 from esn_core.models.cache_keyword import cache_keyword
+from esn_core.models.decode_attention import use_packed_decode_attention
 from esn_core.models.graphed_decode import GraphedDecode
 from esn_core.models.ragged import key_padding, ragged_time_axis
 from esn_core.models.speech_overlap import StreamHandoff
@@ -789,6 +790,9 @@ class QwenOmniAdapter(LALMAdapter):
         first = next(model.thinker.parameters())
         self.device, self.dtype = first.device, first.dtype
         self._groups = self._find_groups()
+        # Thinker and talker decode steps read the KV cache without expanding it per query head.
+        use_packed_decode_attention(model.thinker)
+        use_packed_decode_attention(model.talker)
         self._graph_runners: list[GraphedDecode] = []
         self._caches: dict[tuple[str, int], tuple] = {}  # (thinker|talker, batch) -> (length, StaticCache)
         if self.dtype == torch.float64:

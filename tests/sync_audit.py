@@ -1,0 +1,48 @@
+"""Where code would make the host wait for a CUDA device, found on CPU.
+
+On a GPU, reading a device tensor's value on the host (``.item()``, ``bool(t)``,
+``.tolist()``, ``int(t)``, ``nonzero``, boolean-mask indexing, ...) blocks the host until
+the device has caught up. In a decode loop one such wait per step serialises host and
+device work; a batch-1 step is then host time plus device time. ``SyncAudit`` counts these
+calls per call site (file and line of the first frame outside torch) through a torch
+function mode, so CPU tests can tell which code would wait, and how often.
+"""
+
+from __future__ import annotations
+
+import collections
+import traceback
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+# Calls that read a tensor's values on the host (on CUDA: a synchronisation).
+WAITS = frozenset({"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "nonzero",
+                   "masked_select", "unique", "equal", "allclose", "numpy"})
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bool_index(args) -> bool:
+    index = args[1] if len(args) > 1 else None
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(torch.is_tensor(p) and p.dtype == torch.bool for p in parts)
+
+
+class SyncAudit(TorchFunctionMode):
+    """``with SyncAudit(under="esn_core") as audit: ...``; then ``audit.sites``: a Counter of
+    ``"path:line"`` (relative to the repository) for calls from files under ``under``."""
+
+    def __init__(self, under: str = "esn_core"):
+        super().__init__()
+        self.under = str(ROOT / under)
+        self.sites: collections.Counter = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in WAITS or (name in ("__getitem__", "__setitem__") and _bool_index(args)):
+            frame = next((f for f in reversed(traceback.extract_stack()[:-1])
+                          if "/torch/" not in f.filename and f.filename != __file__), None)
+            if frame is not None and frame.filename.startswith(self.under):
+                self.sites[f"{Path(frame.filename).relative_to(ROOT)}:{frame.lineno}"] += 1
+        return func(*args, **(kwargs or {}))

@@ -1,0 +1,98 @@
+"""Our code makes the host wait for the device a fixed number of times per call, never per
+decode step: capture and steering sessions, on transformers' decode and on the adapter's
+graph path (``cuda_graphs``), for the Qwen2.5-Omni adapter's thinker and talker.
+
+A wait per step would serialise host and device in every step; at batch 1, where a step is
+launch-bound, its whole host time would add to the device's. Checked on CPU with
+``sync_audit.SyncAudit``: the calls from ``esn_core`` that would wait are counted for two
+runs of different lengths, and must not differ.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sync_audit import SyncAudit
+from tiny_omni import build_tiny_omni, write_source
+
+from esn_core.hooks import Capture, HookEngine, Intervention, MLPGroup, find_gated_mlps
+from esn_core.models.base import EVCRequest
+from esn_core.models.qwen_omni import QwenOmniAdapter
+
+TF_MAJOR = int(__import__("transformers").__version__.split(".")[0])
+
+
+def test_the_audit_names_the_line_that_would_wait():
+    t = torch.ones(3)
+    with SyncAudit(under="tests") as audit:
+        t.sum().item()  # the line below this one's number minus one
+        line = __import__("inspect").currentframe().f_lineno - 1
+        if t.any():
+            pass
+        t[t > 0] = 2.0  # boolean-mask assignment: the mask's count is read on the host
+        t.add_(1)  # an ordinary op: no wait
+    assert audit.sites == {f"tests/test_host_syncs.py:{line}": 1,
+                           f"tests/test_host_syncs.py:{line + 2}": 1,
+                           f"tests/test_host_syncs.py:{line + 4}": 1}
+
+
+def _tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2)
+    config._attn_implementation = "sdpa"
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic cache", "static cache"])
+def test_sessions_wait_the_same_number_of_times_for_any_number_of_steps(static):
+    model = _tiny_qwen2()
+    engine = HookEngine({"lm": MLPGroup(find_gated_mlps(model.model), root=model.model,
+                                        eos_token_ids=(3,))})
+    n = engine.layout("lm").n_neurons
+    ids = torch.tensor([[0, 0, 5, 7, 9], [3, 4, 5, 6, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    steer = Intervention.uniform("steer", np.arange(0, n, 5), 1.5, batch_size=2)
+    extra = {"cache_implementation": "static", "disable_compile": True} if static else {}
+    for session in ({"capture": {"lm": Capture()}}, {"interventions": {"lm": steer}}):
+        sites = []
+        for steps in (3, 9):
+            with SyncAudit() as audit, engine.session(**session):
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps,
+                               min_new_tokens=steps, do_sample=False, pad_token_id=0, **extra)
+            sites.append(audit.sites)
+        assert sites[0], "the session's own waits (prefill, exit) are seen"
+        assert sites[0] == sites[1], (list(session), sites)
+
+
+@pytest.fixture(scope="module")
+def omni(tmp_path_factory):
+    checkpoint = build_tiny_omni(tmp_path_factory.mktemp("omni") / "Qwen2.5-Omni-tiny")
+    folder = tmp_path_factory.mktemp("sources")
+    sources = [write_source(folder / f"src{i}.wav", s, i) for i, s in enumerate((0.45, 0.7))]
+    requests = [EVCRequest(f"att{i}", str(p), "unused", "0011", "happy", 11 + i)
+                for i, p in enumerate(sources)]
+    return checkpoint, requests
+
+
+@pytest.mark.skipif(TF_MAJOR < 5, reason="transformers 4.x generates one row at a time")
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager decode", "cuda_graphs path"])
+def test_the_qwen_adapter_waits_the_same_number_of_times_for_any_answer_length(omni, graphs):
+    checkpoint, requests = omni
+    adapter = QwenOmniAdapter(checkpoint, dtype="float32", device="cpu", max_new_tokens=12,
+                              talker_max_new_tokens=16, token2wav_steps=2, cuda_graphs=graphs)
+    engine = HookEngine(adapter.groups())
+    inputs = adapter.prepare(requests)
+    sites = []
+    for text, speech in ((3, 5), (8, 14)):
+        lengths = dict(thinker_min_new_tokens=text, thinker_max_new_tokens=text,
+                       talker_min_new_tokens=speech, talker_max_new_tokens=speech)
+        with SyncAudit() as audit, engine.session(capture={"lm": Capture(), "synth": Capture()}):
+            result, calls, _ = adapter.generate_codes(inputs, [1, 2], **lengths)
+        assert result[0].shape[1] == inputs["input_ids"].shape[1] + text  # the lengths took
+        sites.append(audit.sites)
+    assert sites[0], "the sessions' own waits (prefills, exit) are seen"
+    assert sites[0] == sites[1]

@@ -30,6 +30,12 @@ fast state (median step within ``FAST_STATE`` of the batch's fastest run).
 
     python benchmarks/hook_overhead.py --shape qwen25omni7b --device cuda --batches 64 16 1 \
         --repeats 4 --alternate-repeats 6 --alternate-periods 2 3
+
+``--cuda-graphs`` runs every decode step through ``GraphedDecode`` on a static cache (one per
+batch size), as the Qwen2.5-Omni adapter's ``cuda_graphs`` does: the alternation then
+compares a step replaying the counting or steering graph with its neighbours replaying the
+plain one, the hook cost inside graphs without the drift between runs.
+``--shape qwen25omni7b-talker`` is the talker's decoder stack.
 """
 
 from __future__ import annotations
@@ -61,6 +67,11 @@ SHAPES = {
     "qwen25omni7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                          num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                          rope_theta=1_000_000.0),
+    # The talker's decoder stack (its codec vocabulary; its thinker-state input projection
+    # is not part of a decode step's stack).
+    "qwen25omni7b-talker": dict(vocab_size=8448, hidden_size=896, intermediate_size=18944,
+                                num_hidden_layers=24, num_attention_heads=12, num_key_value_heads=4,
+                                head_dim=128, rope_theta=1_000_000.0),
 }
 
 
@@ -180,6 +191,28 @@ def alternating_ratios(stamps: list[float], period: int = 2) -> tuple[list[float
     # The plain steps compared are those after a plain step (with period 2: every one).
     clean = (phase != 0) & ((phase != 1) | (period == 2))
     return ratios, float(d[phase == 0].mean() / d[clean].mean()), spill
+
+
+def graphed_decoder(model, device: str):
+    """The decoder stack's decode steps replayed as CUDA graphs (on CPU: the same fixed-slot
+    path without recording), installed for the rest of the process."""
+    from esn_core.models.graphed_decode import GraphedDecode
+
+    return GraphedDecode(model.model, "cuda" if device.startswith("cuda") else "eager").__enter__()
+
+
+def static_cache_keywords(model, caches: dict, batch: int, length: int) -> dict:
+    """``generate`` keywords for a static KV cache of ``length`` positions, one per batch
+    size, emptied per call (a graph reads the cache where it was recorded)."""
+    from transformers import StaticCache
+
+    from esn_core.models.cache_keyword import cache_keyword
+
+    cache = caches.get(batch)
+    if cache is None:
+        cache = caches[batch] = StaticCache(config=model.config, max_cache_len=length)
+    cache.reset()
+    return {cache_keyword(model): cache, "disable_compile": True}
 
 
 def sync(device: str) -> None:
@@ -351,6 +384,10 @@ def main() -> None:
     ap.add_argument("--raw", help="write every timed run's clock stamps to this JSON file")
     ap.add_argument("--profile", action="store_true",
                     help="also print torch.profiler kernel tables per mode at the last batch size")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="decode steps on a static cache replayed as CUDA graphs with the hooks "
+                         "inside (GraphedDecode, as the Qwen2.5-Omni adapter's cuda_graphs; on CPU "
+                         "its fixed-slot path without recording)")
     args = ap.parse_args()
     if args.alternate_repeats is None:
         args.alternate_repeats = args.repeats
@@ -367,14 +404,21 @@ def main() -> None:
     print(f"prompt {args.prompt} tokens, {args.new} new tokens, median of {args.repeats}")
 
     clock = StepClock(args.device)
+    graphs = graphed_decoder(model, args.device) if args.cuda_graphs else None
+    if graphs is not None:
+        print("decode steps: CUDA graphs on static caches, hooks inside"
+              + ("" if args.device.startswith("cuda") else " (CPU: the fixed-slot path, no recording)"))
+    caches: dict[int, object] = {}  # batch -> its static cache: graphs are recorded once per cache
 
     def generate(ids):
         clock.stamps.clear()
         clock.cpu_stamps.clear()
         clock.start = time.perf_counter()
+        graphed = static_cache_keywords(model, caches, ids.shape[0], args.prompt + args.new) \
+            if graphs is not None else {}
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
                               min_new_tokens=args.new, do_sample=False, pad_token_id=0,
-                              logits_processor=LogitsProcessorList([clock]))
+                              logits_processor=LogitsProcessorList([clock]), **graphed)
 
     rows = []
     raw: list[dict] = []  # every timed run's clock stamps, for --raw
@@ -483,6 +527,10 @@ def main() -> None:
         print(f"batch {batch:3d}: plain {base:.3f} s | plain again {row['plain again']:.3f}x | capture {row['capture']:.3f}x | "
               f"steer {row['steer']:.3f}x | capture+steer {row['capture+steer']:.3f}x | "
               f"counts {bytes_per_attempt / 1e6:.3f} MB/attempt (T={row['T']})", flush=True)
+    if graphs is not None:
+        stats = graphs.stats
+        print(f"graphs: {stats.replays} decode steps replayed, {stats.captures} recorded in "
+              f"{stats.capture_seconds:.2f} s, {stats.eager_calls} calls eager ({stats.reasons})")
     print("\nratios to plain generate: median of paired ratios [quartiles]; min of runs / min of plain")
     print("| batch | plain generate | plain again | capture | steering | capture+steering | counts per attempt |")
     print("|---|---|---|---|---|---|---|")

@@ -764,3 +764,17 @@ def test_the_attention_option_puts_an_adapter_back_on_transformers_sdpa_and_says
     out = _run("benchmarks/qwen_omni_throughput.py", "--tiny", "--batches", "1", "--repeats", "1", "--warmup",
                "0", "--min-attempts", "1", "--modes", "off", "--token2wav-steps", "2", "--attention", "stock")
     assert "; decode attention: transformers' sdpa" in out.splitlines()[0]
+
+
+def test_hook_overhead_alternates_hooks_inside_the_graphed_decode():
+    out = _run("benchmarks/hook_overhead.py", "--shape", "tiny", "--batches", "2", "--prompt", "8",
+               "--new", "8", "--repeats", "1", "--alternate-periods", "2", "--cuda-graphs")
+    # every generated step after the prefill went through the fixed-slot path (CPU: no recording);
+    # the only eager calls are prefills and the act_fn timing's calls without a static cache
+    stats = re.search(r"graphs: (\d+) decode steps replayed, (\d+) recorded .*, (\d+) calls eager \((.*)\)", out)
+    replays, recorded = int(stats.group(1)), int(stats.group(2))
+    assert replays > 0 and recorded == 4  # plain, capture, steering, both: one hook plan each
+    assert set(re.findall(r"'([a-z ]+)'", stats.group(4))) == {"not a decode step", "cache not static"}
+    assert "tokens identical: plain vs plain True; capture vs plain True" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 7  # as without graphs, one alternating period

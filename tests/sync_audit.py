@@ -46,3 +46,11 @@ class SyncAudit(TorchFunctionMode):
             if frame is not None and frame.filename.startswith(self.under):
                 self.sites[f"{Path(frame.filename).relative_to(ROOT)}:{frame.lineno}"] += 1
         return func(*args, **(kwargs or {}))
+
+
+def line_of(path: str, text: str) -> str:
+    """``"path:line"`` of the one line of ``path`` (relative to the repository) holding ``text``."""
+    lines = [n for n, line in enumerate((ROOT / path).read_text().splitlines(), 1) if text in line]
+    if len(lines) != 1:
+        raise ValueError(f"{text!r} is on {len(lines)} lines of {path}")
+    return f"{path}:{lines[0]}"

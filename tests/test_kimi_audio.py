@@ -696,3 +696,24 @@ def test_a_final_chunk_padded_beside_a_longer_one_sees_only_its_own_frames(adapt
     assert stream.tail.shape == (1, 48) and stream.prefix[0][0].shape[:2] == (1, 72)  # row 0 only
     with pytest.raises(ValueError, match="only final chunks may be shorter"):
         Streaming(dit, steps=3).chunks([long, short], seeded([6, 5]), [False, False])
+
+
+def test_the_step_loop_waits_for_the_device_once_a_step_at_its_stop_check(adapter, inputs):
+    from sync_audit import SyncAudit, line_of
+
+    prompts, features = inputs
+    batch = adapter.batch(prompts, features)
+    saved = adapter.sampling, adapter.max_tokens
+    sites = []
+    try:
+        for extra in (3, 8):
+            # Audio blank throughout: every row runs to its cap, ``extra`` steps past the prompt.
+            adapter.sampling, adapter.max_tokens = Sampling(audio_delay=1000), max(batch.lengths) + extra
+            with SyncAudit() as audit:
+                rows = adapter.generate(batch, [1, 2, 3])
+            assert not any(r.ended for r in rows)
+            sites.append(audit.sites)
+    finally:
+        adapter.sampling, adapter.max_tokens = saved
+    stop = line_of("esn_core/models/kimi_generate.py", "while not bool(done.all()):")
+    assert sites[1] - sites[0] == {stop: 5} and not sites[0] - sites[1]

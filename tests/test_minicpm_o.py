@@ -358,3 +358,19 @@ def test_greedy_text_equals_transformers_generate_with_upstreams_greedy_config(t
         plain = greedy_batch(parts.llm, prompts, ends, pad, max_new_tokens=12, repetition_penalty=1.0)
         assert any(len(set(r.tokens)) < len(r.tokens) for r in plain)
         assert [r.tokens for r in plain] != [r.tokens for r in rows]
+
+
+def test_the_text_pass_waits_for_the_device_once_a_step_at_its_stop_check(tmp_path):
+    from sync_audit import SyncAudit, line_of
+
+    from esn_core.models.minicpm_generate import greedy_batch
+
+    parts, _, prompts, _, pad = _text_inputs(tmp_path)
+    sites = []
+    for steps in (3, 8):
+        with SyncAudit() as audit:
+            rows = greedy_batch(parts.llm, prompts, (10**6,), pad, max_new_tokens=steps)  # no end
+        assert [len(r.tokens) for r in rows] == [steps] * 3
+        sites.append(audit.sites)
+    stop = line_of("esn_core/models/minicpm_generate.py", "bool(done.all())")
+    assert sites[1] - sites[0] == {stop: 5} and not sites[0] - sites[1]

@@ -142,3 +142,17 @@ def test_the_loop_reads_the_device_once_a_step(step, monkeypatch):
     assert [r.codes.shape[0] for r in rows] == [steps - 1] * 3
     # one test a step (has every row ended?), skipped at the cap; three reads after the loop
     assert sum(reads.values()) <= steps + 3, dict(reads)
+
+
+def test_the_code_loop_waits_for_the_device_once_a_step_at_its_stop_check(step):
+    from sync_audit import SyncAudit, line_of
+
+    sites = []
+    for codes in (3, 8):
+        sampling = CodeSampling(min_codes=codes, max_codes=codes)  # every row runs to the cap
+        with SyncAudit() as audit:
+            rows = generate_codes(step, conditions([5, 3, 7]), [4, 5, 6], sampling)
+        assert [r.codes.shape[0] for r in rows] == [codes - 1] * 3  # the cap's last code dropped
+        sites.append(audit.sites)
+    stop = line_of("esn_core/models/minicpm_speech_codes.py", "bool(ended.all())")
+    assert sites[1] - sites[0] == {stop: 5} and not sites[0] - sites[1]

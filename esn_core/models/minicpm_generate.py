@@ -78,9 +78,13 @@ def greedy_batch(llm, prompts: list[torch.Tensor], end_ids: tuple[int, ...], pad
     cache_kw = {cache_keyword(llm): cache}
     out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
               use_cache=True, logits_to_keep=1, **cache_kw)
-    tokens: list[list[int]] = [[] for _ in range(rows)]
-    states: list[list[torch.Tensor]] = [[] for _ in range(rows)]
-    done, ended = [False] * rows, [False] * rows
+    # The loop's state lives on the device: one host wait a step (has every row ended?),
+    # where reading each step's tokens back (and a Python pass over the rows) was one more.
+    device = embeds.device
+    ends = torch.tensor(end_ids, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    ended = torch.zeros_like(done)
+    picks, kept, states = [], [], []  # per step: [B] ids, [B] answer tokens, [B, H] fed states
     seen = None  # [B, V] bool: tokens each row has generated
     for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()  # as generate scores them
@@ -91,28 +95,29 @@ def greedy_batch(llm, prompts: list[torch.Tensor], end_ids: tuple[int, ...], pad
             logits = torch.where(seen, penalised, logits)
         picked = logits.argmax(dim=-1)
         seen[torch.arange(rows, device=seen.device), picked] = True
-        chosen = picked.tolist()
-        feed, answer = [], []
-        for b in range(rows):
-            if done[b]:
-                feed.append(end_ids[0]), answer.append(False)
-                continue
-            if chosen[b] in end_ids:
-                done[b] = ended[b] = True
-            else:
-                tokens[b].append(chosen[b])
-            feed.append(chosen[b]), answer.append(not ended[b])
-        if all(done) or step == max_new_tokens - 1:
+        stops = ~done & torch.isin(picked, ends)
+        answer = ~done & ~stops  # a live row's token that is not an end token
+        picks.append(picked)
+        kept.append(answer)
+        # A row that ended feeds the first end token from then on (the hooks count none of it).
+        feed = torch.where(done, ends[0], picked)
+        ended |= stops
+        done |= stops
+        if step == max_new_tokens - 1 or bool(done.all()):
             break  # nothing left to feed; at the cap the last token is kept, not fed
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         positions = positions[:, -1:] + 1
-        out = llm(input_ids=torch.tensor(feed, device=mask.device)[:, None],
-                  attention_mask=mask, position_ids=positions, use_cache=True,
-                  output_hidden_states=True, **cache_kw)
-        last = out.hidden_states[-1][:, -1]
-        for b in range(rows):
-            if answer[b]:
-                states[b].append(last[b])
-    return [TextRow(tokens[b], torch.stack(states[b]) if states[b] else
-                    embeds.new_zeros(0, hidden_size), int(prompts[b].shape[0]), ended[b])
-            for b in range(rows)]
+        out = llm(input_ids=feed[:, None], attention_mask=mask, position_ids=positions,
+                  use_cache=True, output_hidden_states=True, **cache_kw)
+        states.append(out.hidden_states[-1][:, -1])  # the state where this step's token was fed
+    # to the host once, after the loop
+    picks, kept = torch.stack(picks, 1).tolist(), torch.stack(kept, 1).tolist()
+    fed = torch.stack(states, 1) if states else embeds.new_zeros(rows, 0, hidden_size)
+    ended = ended.tolist()
+    out_rows = []
+    for b in range(rows):
+        answer = [t for t, k in zip(picks[b], kept[b]) if k]
+        # An answer token is fed (and has a state) unless it was the cap's last pick.
+        steps = [i for i, k in enumerate(kept[b][: fed.shape[1]]) if k]
+        out_rows.append(TextRow(answer, fed[b, steps], int(prompts[b].shape[0]), ended[b]))
+    return out_rows

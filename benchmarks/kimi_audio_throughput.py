@@ -339,7 +339,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--alternate-repeats", type=int, default=2,
                     help="runs per hooked mode for the per-step overhead (0: skip it)")
-    ap.add_argument("--speech-batch", type=int, default=8,
+    ap.add_argument("--speech-batch", type=int, default=16,
                     help="rows per speech-decoder call (the adapter's detokenizer_batch)")
     ap.add_argument("--speech-steps", type=int, default=None,
                     help="Euler points per chunk (default: upstream's 30; tiny shape 3)")

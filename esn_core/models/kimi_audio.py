@@ -191,7 +191,7 @@ class KimiAudioAdapter(LALMAdapter):
                  instruction_template: str | None = None,
                  max_tokens: int = int(TOKEN_RATE * 120), audio_temperature: float = 0.8,
                  audio_top_k: int = 10, audio_delay: int = 6, batch_size: int = 8,
-                 detokenizer_steps: int = 30, detokenizer_batch: int = 8,
+                 detokenizer_steps: int = 30, detokenizer_batch: int = 16,
                  detokenizer_ragged_vocoder: bool = True, overlap_speech: bool = False):
         check_arguments(KimiAudioAdapter.__init__, OPTION_RANGES, locals())  # before the slow loads
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -189,13 +189,17 @@ def test_paper_config_is_migrated_and_passes_the_dry_run_once_its_paths_exist(tm
     assert any("_add_a0.5_" in v for v in variants) and any("_clamp_a0.5_" in v for v in variants)
 
 
-def test_kimi_audio_config_is_the_paper_setting_and_passes_the_dry_run(tmp_path):
-    paper = yaml.safe_load((REPO / "config/kimi_audio.yaml").read_text())
+@pytest.mark.parametrize("name, folder, misspelt", [
+    ("kimi_audio", "Kimi-Audio-7B-Instruct", "audio_topk"),
+    ("minicpm_o", "MiniCPM-o-4_5", "vocoder_batchsize"),
+])
+def test_adapter_configs_are_the_paper_setting_and_pass_the_dry_run(tmp_path, name, folder, misspelt):
+    paper = yaml.safe_load((REPO / f"config/{name}.yaml").read_text())
     reference = yaml.safe_load((REPO / "config/paper.yaml").read_text())
     # The paper's setting but for the model (a whole file: mappings merge across files).
     assert {k: v for k, v in paper.items() if k not in ("model", "results")} == \
         {k: v for k, v in reference.items() if k not in ("model", "results")}
-    kimi = {"model": paper["model"]}
+    model = {"model": paper["model"]}
     paper["corpus"]["esd_root"] = str((tmp_path / "ESD").resolve())
     (tmp_path / "ESD").mkdir()
     for judge in paper["judges"]["available"]:
@@ -204,15 +208,15 @@ def test_kimi_audio_config_is_the_paper_setting_and_passes_the_dry_run(tmp_path)
     ckpt = tmp_path / "utmos.pt"
     ckpt.write_bytes(b"")
     paper["judges"]["naturalness"]["checkpoint"] = str(ckpt)
-    kimi["model"]["path"] = str(tmp_path / "Kimi-Audio-7B-Instruct")
-    (tmp_path / "Kimi-Audio-7B-Instruct").mkdir()
+    model["model"]["path"] = str(tmp_path / folder)
+    (tmp_path / folder).mkdir()
     workdir = _workdir(tmp_path / "wf")
-    proc, out = _snakemake(workdir, "-n", overrides=[paper, kimi])
+    proc, out = _snakemake(workdir, "-n", overrides=[paper, model])
     assert proc.returncode == 0, out[-3000:]
     # Its options are the adapter's keyword arguments: a misspelt one is refused at DAG build.
-    kimi["model"]["options"]["audio_topk"] = 5
-    proc, out = _snakemake(workdir, "-n", overrides=[paper, kimi])
-    assert proc.returncode != 0 and "model.options.audio_topk" in out, out[-3000:]
+    model["model"]["options"][misspelt] = 5
+    proc, out = _snakemake(workdir, "-n", overrides=[paper, model])
+    assert proc.returncode != 0 and f"model.options.{misspelt}" in out, out[-3000:]
 
 
 # ----------------------------------------------------- 7. figures named by what they show

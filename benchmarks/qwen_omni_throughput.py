@@ -349,7 +349,7 @@ def main(argv=None) -> int:
                         help="off: only rows of equal code length share a token2wav call")
     parser.add_argument("--attention", choices=["packed", "stock"], default="packed",
                         help="decode-step attention: packed (the adapter's, the default) or "
-                             "transformers' sdpa (up to 5.2x: the KV cache expanded per query head)")
+                             "transformers' sdpa (before 5.23: the KV cache expanded per query head)")
     parser.add_argument("--eager-batches", type=int, nargs="+", default=None,
                         help="with --cuda-graphs both: the eager-decode modes only at these batch "
                              "sizes (e.g. 1: the batch-1 loop as upstream runs it, beside graphs)")

@@ -240,7 +240,7 @@ def add_throughput_arguments(ap, shapes) -> None:
                     help="time whole conversions: the speech decoder runs on each call's codes")
     ap.add_argument("--attention", choices=["packed", "stock"], default="packed",
                     help="decode-step attention: packed (the adapters' own, the default) or "
-                         "transformers' sdpa (up to 5.2x: the KV cache expanded per query head)")
+                         "transformers' sdpa (before 5.23: the KV cache expanded per query head)")
 
 
 def set_attention(model, choice: str) -> str:

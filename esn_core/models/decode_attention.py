@@ -3,7 +3,7 @@
 All three LALMs use grouped-query attention in their decoders (Qwen2.5-Omni's thinker 28
 query heads on 4 key/value heads, Kimi-Audio's 28 on 4, MiniCPM-o 4.5's Qwen3 32 on 8).
 Whenever a mask is passed, which a batch of left-padded rows or a static KV cache always
-does, transformers up to 5.2x (5.17 on our GPU machine) serves SDPA by ``repeat_kv``: a copy
+does, transformers before 5.23 (5.17 on our GPU machine) serves SDPA by ``repeat_kv``: a copy
 of the whole cache expanded to one key/value head per query head, every layer, every decode
 step. By arithmetic, at batch 256 with ~300 cached positions and Kimi-Audio's shapes that is
 ~2.2 GB written and read per layer, ~75 GB over its 34 layers: five times the 15 GB of
@@ -13,8 +13,8 @@ A decode step has one query position, so the ``g`` query heads sharing a key/val
 stand in for ``g`` query positions of that head: query ``[B, H, 1, D]`` viewed as
 ``[B, H_kv, g, D]`` attends to the cache as it is. Every score and weighted sum is the same
 dot product over the same operands; only how the kernel tiles them changes (tests: equal to
-the expanded path within float rounding, float64 on CPU). transformers 5.25 packs masked
-decode steps the same way itself.
+the expanded path within float rounding, float64 on CPU). transformers 5.23 and later pack
+masked decode steps the same way themselves (their ``pack_gqa``).
 
 ``use_packed_decode_attention(model)`` switches the grouped-query decoders of ``model`` to
 this function; every other call (prefill, models without grouped heads, dropout, position

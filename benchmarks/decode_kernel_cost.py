@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=8)
     args = ap.parse_args()
 
-    model, group, engine = hooked_model(args.shape, args.device)
+    model, group, engine = hooked_model(args.shape, args.device, args.attention)
     dtype = model.dtype
     batch = args.batch
     ids = torch.randint(3, SHAPES[args.shape]["vocab_size"], (batch, args.prompt),

@@ -97,13 +97,21 @@ def add_model_arguments(ap: argparse.ArgumentParser, shape: str = "tiny") -> Non
     ap.add_argument("--shape", choices=sorted(SHAPES), default=shape)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prompt", type=int, default=160)
+    ap.add_argument("--attention", choices=["packed", "stock"], default="packed",
+                    help="decode-step attention: packed (as the adapters run it) or transformers' "
+                         "sdpa (before 5.23: the KV cache expanded per query head)")
 
 
-def hooked_model(shape: str, device: str) -> tuple[Qwen2ForCausalLM, MLPGroup, HookEngine]:
+def hooked_model(shape: str, device: str,
+                 attention: str = "packed") -> tuple[Qwen2ForCausalLM, MLPGroup, HookEngine]:
     """The benchmark model (bf16 on a GPU, float32 on CPU) and a hook engine over its
-    decoder's MLPs, with no end token (every run generates its full length)."""
+    decoder's MLPs, with no end token (every run generates its full length); its decode
+    attention packed as the adapters run it (``attention="stock"``: transformers' sdpa)."""
+    from esn_core.models.decode_attention import use_packed_decode_attention
+
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = build_model(shape, device, dtype)
+    use_packed_decode_attention(model, on=attention == "packed")
     group = MLPGroup.under(model.model, position_root=model, eos_token_ids=())
     return model, group, HookEngine({"lm": group})
 
@@ -397,10 +405,11 @@ def main() -> None:
             ap.error(f"--alternate-periods {period}: needs a period >= 2 and --new >= {2 * max(period, 2)}"
                      f" (got --new {args.new})")
 
-    model, group, engine = hooked_model(args.shape, args.device)
+    model, group, engine = hooked_model(args.shape, args.device, args.attention)
     layout = group.layout
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"device: {name}; torch {torch.__version__}; shape {args.shape}; N = {layout.n_neurons}")
+    print(f"device: {name}; torch {torch.__version__}; shape {args.shape}; N = {layout.n_neurons}; "
+          f"decode attention {args.attention}")
     print(f"prompt {args.prompt} tokens, {args.new} new tokens, median of {args.repeats}")
 
     clock = StepClock(args.device)

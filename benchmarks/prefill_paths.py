@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--r", type=float, default=0.005)
     args = ap.parse_args()
 
-    model, group, engine = hooked_model(args.shape, args.device)
+    model, group, engine = hooked_model(args.shape, args.device, args.attention)
     width = group.layout.layer_sizes[0]
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"device: {name}; torch {torch.__version__}; shape {args.shape}; default "

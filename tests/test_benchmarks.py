@@ -776,5 +776,6 @@ def test_hook_overhead_alternates_hooks_inside_the_graphed_decode():
     assert replays > 0 and recorded == 4  # plain, capture, steering, both: one hook plan each
     assert set(re.findall(r"'([a-z ]+)'", stats.group(4))) == {"not a decode step", "cache not static"}
     assert "tokens identical: plain vs plain True; capture vs plain True" in out
+    assert out.splitlines()[0].endswith("decode attention packed")  # as the adapters run it
     rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
     assert len(rows) == 7  # as without graphs, one alternating period

@@ -39,6 +39,10 @@ mode's ratio is against ``off`` with the same suffixes, and an overlapped mode i
 compared with the same mode one batch after another. ``--eager-batches 1`` with
 ``--cuda-graphs both`` runs the eager-decode modes at batch 1 only: the batch-1 loop as
 upstream runs it, the anchor of "over the eager batch-1 loop", beside graphs at every size.
+``--stop-check both`` adds modes suffixed ``+every-step-stop``: the adapter's
+``late_stop_check`` off, so the host waits for each decode step's "every row finished?"
+as transformers does on CUDA (upstream's loop, and the anchor where it ran); the script
+prints each decode's step time read late against every step.
 """
 
 from __future__ import annotations
@@ -245,6 +249,7 @@ def check_lengths(sequences, prompt_len: int, attempts) -> None:
 
 GRAPHS = "+graphs"  # a mode's suffix: decode steps replayed as CUDA graphs
 OVERLAP = "+overlap"  # a mode's suffix: token2wav beside the next batch's decode (overlap_speech)
+EVERY_STEP = "+every-step-stop"  # a mode's suffix: the stop flag read every step (late_stop_check off)
 
 
 def plain_mode(mode: str) -> str:
@@ -291,6 +296,7 @@ def run_once(adapter, engine, mode, batches, steer_plans, timer, graphed=()) -> 
     timer.reset()
     adapter._graph_runners = list(graphed) if GRAPHS in mode else []
     adapter.overlap_speech = OVERLAP in mode
+    adapter.late_stop_check = EVERY_STEP not in mode
     mode = mode.split("+")[0]
     adapter.token2wav_tf32 = mode != "fp32"
     gc.collect()
@@ -316,6 +322,7 @@ def run_once(adapter, engine, mode, batches, steer_plans, timer, graphed=()) -> 
     finally:
         gc.enable()
         adapter.overlap_speech = False
+        adapter.late_stop_check = True
     steps = {f"{name}_steps": timer.step_seconds(name) for name in timer.stamps}
     return {**timer.seconds, "total": total, **steps}
 
@@ -358,6 +365,12 @@ def main(argv=None) -> int:
     parser.add_argument("--overlap-speech", choices=["off", "on", "both"], default="off",
                         help="token2wav of batch n beside the decode of batch n+1 (the adapter's "
                              "overlap_speech); both: each mode twice")
+    parser.add_argument("--stop-check", choices=["late", "every-step", "both"], default="late",
+                        help="late: the adapter's late_stop_check (the default), the host queues a "
+                             "step before the last one ends; every-step: waits for it, as "
+                             "transformers does on CUDA; both: each mode twice")
+    parser.add_argument("--every-step-batches", type=int, nargs="+", default=None,
+                        help="with --stop-check both: the every-step modes only at these batch sizes")
     parser.add_argument("--rate", type=float, default=0.005, help="steer mask share of lm neurons")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size")
@@ -407,6 +420,9 @@ def main(argv=None) -> int:
     if args.overlap_speech != "off":
         suffixed = [m + OVERLAP for m in args.modes]
         args.modes = suffixed if args.overlap_speech == "on" else args.modes + suffixed
+    if args.stop_check != "late":
+        suffixed = [m + EVERY_STEP for m in args.modes]
+        args.modes = suffixed if args.stop_check == "every-step" else args.modes + suffixed
     n_lm = engine.layout("lm").n_neurons
     rng = np.random.default_rng(0)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
@@ -426,7 +442,9 @@ def main(argv=None) -> int:
         wanted = args.batch1_attempts if batch == 1 and args.batch1_attempts else args.min_attempts
         chosen = spread(draw, max(batch, wanted))
         modes = [m for m in args.modes
-                 if GRAPHS in m or args.eager_batches is None or batch in args.eager_batches]
+                 if (GRAPHS in m or args.eager_batches is None or batch in args.eager_batches)
+                 and (EVERY_STEP not in m or args.every_step_batches is None
+                      or batch in args.every_step_batches)]
         batches = []
         for start in range(0, len(chosen), batch):
             attempts = chosen[start : start + batch]
@@ -494,6 +512,13 @@ def main(argv=None) -> int:
             print("#   overlapped over one batch after another (total, median of paired repeats): " + ", ".join(
                 f"{m} " + f"{statistics.median(o['total'] / r['total'] for o, r in zip(runs[m], runs[m.replace(OVERLAP, '')])):.3f}x"
                 for m in overlapped))
+        late = [m for m in modes if EVERY_STEP in m and m.replace(EVERY_STEP, "") in base]
+        if late:
+            print("#   stop flag read a step late over every step, per step: " + "; ".join(
+                f"{m.replace(EVERY_STEP, '')} " + ", ".join(
+                    f"{name} {ms:.2f} vs {base[m][name]:.2f} ms ({ms / base[m][name]:.3f}x)"
+                    for name, ms in base[m.replace(EVERY_STEP, "")].items() if name in base[m])
+                for m in late))
         if graphed and "off" in base and "off" + GRAPHS in base:
             print("#   graphs over eager decode, per step: " + ", ".join(
                 f"{name} {base['off'][name] / ms:.2f}x" for name, ms in base["off" + GRAPHS].items()
@@ -503,9 +528,11 @@ def main(argv=None) -> int:
         if 1 in off and len(off) > 1:
             print(f"# utterances/hour over the batch-1 loop ({plain}, same run): " + ", ".join(
                 f"batch {b} {rate / off[1]:.1f}x" for b, rate in sorted(off.items()) if b != 1))
-    # The anchor: batch 1 without hooks on the eager decode (overlapped if that is all that ran).
+    # The anchor: batch 1 without hooks on the eager decode (overlapped if that is all that
+    # ran), its stop flag read every step as upstream's transformers does, where that ran.
     ones = {r["mode"]: r["utterances_per_hour"] for r in results if r.get("batch") == 1 and not r.get("oom")}
-    anchor = next((m for m in ("off", "off" + OVERLAP) if m in ones), None)
+    anchor = next((m for m in ("off" + EVERY_STEP, "off" + OVERLAP + EVERY_STEP, "off", "off" + OVERLAP)
+                   if m in ones), None)
     if anchor:
         print(f"# utterances/hour over the eager batch-1 loop ({anchor}, same run): " + ", ".join(
             f"batch {r['batch']} {r['mode']} {r['utterances_per_hour'] / ones[anchor]:.1f}x"

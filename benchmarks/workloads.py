@@ -185,8 +185,11 @@ class ForcedLengths:
             raise ValueError(f"ForcedLengths has {len(self.lengths)} lengths for a batch of "
                              f"{input_ids.shape[0]} rows")
         step = input_ids.shape[1] - self.prompt_len
-        lengths = self.lengths.to(scores.device)
-        end_ids = self.end_ids.to(scores.device)
+        if self.lengths.device != scores.device:
+            # Moved once: a copy from pageable host memory each step would wait for the
+            # device each step, as the decode loop itself no longer does (late_stop).
+            self.lengths, self.end_ids = self.lengths.to(scores.device), self.end_ids.to(scores.device)
+        lengths, end_ids = self.lengths, self.end_ids
         scores = scores.clone()
         scores[:, end_ids] = scores[:, end_ids].masked_fill((lengths > step)[:, None], -torch.inf)
         ending = (lengths == step)[:, None]

@@ -31,11 +31,15 @@ def _bool_index(args) -> bool:
 
 class SyncAudit(TorchFunctionMode):
     """``with SyncAudit(under="esn_core") as audit: ...``; then ``audit.sites``: a Counter of
-    ``"path:line"`` (relative to the repository) for calls from files under ``under``."""
+    ``"path:line"`` for calls from files under ``under`` (one folder or a tuple: names in
+    the repository, or absolute paths such as a library's package folder, whose sites are
+    named from the package down, e.g. ``transformers/generation/utils.py:3083``)."""
 
-    def __init__(self, under: str = "esn_core"):
+    def __init__(self, under: str | Path | tuple = "esn_core"):
         super().__init__()
-        self.under = str(ROOT / under)
+        roots = under if isinstance(under, tuple) else (under,)
+        # A folder of the repository by name, or any folder by path (a library's own code).
+        self.roots = [Path(r) if Path(r).is_absolute() else ROOT / r for r in roots]
         self.sites: collections.Counter = collections.Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -43,8 +47,11 @@ class SyncAudit(TorchFunctionMode):
         if name in WAITS or (name in ("__getitem__", "__setitem__") and _bool_index(args)):
             frame = next((f for f in reversed(traceback.extract_stack()[:-1])
                           if "/torch/" not in f.filename and f.filename != __file__), None)
-            if frame is not None and frame.filename.startswith(self.under):
-                self.sites[f"{Path(frame.filename).relative_to(ROOT)}:{frame.lineno}"] += 1
+            path = Path(frame.filename) if frame is not None else None
+            root = next((r for r in self.roots if path is not None and path.is_relative_to(r)), None)
+            if root is not None:
+                base = ROOT if path.is_relative_to(ROOT) else root.parent
+                self.sites[f"{path.relative_to(base)}:{frame.lineno}"] += 1
         return func(*args, **(kwargs or {}))
 
 

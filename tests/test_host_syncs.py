@@ -10,6 +10,8 @@ runs of different lengths, and must not differ.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,36 @@ def test_the_qwen_adapter_waits_the_same_number_of_times_for_any_answer_length(o
         sites.append(audit.sites)
     assert sites[0], "the sessions' own waits (prefills, exit) are seen"
     assert sites[0] == sites[1]
+
+
+@pytest.mark.skipif(TF_MAJOR < 5, reason="transformers 4.x generates one row at a time")
+@pytest.mark.parametrize("late", [True, False], ids=["late stop check", "every-step stop check"])
+def test_graphed_decode_steps_never_wait_once_the_stop_check_is_read_late(omni, late):
+    """On the ``cuda_graphs`` path with ``late_stop_check`` (the default), no code, ours or
+    transformers', makes the host wait for the device inside a thinker or talker decode
+    step: a generate of 8 + 22 decode steps waits as often as one of 3 + 5. Read every step,
+    the stop check waits once a decode step (the known answer: 14 more steps, 14 more waits,
+    all on its line)."""
+    import transformers as tf
+
+    checkpoint, requests = omni
+    adapter = QwenOmniAdapter(checkpoint, dtype="float32", device="cpu", max_new_tokens=12,
+                              talker_max_new_tokens=24, token2wav_steps=2, cuda_graphs=True,
+                              late_stop_check=late)
+    engine = HookEngine(adapter.groups())
+    inputs = adapter.prepare(requests)
+    under = ("esn_core", str(Path(tf.__file__).parent))
+    sites = []
+    for text, speech in ((3, 3), (3, 5), (8, 14)):  # the first makes the caches: not audited
+        lengths = dict(thinker_min_new_tokens=text, thinker_max_new_tokens=text,
+                       talker_min_new_tokens=speech, talker_max_new_tokens=speech)
+        with SyncAudit(under=under) as audit, engine.session(capture={"lm": Capture(), "synth": Capture()}):
+            adapter.generate_codes(inputs, [1, 2], **lengths)
+        sites.append(audit.sites)
+    short, long = sites[1:]
+    more = {site: long[site] - short[site] for site in long | short if long[site] != short[site]}
+    if late:
+        assert short and not more, more
+    else:
+        (site, waits), = more.items()
+        assert site.startswith("transformers/generation/utils.py:") and waits == (8 - 3) + (14 - 5)

@@ -324,6 +324,54 @@ def test_cuda_graphs_option_gives_the_eager_decode_exactly(checkpoint, adapter, 
     assert set(thinker.stats.reasons) == set(talker.stats.reasons) == {"not a decode step"}
 
 
+@batched
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager decode", "cuda_graphs path"])
+def test_late_stop_check_gives_the_every_step_check_exactly(checkpoint, sources, graphs):
+    """``late_stop_check`` (on by default): thinker and talker each learn a step late that
+    their last row ended, run that step and drop it; text, speech, positions and counts are
+    those of the check read every step, a steered row's too."""
+    reqs = requests(sources[:2])
+    adapter = QwenOmniAdapter(checkpoint, dtype="float64", cuda_graphs=graphs, **SETTINGS)
+    prompt = adapter.prepare(reqs)["input_ids"].shape[1]
+    answers = adapter.generate_codes(adapter.prepare(reqs), [1, 2])[0][0][:, prompt:].tolist()
+    # End both answers early (row b at its token b + 1), then both code streams: a code
+    # that row 0 makes mid-way and row 1 before its last step becomes the talker's end token.
+    adapter = QwenOmniAdapter(checkpoint, dtype="float64", cuda_graphs=graphs,
+                              stop_token_ids=[answers[0][1], answers[1][2]], **SETTINGS)
+    codes = [c["code"][0].tolist() for c in adapter.generate_codes(adapter.prepare(reqs), [1, 2])[1]]
+    adapter.model.talker.codec_eos_token = next(c for c in codes[0][1:-1] if c in codes[1][:-1])
+    adapter._groups = adapter._find_groups()  # the synth group's end tokens follow
+    n_lm = adapter.groups()["lm"].layout.n_neurons
+    steer = {"lm": Intervention("steer", (np.arange(0, n_lm, 3), np.array([], dtype=np.int64)), (2.0, 0.0))}
+    forwards = {"thinker": 0, "talker": 0}
+
+    def counted(part):
+        def count(*_):
+            forwards[part] += 1
+        return getattr(adapter.model, part).register_forward_pre_hook(count)
+
+    def counted_run(interventions):
+        forwards.update(thinker=0, talker=0)
+        return run(adapter, reqs, interventions=interventions), dict(forwards)
+
+    handles = [counted("thinker"), counted("talker")]
+    try:
+        results = {}
+        for late in (False, True):
+            adapter.late_stop_check = late
+            results[late] = [counted_run(None), counted_run(steer)]
+    finally:
+        for handle in handles:
+            handle.remove()
+    for ((expected, session), every), ((got, got_session), late) in zip(results[False], results[True]):
+        for b in range(len(reqs)):
+            assert_rows_equal(got[b], got_session, b, expected[b], _RowView(session, b))
+        assert all(every[part] <= late[part] <= every[part] + 1 for part in late), (every, late)
+    # Unsteered, every row ends before its cap: one extra thinker and talker step each.
+    (_, every), (_, late) = results[False][0], results[True][0]
+    assert late == {"thinker": every["thinker"] + 1, "talker": every["talker"] + 1}, (every, late)
+
+
 class _RowView:
     """A session seen as a one-row session of its row ``b`` (for assert_rows_equal)."""
 

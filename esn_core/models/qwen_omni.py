@@ -89,6 +89,7 @@ from esn_core.models.base import EVCOutput, EVCRequest, LALMAdapter, check_templ
 from esn_core.models.cache_keyword import cache_keyword
 from esn_core.models.decode_attention import use_packed_decode_attention
 from esn_core.models.graphed_decode import GraphedDecode
+from esn_core.models.late_stop import late_stop_checks
 from esn_core.models.ragged import key_padding, ragged_time_axis
 from esn_core.models.speech_overlap import StreamHandoff
 from esn_core.models.weights import weight_files
@@ -353,6 +354,11 @@ def _talker_static_mask(module, args, kwargs):
     padding back, the 4-D mask's diagonal (``hooks._padding_mask``); a decode step gets the
     prepared 4-D mask itself, which the decoder passes through unchanged (its shape does
     not grow, so one recorded graph serves every step).
+
+    A decode step also gets its RoPE positions here, made on the device as the talker would
+    make them (cached length + its deltas): the talker's own code first asks whether the
+    cache is empty, and on a static cache that length is a device value, so asking would
+    make the host wait for the device at every step.
     """
     mask = kwargs.get("attention_mask")
     if not isinstance(mask, dict):
@@ -365,6 +371,11 @@ def _talker_static_mask(module, args, kwargs):
         if len(prepared) != 1:
             raise RuntimeError(f"the talker got {len(prepared)} prepared masks; expected one (full attention)")
         kwargs["attention_mask"] = prepared[0]
+        deltas = getattr(module, "rope_deltas", None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if kwargs.get("position_ids") is None and deltas is not None and cache is not None:
+            positions = cache.get_seq_length() + deltas  # [B, 1]: each row's next position
+            kwargs["position_ids"] = positions.view(1, -1, 1).expand(3, -1, -1)
         return args, kwargs
     padding = _padding_mask(mask, ref.shape[1], decoding=False)
     if padding is None:
@@ -688,6 +699,10 @@ class QwenOmniAdapter(LALMAdapter):
     token2wav on a worker thread (its own CUDA stream) while the next batch's thinker and
     talker decode (``speech_overlap``); the outputs are the same, the GPU idles less. While
     it runs, ``token2wav_tf32``'s matmul precision holds process-wide (the decode is bf16).
+    ``late_stop_check``: thinker and talker learn one step late that every row has
+    finished (``late_stop``), so the host queues each decode step while the device runs the
+    one before; one extra step at the end, dropped, with the same outputs; off = the check
+    waits for the device every step, as transformers does on CUDA.
     ``stop_token_ids``: extra ids that end the text answer (hooks stop counting there too).
     """
 
@@ -712,13 +727,14 @@ class QwenOmniAdapter(LALMAdapter):
         token2wav_ragged: bool = True,
         cuda_graphs: bool = False,
         overlap_speech: bool = False,
+        late_stop_check: bool = True,
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self._configure(system_prompt, instruction_template, max_new_tokens,
                         talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids,
                         token2wav_batch_size, token2wav_tf32, token2wav_ragged, cuda_graphs,
-                        overlap_speech)
+                        overlap_speech, late_stop_check)
         from transformers import Qwen2_5OmniForConditionalGeneration
 
         self.path = resolve_checkpoint(path)
@@ -739,7 +755,8 @@ class QwenOmniAdapter(LALMAdapter):
                    token2wav_tf32: bool = True,
                    token2wav_ragged: bool = True,
                    cuda_graphs: bool = False,
-                   overlap_speech: bool = False) -> QwenOmniAdapter:
+                   overlap_speech: bool = False,
+                   late_stop_check: bool = True) -> QwenOmniAdapter:
         """An adapter around a model already in memory (benchmarks with random weights).
 
         Without a ``processor`` there is no prompt building (``prepare``/``convert``), but
@@ -749,7 +766,7 @@ class QwenOmniAdapter(LALMAdapter):
         self._configure(system_prompt, instruction_template, max_new_tokens,
                         talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids,
                         token2wav_batch_size, token2wav_tf32, token2wav_ragged, cuda_graphs,
-                        overlap_speech)
+                        overlap_speech, late_stop_check)
         self.path = None
         self._attach(model, processor, speaker)
         return self
@@ -757,7 +774,7 @@ class QwenOmniAdapter(LALMAdapter):
     def _configure(self, system_prompt, instruction_template, max_new_tokens,
                    talker_max_new_tokens, batch_size, token2wav_steps, stop_token_ids,
                    token2wav_batch_size=16, token2wav_tf32=True, token2wav_ragged=True,
-                   cuda_graphs=False, overlap_speech=False) -> None:
+                   cuda_graphs=False, overlap_speech=False, late_stop_check=True) -> None:
         check_arguments(QwenOmniAdapter.__init__, OPTION_RANGES, dict(
             max_new_tokens=max_new_tokens, talker_max_new_tokens=talker_max_new_tokens, batch_size=batch_size,
             token2wav_steps=token2wav_steps, token2wav_batch_size=token2wav_batch_size))
@@ -773,6 +790,7 @@ class QwenOmniAdapter(LALMAdapter):
         self.token2wav_ragged = bool(token2wav_ragged)
         self.cuda_graphs = bool(cuda_graphs)
         self.overlap_speech = bool(overlap_speech)
+        self.late_stop_check = bool(late_stop_check)
         self.batch_size = int(batch_size) if _transformers_major() >= 5 else 1
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
 
@@ -926,6 +944,11 @@ class QwenOmniAdapter(LALMAdapter):
                     with contextlib.ExitStack() as graphs:
                         for runner in self._graph_runners:
                             graphs.enter_context(runner)
+                        if self.late_stop_check:
+                            # Our static caches are reset before each use: the extra step
+                            # may stay in them.
+                            caches = [cache for _, cache in self._caches.values()]
+                            graphs.enter_context(late_stop_checks(caches))
                         # An earlier batch's token2wav may run beside this decode: both hold
                         # its precision, so the decode's float32 products do not depend on
                         # the timing (float32_matmul_precision).

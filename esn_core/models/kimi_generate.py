@@ -14,8 +14,8 @@ loop runs a left-padded batch and follows the same rules per row:
 
 Row ``b``'s uniforms are drawn before the loop, ``max_steps[b]`` of them from a CPU
 generator seeded ``seeds[b]``, and step ``t`` uses the ``t``-th: a row's tokens do not
-depend on the other rows of the batch, and the loop's state stays on the device (one host
-sync a step, to learn whether every row has ended). A row that ended keeps feeding
+depend on the other rows of the batch, and the loop's state stays on the device (whether
+every row has ended is read one step late, so the host never waits for a step). A row that ended keeps feeding
 an audio end token: the hooks' position root then knows it ended (``MLPGroup.eos_token_ids``)
 and counts none of its later positions, as a single run would have stopped there.
 """
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from esn_core.models.kimi_tokens import SpecialIds, TwoStreams
+from esn_core.models.late_stop import LateFlag
 from esn_core.models.seeded_draws import draw_uniforms, inverse_cdf
 
 
@@ -136,7 +137,9 @@ def generate_two_streams(lm, batch: PromptBatch, ids: SpecialIds, seeds: list[in
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     step_audio, step_text = batch.audio, batch.text
     features, continuous = batch.features, batch.continuous
-    # The loop's state lives on the device: one host sync a step (has every row ended?).
+    # The loop's state lives on the device, and "has every row ended?" is read one step late
+    # (late_stop.LateFlag): the host never waits for a step. The one extra step after the
+    # last row ends changes nothing: every row is inactive in it and feeds an end token.
     caps = torch.tensor(max_steps, device=device)
     done = caps < 1
     text_done = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -147,7 +150,9 @@ def generate_two_streams(lm, batch: PromptBatch, ids: SpecialIds, seeds: list[in
     end = torch.full((rows,), ids.msg_end, device=device)
     texts, text_kept, audios, audio_kept = [], [], [], []
     step = 0
-    while not bool(done.all()):
+    late = LateFlag(device)
+    finished = bool(done.all())  # no step to run at all (every cap below 1): no prefill either
+    while not finished:
         text_logits, audio_logits = lm(
             input_ids=step_audio, text_input_ids=step_text, attention_mask=mask,
             position_ids=positions, cache=cache, continuous_features=features,
@@ -178,6 +183,7 @@ def generate_two_streams(lm, batch: PromptBatch, ids: SpecialIds, seeds: list[in
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         positions = positions[:, -1:] + 1
         features = continuous = None
+        finished = late.push(done.all())
     return collect_rows(texts, text_kept, audios, audio_kept, steps, ended)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from esn_core.models.cache_keyword import cache_keyword
+from esn_core.models.late_stop import LateFlag
 
 # Upstream's greedy setting (do_sample=False, num_beams=1).
 GREEDY_REPETITION_PENALTY = 1.02
@@ -78,9 +79,11 @@ def greedy_batch(llm, prompts: list[torch.Tensor], end_ids: tuple[int, ...], pad
     cache_kw = {cache_keyword(llm): cache}
     out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
               use_cache=True, logits_to_keep=1, **cache_kw)
-    # The loop's state lives on the device: one host wait a step (has every row ended?),
-    # where reading each step's tokens back (and a Python pass over the rows) was one more.
+    # The loop's state lives on the device, and "has every row ended?" is read one step late
+    # (late_stop.LateFlag): the host never waits for a step. In the one extra step after the
+    # last row ends every row feeds an end token and keeps nothing.
     device = embeds.device
+    late = LateFlag(device)
     ends = torch.tensor(end_ids, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     ended = torch.zeros_like(done)
@@ -103,7 +106,7 @@ def greedy_batch(llm, prompts: list[torch.Tensor], end_ids: tuple[int, ...], pad
         feed = torch.where(done, ends[0], picked)
         ended |= stops
         done |= stops
-        if step == max_new_tokens - 1 or bool(done.all()):
+        if step == max_new_tokens - 1 or late.push(done.all()):
             break  # nothing left to feed; at the cap the last token is kept, not fed
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         positions = positions[:, -1:] + 1

@@ -23,8 +23,9 @@ uniform drawn before the loop on the host from a generator seeded with the row's
 (``draw_uniforms``), so a row draws the same codes in any batch and on any device; the
 distribution is upstream's, the draws are not torch.multinomial's. A row that ended feeds the
 end code at later steps (the hook root sees it fed and counts none of those positions).
-The loop's state (each row's end and length) stays on the device: one host sync a step, to
-learn whether every row has ended, and one read of the codes after the loop.
+The loop's state (each row's end and length) stays on the device: whether every row has
+ended is read one step late (``late_stop.LateFlag``, so the host never waits for a step), and
+the codes once after the loop.
 
 SPEC §1's T for ``synth``: the condition's positions plus every code fed, ``L + len(codes)``
 (the step that draws the end code feeds nothing after it).
@@ -39,6 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from esn_core.models.cache_keyword import cache_keyword
+from esn_core.models.late_stop import LateFlag
 from esn_core.models.seeded_draws import draw_uniforms, inverse_cdf
 from esn_core.option_values import check_arguments
 
@@ -153,8 +155,11 @@ def generate_codes(step: SynthStep, conditions: list[torch.Tensor], seeds: list[
     cache = DynamicCache()
     logits = step(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache)
     codes = torch.zeros(rows, sampling.max_codes, num_vq, dtype=torch.long, device=embeds.device)
-    # The loop's state stays on the device: one host sync a step (has every row ended?).
+    # The loop's state stays on the device, and "has every row ended?" is read one step late
+    # (late_stop.LateFlag): the host never waits for a step. In the one extra step after the
+    # last row ends every row feeds the end code, and its codes lie past every row's length.
     ended = torch.zeros(rows, dtype=torch.bool, device=embeds.device)
+    late = LateFlag(embeds.device)
     # A row that never draws the end code keeps max_codes - 1: upstream drops the cap's last code.
     length = torch.full((rows,), sampling.max_codes - 1, dtype=torch.long, device=embeds.device)
     for t in range(sampling.max_codes):
@@ -172,7 +177,7 @@ def generate_codes(step: SynthStep, conditions: list[torch.Tensor], seeds: list[
         ended |= hit
         codes[:, t] = chosen
         history[:, t] = chosen.reshape(-1)
-        if t == sampling.max_codes - 1 or bool(ended.all()):
+        if t == sampling.max_codes - 1 or late.push(ended.all()):
             break
         fed = torch.where(ended[:, None], torch.full_like(chosen, end), chosen)
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)

@@ -36,6 +36,10 @@ call, entering and leaving the session timed apart, the decode steps by alternat
 plain call's prefill and decode times; a second figure takes capture's step ratios over the
 alternation's ``control`` (which toggles nothing), cancelling the alternation's own bias.
 
+``--stop-check both`` times each mode of the main table twice, the step loop reading "has
+every row ended?" a step late (as the adapter runs, ``late_stop``) and every step (the host
+waiting for each step), side by side; the other measurements run it late.
+
     python benchmarks/kimi_audio_throughput.py --shape full --device cuda --batches 1 64 \
         --alternate-repeats 4
     python benchmarks/kimi_audio_throughput.py --shape full --device cuda --batches 256 \
@@ -60,8 +64,10 @@ from hook_overhead import (  # noqa: E402
     composed_whole, paired_calls, paired_rows, quartiles, rotated, steering_plan, sync,
 )
 from workloads import (  # noqa: E402
-    Attempt, add_throughput_arguments, describe, esd_like, set_attention, spread,
+    EVERY_STEP, Attempt, add_throughput_arguments, describe, esd_like, set_attention, spread,
+    stop_flags_for, with_stop_check,
 )
+import esn_core.models.kimi_generate as step_loop  # noqa: E402
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
 from esn_core.models.kimi_audio import TOKEN_RATE, KimiAudioAdapter  # noqa: E402
 from esn_core.models.kimi_generate import Sampling, generate_two_streams  # noqa: E402
@@ -169,6 +175,11 @@ def timed_rows(adapter, engine, attempts, batch: int, mode: str, device: str) ->
     ``whole`` seconds; of them ``leaving``, the time spent leaving the capture sessions (the
     counts reduced and copied to the host), which per-step figures do not see, and ``speech``,
     the speech decoder's (0 unless the adapter has one: ``attach_speech``)."""
+    with stop_flags_for(mode, step_loop):
+        return _timed_rows(adapter, engine, attempts, batch, mode.split("+")[0], device)
+
+
+def _timed_rows(adapter, engine, attempts, batch: int, mode: str, device: str) -> dict[str, float]:
     sync(device)
     start, leaving, speech = time.perf_counter(), 0.0, 0.0
     for i in range(0, len(attempts), batch):
@@ -345,6 +356,7 @@ def main(argv=None) -> None:
                     help="Euler points per chunk (default: upstream's 30; tiny shape 3)")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    modes = with_stop_check(args.modes, args.stop_check)
 
     build_start = time.perf_counter()
     adapter = build(args.shape, args.device, dtype)
@@ -374,13 +386,13 @@ def main(argv=None) -> None:
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         # Modes interleaved repeat by repeat, so drift on the host hits them alike.
-        times = {mode: [] for mode in args.modes}
+        times = {mode: [] for mode in modes}
         for _ in range(args.repeats):
-            for mode in args.modes:
+            for mode in modes:
                 times[mode].append(timed_rows(adapter, engine, rows, batch, mode, args.device))
         peak = (torch.cuda.max_memory_allocated() / 2**30
                 if args.device.startswith("cuda") else float("nan"))
-        for mode in args.modes:
+        for mode in modes:
             seconds, leaving, speech = (float(np.median([t[k] for t in times[mode]]))
                                         for k in ("whole", "leaving", "speech"))
             rates[batch, mode] = len(rows) / seconds * 3600
@@ -411,11 +423,16 @@ def main(argv=None) -> None:
                                        args.device)
             print(composed_row(batch, result), flush=True)
     for batch in sorted(args.batches) if args.repeats else ():
-        if "off" in args.modes and "capture" in args.modes:
-            print(f"# batch {batch}: capture overhead "
-                  f"{rates[batch, 'off'] / rates[batch, 'capture']:.3f}x")
+        for suffix in dict.fromkeys(m[len(m.split("+")[0]):] for m in modes):
+            if "off" + suffix in modes and "capture" + suffix in modes:
+                print(f"# batch {batch}: capture{suffix} overhead "
+                      f"{rates[batch, 'off' + suffix] / rates[batch, 'capture' + suffix]:.3f}x")
+        for mode in (m for m in modes if EVERY_STEP in m and m.replace(EVERY_STEP, "") in modes):
+            print(f"# batch {batch} {mode.replace(EVERY_STEP, '')}: stop flag read a step late "
+                  f"{rates[batch, mode.replace(EVERY_STEP, '')] / rates[batch, mode]:.3f}x "
+                  "the utterances/hour of reading it every step")
         if batch != 1 and 1 in args.batches:
-            for mode in args.modes:
+            for mode in modes:
                 print(f"# batch {batch} {mode}: {rates[batch, mode] / rates[1, mode]:.1f}x "
                       f"the batch-1 loop")
 

@@ -29,6 +29,8 @@ pass and the code loop are forced to end each row at its drawn lengths (``Forced
 
 ``--composed-repeats`` composes the whole call's capture cost from parts measured where the
 host's drift cancels, as ``kimi_audio_throughput.py`` does, for both loops (text, codes).
+``--stop-check both`` times each mode of the main table twice, both loops reading "has every
+row ended?" a step late (as the adapter runs, ``late_stop``) and every step, side by side.
 
     python benchmarks/minicpm_o_throughput.py --shape full --device cuda --batches 1 64 256
     python benchmarks/minicpm_o_throughput.py --shape full --device cuda --batches 256 \
@@ -56,8 +58,11 @@ from hook_overhead import (  # noqa: E402
     composed_loops, paired_calls, paired_rows, quartiles, rotated, steering_plan, sync,
 )
 from workloads import (  # noqa: E402
-    Attempt, add_throughput_arguments, codes_at, describe, esd_like, set_attention, spread,
+    EVERY_STEP, Attempt, add_throughput_arguments, codes_at, describe, esd_like, set_attention,
+    spread, stop_flags_for, with_stop_check,
 )
+import esn_core.models.minicpm_generate as text_loop  # noqa: E402
+import esn_core.models.minicpm_speech_codes as code_loop  # noqa: E402
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
 from esn_core.models.minicpm_checkpoint import MiniCPMParts, lm_config  # noqa: E402
 from esn_core.models.minicpm_generate import greedy_batch  # noqa: E402
@@ -220,6 +225,11 @@ def convert(adapter: MiniCPMOAdapter, attempts: list[Attempt], seed: int,
 def timed_rows(adapter, engine, attempts, batch: int, mode: str) -> dict[str, float]:
     """Seconds for every attempt in calls of ``batch`` rows: ``whole``, and of it ``text``,
     ``codes`` and ``speech`` (the vocoder's; 0 unless the adapter has one)."""
+    with stop_flags_for(mode, text_loop, code_loop):
+        return _timed_rows(adapter, engine, attempts, batch, mode.split("+")[0])
+
+
+def _timed_rows(adapter, engine, attempts, batch: int, mode: str) -> dict[str, float]:
     device = str(adapter.llm.device)
     sync(device)
     start, text_s, code_s, speech_s = time.perf_counter(), 0.0, 0.0, 0.0
@@ -420,6 +430,7 @@ def main(argv=None) -> None:
                     help="the vocoder flow's Euler steps (the adapter's vocoder_steps)")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    modes = with_stop_check(["off", "capture"], args.stop_check)
 
     build_start = time.perf_counter()
     adapter = build(args.shape, args.device, dtype)
@@ -448,7 +459,7 @@ def main(argv=None) -> None:
         timed_rows(adapter, engine, attempts[:batch], batch, "off")  # first call, untimed
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        times = {mode: [] for mode in ("off", "capture")}
+        times = {mode: [] for mode in modes}
         for _ in range(args.repeats):  # modes interleaved, so drift hits them alike
             for mode in times:
                 times[mode].append(timed_rows(adapter, engine, rows, batch, mode))
@@ -482,9 +493,15 @@ def main(argv=None) -> None:
             print(composed_rows(batch, composed_overhead(adapter, engine, attempts, batch,
                                                          args.composed_repeats)), flush=True)
     for batch in sorted(args.batches) if args.repeats else ():
-        print(f"# batch {batch}: capture overhead {rates[batch, 'off'] / rates[batch, 'capture']:.3f}x")
+        for suffix in dict.fromkeys(m[len(m.split("+")[0]):] for m in modes):
+            print(f"# batch {batch}: capture{suffix} overhead "
+                  f"{rates[batch, 'off' + suffix] / rates[batch, 'capture' + suffix]:.3f}x")
+        for mode in (m for m in modes if EVERY_STEP in m and m.replace(EVERY_STEP, "") in modes):
+            print(f"# batch {batch} {mode.replace(EVERY_STEP, '')}: stop flag read a step late "
+                  f"{rates[batch, mode.replace(EVERY_STEP, '')] / rates[batch, mode]:.3f}x "
+                  "the utterances/hour of reading it every step")
         if batch != 1 and 1 in args.batches:
-            for mode in ("off", "capture"):
+            for mode in modes:
                 print(f"# batch {batch} {mode}: {rates[batch, mode] / rates[1, mode]:.1f}x "
                       "the batch-1 loop")
 

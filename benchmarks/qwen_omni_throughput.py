@@ -67,7 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without
 
 from transformers import LogitsProcessorList  # noqa: E402
 from workloads import (  # noqa: E402
-    ForcedLengths, PartTimer, describe, esd_like, fixed, set_attention, spread,
+    EVERY_STEP, ForcedLengths, PartTimer, describe, esd_like, fixed, set_attention, spread,
+    with_stop_check,
 )
 
 from esn_core.hooks import Capture, HookEngine, Intervention
@@ -249,7 +250,6 @@ def check_lengths(sequences, prompt_len: int, attempts) -> None:
 
 GRAPHS = "+graphs"  # a mode's suffix: decode steps replayed as CUDA graphs
 OVERLAP = "+overlap"  # a mode's suffix: token2wav beside the next batch's decode (overlap_speech)
-EVERY_STEP = "+every-step-stop"  # a mode's suffix: the stop flag read every step (late_stop_check off)
 
 
 def plain_mode(mode: str) -> str:
@@ -420,9 +420,7 @@ def main(argv=None) -> int:
     if args.overlap_speech != "off":
         suffixed = [m + OVERLAP for m in args.modes]
         args.modes = suffixed if args.overlap_speech == "on" else args.modes + suffixed
-    if args.stop_check != "late":
-        suffixed = [m + EVERY_STEP for m in args.modes]
-        args.modes = suffixed if args.stop_check == "every-step" else args.modes + suffixed
+    args.modes = with_stop_check(args.modes, args.stop_check)
     n_lm = engine.layout("lm").n_neurons
     rng = np.random.default_rng(0)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"

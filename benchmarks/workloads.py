@@ -19,11 +19,13 @@ token2wav on codes of different lengths) is real.
 The vocoder benchmarks (Kimi-Audio's detokenizer, MiniCPM-o's token2wav) share the rest:
 ``codes_at`` (an answer at another model's code rate), ``spread_indices`` (the rows a per-row
 loop decodes), ``snr_db`` and ``worst_difference`` (batched waveforms against the per-row ones) and ``PartTimer``
-(seconds and calls of the parts a decode runs through).
+(seconds and calls of the parts a decode runs through); ``with_stop_check`` and
+``stop_flags_for`` (``--stop-check``: step loops reading their stop flag late or every step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -220,6 +222,36 @@ def vocoder_device(ap, args) -> str:
     return device
 
 
+EVERY_STEP = "+every-step-stop"  # a mode's suffix: decode loops read their stop flag every step
+
+
+def with_stop_check(modes: list[str], choice: str) -> list[str]:
+    """``--stop-check``'s modes: ``late`` the given ones (the adapters' way), ``every-step``
+    each suffixed ``EVERY_STEP``, ``both`` the given ones and their suffixed twins."""
+    suffixed = [m + EVERY_STEP for m in modes]
+    return {"late": list(modes), "every-step": suffixed, "both": list(modes) + suffixed}[choice]
+
+
+@contextlib.contextmanager
+def stop_flags_for(mode: str, *loops):
+    """Within: the step-loop modules ``loops`` read "has every row ended?" every step (a
+    host wait per step on a GPU) if ``mode`` carries ``EVERY_STEP``; else one step late,
+    as they run (``late_stop.LateFlag``)."""
+    from esn_core.models.late_stop import EveryStepFlag
+
+    if EVERY_STEP not in mode:
+        yield
+        return
+    saved = [(loop, loop.LateFlag) for loop in loops]
+    for loop in loops:
+        loop.LateFlag = EveryStepFlag
+    try:
+        yield
+    finally:
+        for loop, flag in saved:
+            loop.LateFlag = flag
+
+
 def add_throughput_arguments(ap, shapes) -> None:
     """The options the adapter throughput benchmarks share (shape, device, batches, rows,
     the whole-call capture cost's ways, whole conversions)."""
@@ -244,6 +276,10 @@ def add_throughput_arguments(ap, shapes) -> None:
     ap.add_argument("--attention", choices=["packed", "stock"], default="packed",
                     help="decode-step attention: packed (the adapters' own, the default) or "
                          "transformers' sdpa (before 5.23: the KV cache expanded per query head)")
+    ap.add_argument("--stop-check", choices=["late", "every-step", "both"], default="late",
+                    help="late: the step loops read 'has every row ended?' a step late (as the "
+                         "adapters run); every-step: the host waits for each step to read it; "
+                         "both: every mode twice, side by side")
 
 
 def set_attention(model, choice: str) -> str:

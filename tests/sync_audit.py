@@ -62,16 +62,3 @@ def line_of(path: str, text: str) -> str:
         raise ValueError(f"{text!r} is on {len(lines)} lines of {path}")
     return f"{path}:{lines[0]}"
 
-
-class EveryStepFlag:
-    """``late_stop.LateFlag``'s every-step twin: ``push`` returns the flag it is given (a
-    host wait per step on a GPU), for checking that reading late changes no output."""
-
-    pushes = 0  # over all instances: how many steps read their flag
-
-    def __init__(self, device):
-        pass
-
-    def push(self, flag) -> bool:
-        EveryStepFlag.pushes += 1
-        return bool(flag)

@@ -3,6 +3,7 @@ GPU sessions; their figures are only meaningful on a GPU (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -779,3 +780,44 @@ def test_hook_overhead_alternates_hooks_inside_the_graphed_decode():
     assert out.splitlines()[0].endswith("decode attention packed")  # as the adapters run it
     rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
     assert len(rows) == 7  # as without graphs, one alternating period
+
+
+@pytest.mark.parametrize("script, loops", [
+    ("kimi_audio_throughput", ["kimi_generate"]),
+    ("minicpm_o_throughput", ["minicpm_generate", "minicpm_speech_codes"]),
+])
+def test_stop_check_both_times_every_mode_late_and_every_step_side_by_side(capsys, monkeypatch,
+                                                                          script, loops):
+    """``--stop-check both``: each mode twice, its step loops reading their stop flag late
+    (``LateFlag``) and every step (``EveryStepFlag``), and the printed ratio is the rows'."""
+    import importlib
+
+    from esn_core.models import late_stop
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    bench = importlib.import_module(script)
+    used = collections.Counter()
+
+    def counting(kind, base):
+        class Counted(base):
+            def push(self, flag):
+                used[kind] += 1
+                return super().push(flag)
+        return Counted
+
+    late = counting("late", late_stop.LateFlag)
+    monkeypatch.setattr(late_stop, "EveryStepFlag", counting("every step", late_stop.EveryStepFlag))
+    modules = [importlib.import_module(f"esn_core.models.{name}") for name in loops]
+    for module in modules:
+        monkeypatch.setattr(module, "LateFlag", late)
+    bench.main(["--batches", "2", "--attempts", "2", "--repeats", "1", "--alternate-repeats", "0",
+                "--stop-check", "both"])
+    out = capsys.readouterr().out
+    assert used["late"] > 0 and used["every step"] > 0
+    assert all(module.LateFlag is late for module in modules)  # put back after each mode
+    rates = {cells[2].strip(): float(cells[-2].replace(",", "")) for cells in
+             (line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 2 |"))}
+    assert list(rates) == ["off", "capture", "off+every-step-stop", "capture+every-step-stop"]
+    for mode in ("off", "capture"):
+        ratio = float(re.search(rf"# batch 2 {mode}: stop flag read a step late ([\d.]+)x", out)[1])
+        assert abs(ratio - rates[mode] / rates[mode + "+every-step-stop"]) <= 0.002

@@ -702,7 +702,7 @@ def test_reading_the_stop_flag_late_changes_no_row_or_count(adapter, inputs, mon
     """The loop learns a step late that every row ended (``late_stop``): one more step runs,
     and the rows and counts are those of the flag read every step."""
     import esn_core.models.kimi_generate as loop
-    from sync_audit import EveryStepFlag
+    from esn_core.models import late_stop
 
     forwards = []
     handle = adapter.groups()["lm"].root.register_forward_pre_hook(lambda *_: forwards.append(1))
@@ -716,7 +716,7 @@ def test_reading_the_stop_flag_late_changes_no_row_or_count(adapter, inputs, mon
 
     try:
         late = counted()
-        monkeypatch.setattr(loop, "LateFlag", EveryStepFlag)
+        monkeypatch.setattr(loop, "LateFlag", late_stop.EveryStepFlag)
         every = counted()
     finally:
         handle.remove()

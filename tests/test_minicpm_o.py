@@ -364,10 +364,10 @@ def test_reading_the_stop_flag_late_changes_no_answer_or_count(tmp_path, monkeyp
     """The text pass learns a step late that every row ended (``late_stop``): one more step
     runs, and the answers, fed states and counts are those of the flag read every step."""
     import numpy as np
-    from sync_audit import EveryStepFlag
 
     import esn_core.models.minicpm_generate as loop
     from esn_core.hooks import Capture, HookEngine, MLPGroup, find_gated_mlps
+    from esn_core.models import late_stop
 
     parts, _, prompts, ends, pad = _text_inputs(tmp_path)
     free = loop.greedy_batch(parts.llm, prompts, ends, pad, max_new_tokens=6)
@@ -385,7 +385,7 @@ def test_reading_the_stop_flag_late_changes_no_answer_or_count(tmp_path, monkeyp
 
     try:
         late = counted()
-        monkeypatch.setattr(loop, "LateFlag", EveryStepFlag)
+        monkeypatch.setattr(loop, "LateFlag", late_stop.EveryStepFlag)
         every = counted()
     finally:
         handle.remove()

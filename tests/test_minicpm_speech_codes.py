@@ -148,10 +148,10 @@ def test_reading_the_stop_flag_late_changes_no_code_or_count(step, monkeypatch):
     """The loop learns a step late that every row ended (``late_stop``): one more step runs,
     and the codes and counts are those of the flag read every step."""
     import numpy as np
-    from sync_audit import EveryStepFlag
 
     import esn_core.models.minicpm_speech_codes as loop
     from esn_core.hooks import Capture, HookEngine, MLPGroup, find_gated_mlps
+    from esn_core.models import late_stop
 
     sampling = CodeSampling(min_codes=0, max_codes=200, temperature=1.0, top_p=1.0, top_k=0)
     conds, seeds = conditions([3, 6, 4, 5, 2], seed=7), [1, 2, 3, 4, 5]
@@ -168,7 +168,7 @@ def test_reading_the_stop_flag_late_changes_no_code_or_count(step, monkeypatch):
 
     try:
         late = counted()
-        monkeypatch.setattr(loop, "LateFlag", EveryStepFlag)
+        monkeypatch.setattr(loop, "LateFlag", late_stop.EveryStepFlag)
         every = counted()
     finally:
         handle.remove()

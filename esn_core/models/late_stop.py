@@ -59,6 +59,18 @@ class LateFlag:
         return bool(earlier[()])
 
 
+class EveryStepFlag:
+    """``LateFlag``'s every-step twin: ``push`` returns the flag it is given, so the host
+    waits for each step on a GPU. What reading late is compared with (tests, benchmarks:
+    swap a step loop's ``LateFlag`` for it)."""
+
+    def __init__(self, device: torch.device):
+        pass
+
+    def push(self, flag: torch.Tensor) -> bool:
+        return bool(flag)
+
+
 _patch_lock = threading.Lock()
 _patch_depth = 0
 _replaced = None  # transformers' own DeferredStopCheck while ours stands in its place

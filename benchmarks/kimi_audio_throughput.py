@@ -64,8 +64,8 @@ from hook_overhead import (  # noqa: E402
     composed_whole, paired_calls, paired_rows, quartiles, rotated, steering_plan, sync,
 )
 from workloads import (  # noqa: E402
-    EVERY_STEP, Attempt, add_throughput_arguments, describe, esd_like, set_attention, spread,
-    stop_flags_for, with_stop_check,
+    Attempt, add_throughput_arguments, describe, esd_like, mode_ratio_lines, set_attention,
+    spread, stop_flags_for, with_stop_check,
 )
 import esn_core.models.kimi_generate as step_loop  # noqa: E402
 from esn_core.hooks import Capture, HookEngine  # noqa: E402
@@ -423,14 +423,7 @@ def main(argv=None) -> None:
                                        args.device)
             print(composed_row(batch, result), flush=True)
     for batch in sorted(args.batches) if args.repeats else ():
-        for suffix in dict.fromkeys(m[len(m.split("+")[0]):] for m in modes):
-            if "off" + suffix in modes and "capture" + suffix in modes:
-                print(f"# batch {batch}: capture{suffix} overhead "
-                      f"{rates[batch, 'off' + suffix] / rates[batch, 'capture' + suffix]:.3f}x")
-        for mode in (m for m in modes if EVERY_STEP in m and m.replace(EVERY_STEP, "") in modes):
-            print(f"# batch {batch} {mode.replace(EVERY_STEP, '')}: stop flag read a step late "
-                  f"{rates[batch, mode.replace(EVERY_STEP, '')] / rates[batch, mode]:.3f}x "
-                  "the utterances/hour of reading it every step")
+        print("\n".join(mode_ratio_lines(batch, modes, rates)))
         if batch != 1 and 1 in args.batches:
             for mode in modes:
                 print(f"# batch {batch} {mode}: {rates[batch, mode] / rates[1, mode]:.1f}x "

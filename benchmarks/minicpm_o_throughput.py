@@ -58,8 +58,8 @@ from hook_overhead import (  # noqa: E402
     composed_loops, paired_calls, paired_rows, quartiles, rotated, steering_plan, sync,
 )
 from workloads import (  # noqa: E402
-    EVERY_STEP, Attempt, add_throughput_arguments, codes_at, describe, esd_like, set_attention,
-    spread, stop_flags_for, with_stop_check,
+    Attempt, add_throughput_arguments, codes_at, describe, esd_like, mode_ratio_lines,
+    set_attention, spread, stop_flags_for, with_stop_check,
 )
 import esn_core.models.minicpm_generate as text_loop  # noqa: E402
 import esn_core.models.minicpm_speech_codes as code_loop  # noqa: E402
@@ -493,13 +493,7 @@ def main(argv=None) -> None:
             print(composed_rows(batch, composed_overhead(adapter, engine, attempts, batch,
                                                          args.composed_repeats)), flush=True)
     for batch in sorted(args.batches) if args.repeats else ():
-        for suffix in dict.fromkeys(m[len(m.split("+")[0]):] for m in modes):
-            print(f"# batch {batch}: capture{suffix} overhead "
-                  f"{rates[batch, 'off' + suffix] / rates[batch, 'capture' + suffix]:.3f}x")
-        for mode in (m for m in modes if EVERY_STEP in m and m.replace(EVERY_STEP, "") in modes):
-            print(f"# batch {batch} {mode.replace(EVERY_STEP, '')}: stop flag read a step late "
-                  f"{rates[batch, mode.replace(EVERY_STEP, '')] / rates[batch, mode]:.3f}x "
-                  "the utterances/hour of reading it every step")
+        print("\n".join(mode_ratio_lines(batch, modes, rates)))
         if batch != 1 and 1 in args.batches:
             for mode in modes:
                 print(f"# batch {batch} {mode}: {rates[batch, mode] / rates[1, mode]:.1f}x "

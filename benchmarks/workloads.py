@@ -252,6 +252,22 @@ def stop_flags_for(mode: str, *loops):
             loop.LateFlag = flag
 
 
+def mode_ratio_lines(batch: int, modes: list[str], rates: dict) -> list[str]:
+    """Summary lines of a main table (``rates[batch, mode]``: utterances/hour): capture's
+    cost over ``off`` run the same way, and the stop flag read late over every step."""
+    lines = []
+    for suffix in dict.fromkeys(m[len(m.split("+")[0]):] for m in modes):
+        if "off" + suffix in modes and "capture" + suffix in modes:
+            lines.append(f"# batch {batch}: capture{suffix} overhead "
+                         f"{rates[batch, 'off' + suffix] / rates[batch, 'capture' + suffix]:.3f}x")
+    for mode in (m for m in modes if EVERY_STEP in m and m.replace(EVERY_STEP, "") in modes):
+        late = mode.replace(EVERY_STEP, "")
+        lines.append(f"# batch {batch} {late}: stop flag read a step late "
+                     f"{rates[batch, late] / rates[batch, mode]:.3f}x the utterances/hour of "
+                     "reading it every step")
+    return lines
+
+
 def add_throughput_arguments(ap, shapes) -> None:
     """The options the adapter throughput benchmarks share (shape, device, batches, rows,
     the whole-call capture cost's ways, whole conversions)."""

@@ -62,3 +62,22 @@ def line_of(path: str, text: str) -> str:
         raise ValueError(f"{text!r} is on {len(lines)} lines of {path}")
     return f"{path}:{lines[0]}"
 
+
+
+def late_and_every_step(run, module, loop, monkeypatch) -> list[tuple]:
+    """``run()`` twice, with the step-loop module ``loop`` reading its stop flag late (its
+    ``LateFlag``, as it runs) and every step (``late_stop.EveryStepFlag``): each time
+    ``(run's result, the forwards module made)``, late first."""
+    from esn_core.models import late_stop
+
+    forwards = []
+    handle = module.register_forward_pre_hook(lambda *_: forwards.append(1))
+    results = []
+    try:
+        for flag in (loop.LateFlag, late_stop.EveryStepFlag):
+            monkeypatch.setattr(loop, "LateFlag", flag)
+            forwards.clear()
+            results.append((run(), len(forwards)))
+    finally:
+        handle.remove()
+    return results

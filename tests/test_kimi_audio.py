@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from overlap_runs import assert_overlap_matches_sequential
-from tiny_kimi import BRANCH, MAIN_LAYERS, MIMO_LAYERS, build_checkpoint, lm_state, write_sources
+from tiny_kimi import BRANCH, MAIN_LAYERS, MIMO_LAYERS, build_checkpoint, write_sources
 
 from esn_core.hooks import Capture, HookEngine, Intervention
 from esn_core.models.kimi_audio import (
@@ -702,31 +702,23 @@ def test_reading_the_stop_flag_late_changes_no_row_or_count(adapter, inputs, mon
     """The loop learns a step late that every row ended (``late_stop``): one more step runs,
     and the rows and counts are those of the flag read every step."""
     import esn_core.models.kimi_generate as loop
-    from esn_core.models import late_stop
+    from sync_audit import late_and_every_step
 
-    forwards = []
-    handle = adapter.groups()["lm"].root.register_forward_pre_hook(lambda *_: forwards.append(1))
-
-    def counted():
-        forwards.clear()
+    def run():
         engine = HookEngine(adapter.groups())
         with engine.session(capture={"lm": Capture(), "synth": Capture()}) as session:
             out = generate(adapter, inputs, seeds=[11, 11, 13])  # every row ends, at its own step
-        return out, session, len(forwards)
+        return out, session
 
-    try:
-        late = counted()
-        monkeypatch.setattr(loop, "LateFlag", late_stop.EveryStepFlag)
-        every = counted()
-    finally:
-        handle.remove()
-    assert all(o.ended for o in late[0]) and len({len(o.codes) for o in late[0]}) == 3
-    assert [(o.text, o.codes, o.n_positions, o.ended) for o in late[0]] == \
-        [(o.text, o.codes, o.n_positions, o.ended) for o in every[0]]
+    ((late, late_session), late_forwards), ((every, every_session), every_forwards) = \
+        late_and_every_step(run, adapter.groups()["lm"].root, loop, monkeypatch)
+    assert all(o.ended for o in late) and len({len(o.codes) for o in late}) == 3
+    assert [(o.text, o.codes, o.n_positions, o.ended) for o in late] == \
+        [(o.text, o.codes, o.n_positions, o.ended) for o in every]
     for group in ("lm", "synth"):
-        np.testing.assert_array_equal(late[1].counts(group).T, every[1].counts(group).T)
-        np.testing.assert_array_equal(late[1].counts(group).K, every[1].counts(group).K)
-    assert late[2] == every[2] + 1
+        np.testing.assert_array_equal(late_session.counts(group).T, every_session.counts(group).T)
+        np.testing.assert_array_equal(late_session.counts(group).K, every_session.counts(group).K)
+    assert late_forwards == every_forwards + 1
 
 
 def test_the_step_loop_never_waits_for_the_device_per_step(adapter, inputs):

@@ -365,37 +365,31 @@ def test_reading_the_stop_flag_late_changes_no_answer_or_count(tmp_path, monkeyp
     runs, and the answers, fed states and counts are those of the flag read every step."""
     import numpy as np
 
+    from sync_audit import late_and_every_step
+
     import esn_core.models.minicpm_generate as loop
     from esn_core.hooks import Capture, HookEngine, MLPGroup, find_gated_mlps
-    from esn_core.models import late_stop
 
     parts, _, prompts, ends, pad = _text_inputs(tmp_path)
     free = loop.greedy_batch(parts.llm, prompts, ends, pad, max_new_tokens=6)
     stop = tuple(r.tokens[b % 2 + 1] for b, r in enumerate(free)) + ends  # every row ends early
     engine = HookEngine({"lm": MLPGroup(find_gated_mlps(parts.llm.model.layers), root=parts.llm,
                                         eos_token_ids=stop)})
-    forwards = []
-    handle = parts.llm.register_forward_pre_hook(lambda *_: forwards.append(1))
 
-    def counted():
-        forwards.clear()
+    def run():
         with engine.session(capture={"lm": Capture()}) as session:
             rows = loop.greedy_batch(parts.llm, prompts, stop, pad, max_new_tokens=6)
-        return rows, session.counts("lm"), len(forwards)
+        return rows, session.counts("lm")
 
-    try:
-        late = counted()
-        monkeypatch.setattr(loop, "LateFlag", late_stop.EveryStepFlag)
-        every = counted()
-    finally:
-        handle.remove()
-    assert all(r.ended for r in late[0])
-    for a, b in zip(late[0], every[0]):
+    late, every = late_and_every_step(run, parts.llm, loop, monkeypatch)
+    ((late_rows, late_counts), late_forwards), ((rows, counts), forwards) = late, every
+    assert all(r.ended for r in late_rows)
+    for a, b in zip(late_rows, rows):
         assert (a.tokens, a.n_positions, a.ended) == (b.tokens, b.n_positions, b.ended)
         assert torch.equal(a.hidden, b.hidden)
-    np.testing.assert_array_equal(late[1].T, every[1].T)
-    np.testing.assert_array_equal(late[1].K, every[1].K)
-    assert late[2] == every[2] + 1
+    np.testing.assert_array_equal(late_counts.T, counts.T)
+    np.testing.assert_array_equal(late_counts.K, counts.K)
+    assert late_forwards == forwards + 1
 
 
 def test_the_text_pass_never_waits_for_the_device_per_step(tmp_path):

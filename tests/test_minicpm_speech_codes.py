@@ -149,35 +149,29 @@ def test_reading_the_stop_flag_late_changes_no_code_or_count(step, monkeypatch):
     and the codes and counts are those of the flag read every step."""
     import numpy as np
 
+    from sync_audit import late_and_every_step
+
     import esn_core.models.minicpm_speech_codes as loop
     from esn_core.hooks import Capture, HookEngine, MLPGroup, find_gated_mlps
-    from esn_core.models import late_stop
 
     sampling = CodeSampling(min_codes=0, max_codes=200, temperature=1.0, top_p=1.0, top_k=0)
     conds, seeds = conditions([3, 6, 4, 5, 2], seed=7), [1, 2, 3, 4, 5]
     engine = HookEngine({"synth": MLPGroup(find_gated_mlps(step.tts.model.layers), root=step,
                                            eos_token_ids=(10,))})
-    forwards = []
-    handle = step.register_forward_pre_hook(lambda *_: forwards.append(1))
 
-    def counted():
-        forwards.clear()
+    def run():
         with engine.session(capture={"synth": Capture()}) as session:
             rows = generate_codes(step, conds, seeds, sampling)
-        return rows, session.counts("synth"), len(forwards)
+        return rows, session.counts("synth")
 
-    try:
-        late = counted()
-        monkeypatch.setattr(loop, "LateFlag", late_stop.EveryStepFlag)
-        every = counted()
-    finally:
-        handle.remove()
-    assert all(r.ended for r in late[0])  # every row draws the end code before the cap
-    for a, b in zip(late[0], every[0]):
+    late, every = late_and_every_step(run, step, loop, monkeypatch)
+    ((late_rows, late_counts), late_forwards), ((rows, counts), forwards) = late, every
+    assert all(r.ended for r in late_rows)  # every row draws the end code before the cap
+    for a, b in zip(late_rows, rows):
         assert torch.equal(a.codes, b.codes) and a.ended == b.ended
-    np.testing.assert_array_equal(late[1].T, every[1].T)
-    np.testing.assert_array_equal(late[1].K, every[1].K)
-    assert late[2] == every[2] + 1
+    np.testing.assert_array_equal(late_counts.T, counts.T)
+    np.testing.assert_array_equal(late_counts.K, counts.K)
+    assert late_forwards == forwards + 1
 
 
 def test_the_code_loop_never_waits_for_the_device_per_step(step):

@@ -15,9 +15,10 @@ loop runs a left-padded batch and follows the same rules per row:
 Row ``b``'s uniforms are drawn before the loop, ``max_steps[b]`` of them from a CPU
 generator seeded ``seeds[b]``, and step ``t`` uses the ``t``-th: a row's tokens do not
 depend on the other rows of the batch, and the loop's state stays on the device (whether
-every row has ended is read one step late, so the host never waits for a step). A row that ended keeps feeding
-an audio end token: the hooks' position root then knows it ended (``MLPGroup.eos_token_ids``)
-and counts none of its later positions, as a single run would have stopped there.
+every row has ended is read one step late, so the host never waits for a step). A row
+that ended keeps feeding an audio end token: the hooks' position root then knows it ended
+(``MLPGroup.eos_token_ids``) and counts none of its later positions, as a single run would
+have stopped there.
 """
 
 from __future__ import annotations

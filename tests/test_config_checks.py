@@ -45,6 +45,8 @@ def _problems(adapter: str, options: dict) -> list[str]:
      ["model.options.token2wav_steps: 1 is not allowed; a whole number >= 2",
       "model.options.token2wav_ragged: 'yes' is not allowed; true or false",
       "model.options.speaker: 7 is not allowed; a string"]),
+    ("qwen2_5_omni", {"late_stop_check": "no"},
+     ["model.options.late_stop_check: 'no' is not allowed; true or false"]),
     ("qwen2_5_omni", {"stop_token_ids": [151645, "eos"], "system_prompt": 1.5},
      ["model.options.stop_token_ids: [151645, 'eos'] is not allowed; a list, each a whole number",
       "model.options.system_prompt: 1.5 is not allowed; a string or null"]),
@@ -73,7 +75,8 @@ def test_bad_option_values_are_named_with_what_is_accepted(adapter, options, exp
     ("minicpm_o_4_5", {"vocoder_batch_size": 1, "dtype": "bfloat16", "device": "cuda:1",
                        "sampling": {"top_p": 0.9}}),
     ("qwen2_5_omni", {"token2wav_steps": 2, "stop_token_ids": [151645], "system_prompt": None,
-                      "dtype": "float16", "cuda_graphs": True, "overlap_speech": True}),
+                      "dtype": "float16", "cuda_graphs": True, "overlap_speech": True,
+                      "late_stop_check": False}),
     ("kimi_audio", {"audio_temperature": 0, "audio_top_k": 0, "dtype": None,  # float takes a whole number
                     "overlap_speech": False}),
     ("minicpm_o_4_5", {"overlap_speech": True}),

@@ -135,3 +135,35 @@ def test_the_context_puts_transformers_own_check_back_after_nesting_and_errors(m
         with late_stop_checks():
             raise RuntimeError("inside")
     assert generation.DeferredStopCheck is own
+
+
+def test_a_generate_on_another_thread_keeps_transformers_own_check_meanwhile(model, early_ends):
+    """The module name is swapped process-wide, but only threads inside a context defer: a
+    ``generate`` on another thread runs exactly as without the context (no extra step)."""
+    import threading
+
+    every = []
+    expected = generate(model, every, eos_token_id=early_ends)
+    inside, outside = threading.Event(), threading.Event()
+    got = {}
+
+    def elsewhere():
+        inside.wait(timeout=60)
+        forwards = []
+        got["sequences"] = generate(model, forwards, eos_token_id=early_ends)
+        got["forwards"] = len(forwards)
+        outside.set()
+
+    own = generation.DeferredStopCheck
+    worker = threading.Thread(target=elsewhere)
+    worker.start()
+    late = []
+    with late_stop_checks():
+        inside.set()
+        assert outside.wait(timeout=120), "the other thread's generate did not finish"
+        assert generation.DeferredStopCheck is not own  # the name was ours all along
+        generate(model, late, eos_token_id=early_ends)
+    worker.join()
+    assert got["forwards"] == len(every)  # read every step there
+    assert torch.equal(got["sequences"], expected)
+    assert len(late) == len(every) + 1  # read late here, the same context open

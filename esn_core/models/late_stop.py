@@ -72,9 +72,14 @@ class EveryStepFlag:
 
 
 _patch_lock = threading.Lock()
-_patch_depth = 0
+_patch_depth = 0  # contexts open on all threads: the module name stays ours while > 0
 _replaced = None  # transformers' own DeferredStopCheck while ours stands in its place
 _disposable: collections.Counter = collections.Counter()  # ids of caches whose extra step stays
+_this_thread = threading.local()  # .depth: contexts open on this thread
+
+
+def _deferring_here() -> bool:
+    return getattr(_this_thread, "depth", 0) > 0
 
 
 @functools.cache
@@ -82,9 +87,10 @@ def late_stop_check_class():
     """The ``StopCheck`` subclass for transformers' ``generate`` (None before 5.17, which
     has no stop-check object to replace)."""
     try:
-        from transformers.generation.utils import StopCheck
+        from transformers.generation.utils import DeferredStopCheck, StopCheck
     except ImportError:
         return None
+    stock = DeferredStopCheck  # what another thread's generate gets from us, unchanged
 
     class LateStopCheck(StopCheck):
         """``generate``'s stop check, read one step late (``LateFlag``).
@@ -93,7 +99,16 @@ def late_stop_check_class():
         after every row finished, and ``finish`` reports that step so ``generate`` drops its
         token and recorded outputs. A cache that ``generate`` returns is cropped by the same
         step; a cache the caller declared disposable (reset before its next use) is not.
+
+        Only on threads inside ``late_stop_checks``: elsewhere the module name is ours too
+        while a context is open, so both ``is_supported`` and construction hand over to
+        transformers' own class there.
         """
+
+        def __new__(cls, *args, **kwargs):
+            if not _deferring_here():
+                return stock(*args, **kwargs)  # not an instance of cls: __init__ is skipped
+            return super().__new__(cls)
 
         def __init__(self, input_ids, max_length, cache, cache_is_returned, streamer=None):
             super().__init__(streamer)
@@ -104,6 +119,8 @@ def late_stop_check_class():
 
         @staticmethod
         def is_supported(device, cache, cache_is_returned, is_assistant) -> bool:
+            if not _deferring_here():
+                return stock.is_supported(device, cache, cache_is_returned, is_assistant)
             if is_assistant:
                 return False
             if cache is None or not cache_is_returned or id(cache) in _disposable:
@@ -135,8 +152,9 @@ def late_stop_checks(disposable_caches=()):
     """Within: transformers' ``generate`` reads its stop flag one step late, on any device.
 
     transformers picks its deferred check by a module-level name (``DeferredStopCheck``),
-    which this replaces while any such context is open (process-wide: a ``generate`` on
-    another thread meanwhile defers too, with the same outputs). ``disposable_caches``:
+    which this replaces while any such context is open; a ``generate`` on another thread
+    meanwhile still gets transformers' own behaviour (the class hands over to it on threads
+    outside a context). ``disposable_caches``:
     caches the caller resets before reusing (static caches kept across batches), whose
     extra step's slot need not be undone. A no-op on transformers without stop checks.
     """
@@ -153,9 +171,11 @@ def late_stop_checks(disposable_caches=()):
             _replaced, generation.DeferredStopCheck = generation.DeferredStopCheck, check
         _patch_depth += 1
         _disposable.update(ids)
+    _this_thread.depth = getattr(_this_thread, "depth", 0) + 1
     try:
         yield
     finally:
+        _this_thread.depth -= 1
         with _patch_lock:
             _disposable.subtract(ids)
             for gone in [i for i in ids if _disposable[i] <= 0]:

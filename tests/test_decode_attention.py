@@ -9,7 +9,7 @@ from torch import nn
 
 from esn_core.hooks import Capture, HookEngine, MLPGroup, find_gated_mlps
 from esn_core.models.decode_attention import (
-    NAME, grouped_query_configs, packed_decode_attention, use_packed_decode_attention,
+    NAME, grouped_query_configs, packed_decode_attention, register, use_packed_decode_attention,
 )
 
 
@@ -122,6 +122,51 @@ def test_a_model_generates_the_same_tokens_scores_and_counts_with_either_attenti
     # and back
     assert use_packed_decode_attention(model, on=False) == 1
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_decode_step_mask_is_made_on_the_device_where_sdpa_would_ask_the_host():
+    """Unpadded rows: transformers' SDPA mask is left out after the host reads the padding
+    mask's sum (a wait for the device at every decode step); ours is made, all keys let
+    through, without reading anything. A prefill may still leave it out."""
+    from pathlib import Path
+
+    import transformers
+    from sync_audit import SyncAudit
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    register()
+    unpadded = torch.ones(2, 6, dtype=torch.bool)
+    step = dict(batch_size=2, q_length=1, kv_length=6, q_offset=5, kv_offset=0,
+                attention_mask=unpadded, allow_is_causal_skip=True, device="cpu")
+    library = str(Path(transformers.__file__).parent)
+    with SyncAudit(under=library) as stock_waits:
+        assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](**step) is None
+    with SyncAudit(under=library) as our_waits:
+        mask = ALL_MASK_ATTENTION_FUNCTIONS[NAME](**step)
+    assert sum(stock_waits.sites.values()) == 1 and not our_waits.sites
+    assert mask.shape == (2, 1, 1, 6) and mask.all()
+    padded = unpadded.clone()
+    padded[1, :2] = False
+    torch.testing.assert_close(ALL_MASK_ATTENTION_FUNCTIONS[NAME](**{**step, "attention_mask": padded}),
+                               ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](**{**step, "attention_mask": padded}))
+    prefill = {**step, "q_length": 6, "q_offset": 0}
+    assert ALL_MASK_ATTENTION_FUNCTIONS[NAME](**prefill) is None
+
+
+def test_an_unpadded_row_generates_the_same_with_the_decode_mask_made():
+    model = _tiny_qwen2()
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+
+    def run():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                              min_new_tokens=12, do_sample=False, output_scores=True,
+                              return_dict_in_generate=True, pad_token_id=0)
+
+    stock = run()
+    use_packed_decode_attention(model)
+    packed = run()
+    assert torch.equal(stock.sequences, packed.sequences)
+    torch.testing.assert_close(torch.stack(packed.scores), torch.stack(stock.scores), rtol=0, atol=1e-10)
 
 
 def test_only_grouped_query_decoders_on_sdpa_are_switched():

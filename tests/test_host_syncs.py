@@ -101,18 +101,20 @@ def test_the_qwen_adapter_waits_the_same_number_of_times_for_any_answer_length(o
 
 
 @pytest.mark.skipif(TF_MAJOR < 5, reason="transformers 4.x generates one row at a time")
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager decode", "cuda_graphs path"])
 @pytest.mark.parametrize("late", [True, False], ids=["late stop check", "every-step stop check"])
-def test_graphed_decode_steps_never_wait_once_the_stop_check_is_read_late(omni, late):
-    """On the ``cuda_graphs`` path with ``late_stop_check`` (the default), no code, ours or
-    transformers', makes the host wait for the device inside a thinker or talker decode
-    step: a generate of 8 + 22 decode steps waits as often as one of 3 + 5. Read every step,
-    the stop check waits once a decode step (the known answer: 14 more steps, 14 more waits,
-    all on its line)."""
+def test_decode_steps_never_wait_once_the_stop_check_is_read_late(omni, graphs, late):
+    """With ``late_stop_check`` (the default), no code, ours or transformers', makes the
+    host wait for the device inside a thinker or talker decode step, on the eager decode
+    (its masks made on the device: ``decode_attention.decode_step_mask``) and on the
+    ``cuda_graphs`` path: a generate of 8 + 14 decode steps waits as often as one of 3 + 5.
+    Read every step, the stop check waits once a decode step (the known answer: 14 more
+    steps, 14 more waits, all on its line)."""
     import transformers as tf
 
     checkpoint, requests = omni
     adapter = QwenOmniAdapter(checkpoint, dtype="float32", device="cpu", max_new_tokens=12,
-                              talker_max_new_tokens=24, token2wav_steps=2, cuda_graphs=True,
+                              talker_max_new_tokens=24, token2wav_steps=2, cuda_graphs=graphs,
                               late_stop_check=late)
     engine = HookEngine(adapter.groups())
     inputs = adapter.prepare(requests)

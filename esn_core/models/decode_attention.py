@@ -19,6 +19,13 @@ masked decode steps the same way themselves (their ``pack_gqa``).
 ``use_packed_decode_attention(model)`` switches the grouped-query decoders of ``model`` to
 this function; every other call (prefill, models without grouped heads, dropout, position
 biases) goes to transformers' own SDPA unchanged.
+
+The decode step's mask is made on the device, always (``decode_step_mask``). transformers
+leaves it out where no row is padded, and to know that it reads the padding mask's sum on
+the host, a wait for the device at every decode step on a dynamic cache (the eager decode;
+a static cache never skips). With the mask made, the host queues the next step while the
+device runs this one; the mask of a row with no padding lets every key through, so the
+outputs are those of no mask.
 """
 
 from __future__ import annotations
@@ -65,13 +72,26 @@ def packed_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
+def decode_step_mask(*args, q_length: int | None = None, allow_is_causal_skip: bool = True,
+                     **kwargs):
+    """SDPA's mask, made on the device for a decode step (one query position) instead of
+    left out after asking the host whether any row is padded (see module doc)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if q_length == 1:
+        allow_is_causal_skip = False
+    return ALL_MASK_ATTENTION_FUNCTIONS[STOCK](*args, q_length=q_length,
+                                              allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+
+
 def register() -> None:
-    """Make ``NAME`` known to transformers: this attention, and SDPA's mask format."""
+    """Make ``NAME`` known to transformers: this attention, and SDPA's mask format with the
+    decode step's mask always made (``decode_step_mask``)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, packed_decode_attention)
-    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS[STOCK])
+    AttentionMaskInterface.register(NAME, decode_step_mask)
 
 
 def grouped_query_configs(model: nn.Module) -> list:

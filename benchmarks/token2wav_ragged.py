@@ -16,7 +16,10 @@ adapter's ``token2wav_batch``:
 - ``buckets``: rows of equal code length share a call (the adapter before ragged batching);
 - ``ragged mN``: rows sorted by length, calls of up to N rows padded to their longest;
   ``--dit-mask both`` times each size also with the DiT's mask built per head, as
-  transformers builds it (``, per-head mask``), beside the adapter's one mask for all heads.
+  transformers builds it (``, per-head mask``), beside the adapter's one mask for all heads;
+  ``--ode-solver both`` times each size also on transformers' own RK4 solver, which reads
+  the time points back from the device four times an ODE step (``, transformers' solver``),
+  beside the adapter's, which integrates the same steps without (``token2wav_solver``).
 
 Every path is timed ``--repeats`` times (median) and reports ms per row and peak memory.
 Accuracy: on ``--check-rows`` rows spread over the mix, each path's waveform against the
@@ -26,6 +29,7 @@ per-row decode of the same row and seed: max |difference| and the lowest SNR ove
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -40,7 +44,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # esn_core without
 
 from workloads import esd_like, snr_db, spread_indices  # noqa: E402
 
+from esn_core.models import qwen_omni  # noqa: E402
 from esn_core.models.qwen_omni import float32_matmul_precision, token2wav_batch  # noqa: E402
+
+
+@contextlib.contextmanager
+def transformers_solver():
+    """Within: token2wav_batch integrates on transformers' own RK4 solver (as before
+    ``token2wav_solver``), for timing the two side by side."""
+    saved = qwen_omni.rk4_without_host_reads
+    qwen_omni.rk4_without_host_reads = contextlib.nullcontext
+    try:
+        yield
+    finally:
+        qwen_omni.rk4_without_host_reads = saved
 
 TINY = dict(
     dit_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16,
@@ -92,6 +109,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dit-mask", choices=["shared", "per-head", "both"], default="shared",
                         help="the DiT's attention mask built once for all heads (the adapter's "
                              "way) or once per head (transformers'); both: each ragged size twice")
+    parser.add_argument("--ode-solver", choices=["stepwise", "transformers", "both"], default="stepwise",
+                        help="ragged calls on the adapter's RK4 loop (stepwise), on transformers' "
+                             "own solver, or both side by side")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
@@ -135,7 +155,7 @@ def main(argv=None) -> int:
     model.code2wav_dit_model.sample = part_timer("dit", model.code2wav_dit_model.sample)
     model.code2wav_bigvgan_model.forward = part_timer("bigvgan", model.code2wav_bigvgan_model.forward)
 
-    def timed(chosen, **kwargs):
+    def timed(chosen, solver="stepwise", **kwargs):
         """(seconds of a median run, waveforms, peak GiB, DiT and BigVGAN seconds of that run)."""
         if cuda:
             torch.cuda.empty_cache()
@@ -145,7 +165,8 @@ def main(argv=None) -> int:
             parts.update(dit=0.0, bigvgan=0.0)
             sync()
             start = time.perf_counter()
-            with float32_matmul_precision(args.precision):
+            with float32_matmul_precision(args.precision), (
+                    transformers_solver() if solver == "transformers" else contextlib.nullcontext()):
                 waves = token2wav_batch(model, [calls[i] for i in chosen],
                                         [seeds[i] for i in chosen], **kwargs)
             sync()
@@ -197,11 +218,14 @@ def main(argv=None) -> int:
                len(set(lengths)))
     if "ragged" in args.paths:
         masks = {"shared": [True], "per-head": [False], "both": [True, False]}[args.dit_mask]
+        solvers = ["stepwise", "transformers"] if args.ode_solver == "both" else [args.ode_solver]
         for size in micro:
             for shared in masks:
-                label = f"ragged m{size}" + ("" if shared else ", per-head mask")
-                report(label, everything, timed(everything, max_rows=size, shared_mask=shared),
-                       -(-rows // size))
+                for solver in solvers:
+                    label = (f"ragged m{size}" + ("" if shared else ", per-head mask")
+                             + (", transformers' solver" if solver == "transformers" else ""))
+                    report(label, everything, timed(everything, solver, max_rows=size,
+                                                    shared_mask=shared), -(-rows // size))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "argv": sys.argv, "lengths": lengths,

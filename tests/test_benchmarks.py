@@ -131,17 +131,21 @@ def test_qwen_omni_throughput_reports_parts_modes_and_json(tmp_path):
 def test_token2wav_ragged_compares_every_path_against_the_per_row_decode(tmp_path):
     target = tmp_path / "t2w.json"
     out = _run("benchmarks/token2wav_ragged.py", "--tiny", "--rows", "4", "--steps", "2",
-               "--micro", "2", "4", "--dit-mask", "both", "--out", str(target))
+               "--micro", "2", "4", "--dit-mask", "both", "--ode-solver", "both", "--out", str(target))
     saved = json.loads(target.read_text())
     paths = [r["path"] for r in saved["results"]]
-    assert paths == ["per row", "buckets", "ragged m2", "ragged m2, per-head mask", "ragged m4",
-                     "ragged m4, per-head mask"]
+    solver = ", transformers' solver"
+    assert paths == ["per row", "buckets"] + [
+        f"ragged m{m}{mask}{s}" for m in (2, 4) for mask in ("", ", per-head mask") for s in ("", solver)]
     assert len(set(saved["lengths"])) > 1
     by_path = {r["path"]: r for r in saved["results"]}
     assert by_path["per row"]["min_snr_db"] == float("inf")  # the reference itself
     assert by_path["ragged m4"]["calls"] == 1 and by_path["ragged m2"]["calls"] == 2
     for path in ("buckets", "ragged m2", "ragged m4", "ragged m4, per-head mask"):
         assert by_path[path]["min_snr_db"] > 100, path  # float32 on CPU: rounding only
+    for path in ("ragged m2", "ragged m4", "ragged m4, per-head mask"):
+        # the same waveforms on either solver, so the same distance from the reference
+        assert by_path[path + solver]["max_abs"] == by_path[path]["max_abs"], path
     assert "| ragged m4 | 4 | 1 |" in out
 
 

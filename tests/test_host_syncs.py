@@ -39,6 +39,36 @@ def test_the_audit_names_the_line_that_would_wait():
                            f"tests/test_host_syncs.py:{line + 4}": 1}
 
 
+def test_the_audit_names_the_lines_that_would_send_host_data_to_the_device():
+    t = torch.ones(3)  # made outside the audit: a device tensor, as a model's are
+    with SyncAudit(under="tests") as audit:
+        line = __import__("inspect").currentframe().f_lineno + 1
+        torch.tensor([1, 2, 3], device=t.device)  # made from Python data on a named device
+        rows = torch.tensor([4, 5, 6])  # on the host: not sent anywhere yet
+        rows.to(t.device)  # sent
+        t.copy_(rows)  # sent
+        freqs = torch.arange(3, dtype=torch.float32).exp()[None]  # made and kept on the host
+        t * freqs.to(t.device)  # sent
+        t[:2] = freqs[0, :2]  # sent
+        t.new_tensor([7.0, 8.0, 9.0])  # made on t's device from Python data
+        t.to(t.device), t.copy_(t + 1), rows.to(torch.float64)  # device to device; a dtype only
+        torch.as_tensor(t, device=t.device), torch.zeros(3, device=t.device)  # no host data
+    assert audit.uploads == {f"tests/test_host_syncs.py:{line + i}": 1 for i in (0, 2, 3, 5, 6, 7)}
+    assert not audit.sites
+
+
+def test_reading_a_host_tensor_is_no_wait_and_copying_to_the_host_is():
+    t = torch.ones(3)
+    with SyncAudit(under="tests") as audit:
+        grid = torch.linspace(0, 1, 5)  # on the host
+        float(grid[1] - grid[0]), grid.tolist(), grid[grid > 0]  # host reads: no wait
+        line = __import__("inspect").currentframe().f_lineno + 1
+        host = t.cpu()  # the device's value copied to the host: a wait
+        host.sum().item()  # then on the host: no wait
+    assert audit.sites == {f"tests/test_host_syncs.py:{line}": 1}
+    assert not audit.uploads
+
+
 def _tiny_qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -65,8 +95,8 @@ def test_sessions_wait_the_same_number_of_times_for_any_number_of_steps(static):
             with SyncAudit() as audit, engine.session(**session):
                 model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps,
                                min_new_tokens=steps, do_sample=False, pad_token_id=0, **extra)
-            sites.append(audit.sites)
-        assert sites[0], "the session's own waits (prefill, exit) are seen"
+            sites.append((audit.sites, audit.uploads))
+        assert sites[0][0], "the session's own waits (prefill, exit) are seen"
         assert sites[0] == sites[1], (list(session), sites)
 
 
@@ -95,8 +125,8 @@ def test_the_qwen_adapter_waits_the_same_number_of_times_for_any_answer_length(o
         with SyncAudit() as audit, engine.session(capture={"lm": Capture(), "synth": Capture()}):
             result, calls, _ = adapter.generate_codes(inputs, [1, 2], **lengths)
         assert result[0].shape[1] == inputs["input_ids"].shape[1] + text  # the lengths took
-        sites.append(audit.sites)
-    assert sites[0], "the sessions' own waits (prefills, exit) are seen"
+        sites.append((audit.sites, audit.uploads))
+    assert sites[0][0], "the sessions' own waits (prefills, exit) are seen"
     assert sites[0] == sites[1]
 
 
@@ -119,13 +149,15 @@ def test_decode_steps_never_wait_once_the_stop_check_is_read_late(omni, graphs, 
     engine = HookEngine(adapter.groups())
     inputs = adapter.prepare(requests)
     under = ("esn_core", str(Path(tf.__file__).parent))
-    sites = []
+    sites, uploads = [], []
     for text, speech in ((3, 3), (3, 5), (8, 14)):  # the first makes the caches: not audited
         lengths = dict(thinker_min_new_tokens=text, thinker_max_new_tokens=text,
                        talker_min_new_tokens=speech, talker_max_new_tokens=speech)
         with SyncAudit(under=under) as audit, engine.session(capture={"lm": Capture(), "synth": Capture()}):
             adapter.generate_codes(inputs, [1, 2], **lengths)
         sites.append(audit.sites)
+        uploads.append(audit.uploads)
+    assert uploads[1] == uploads[2], "host data sent to the device per decode step"
     short, long = sites[1:]
     more = {site: long[site] - short[site] for site in long | short if long[site] != short[site]}
     if late:

@@ -736,7 +736,26 @@ def test_the_step_loop_never_waits_for_the_device_per_step(adapter, inputs):
             with SyncAudit() as audit:
                 rows = adapter.generate(batch, [1, 2, 3])
             assert not any(r.ended for r in rows)
-            sites.append(audit.sites)
+            sites.append((audit.sites, audit.uploads))
     finally:
         adapter.sampling, adapter.max_tokens = saved
-    assert sites[0] and sites[0] == sites[1]
+    assert sites[0][0] and sites[0] == sites[1]
+
+
+def test_the_speech_decoder_never_waits_for_the_device_per_euler_step(checkpoint):
+    """Its DiT's tables (positions, rotary angles, timestep frequencies, the timesteps) are
+    made on the host as upstream makes them and sent to the device once, not at every
+    evaluation (each such copy a wait for the device): 4 Euler points a chunk wait and
+    upload as often as 1. The adapter is built inside the audit, so that tables made at
+    loading are seen on the host."""
+    from sync_audit import SyncAudit
+
+    codes = [[3, 5, 7, 9, 11] * 6, [2, 4, 6] * 5]
+    seen = []
+    for steps in (3, 2, 5):  # the first fills the process-wide caches: not compared
+        with SyncAudit() as audit:
+            speaker = KimiAudioAdapter(checkpoint, device="cpu", dtype="float32", detokenizer_steps=steps)
+            waves = speaker.speak_rows(codes, [1, 2])
+        assert [len(w) for w in waves] and all(np.isfinite(w).all() for w in waves)
+        seen.append((audit.sites, audit.uploads))
+    assert seen[1] == seen[2], seen[1:]

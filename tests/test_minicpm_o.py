@@ -404,5 +404,5 @@ def test_the_text_pass_never_waits_for_the_device_per_step(tmp_path):
         with SyncAudit() as audit:
             rows = greedy_batch(parts.llm, prompts, (10**6,), pad, max_new_tokens=steps)  # no end
         assert [len(r.tokens) for r in rows] == [steps] * 3
-        sites.append(audit.sites)
-    assert sites[0] and sites[0] == sites[1]
+        sites.append((audit.sites, audit.uploads))
+    assert sites[0][0] and sites[0] == sites[1]

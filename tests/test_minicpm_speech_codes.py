@@ -184,5 +184,5 @@ def test_the_code_loop_never_waits_for_the_device_per_step(step):
         with SyncAudit() as audit:
             rows = generate_codes(step, conditions([5, 3, 7]), [4, 5, 6], sampling)
         assert [r.codes.shape[0] for r in rows] == [codes - 1] * 3  # the cap's last code dropped
-        sites.append(audit.sites)
-    assert sites[0] and sites[0] == sites[1]
+        sites.append((audit.sites, audit.uploads))
+    assert sites[0][0] and sites[0] == sites[1]

@@ -406,3 +406,17 @@ def test_batch_inputs_are_checked(vocoder):
         vocoder.batch(codes, seeds, voices, max_rows=0)
     with pytest.raises(ValueError, match="HT_ref_audio.wav"):
         vocoder.batch(codes[:1], seeds[:1], [None])
+
+
+def test_the_flow_never_waits_for_the_device_per_euler_step(checkpoint):
+    """The flow's time grid and the DiT's timestep frequencies go to the device once, not
+    at every step (each such copy a wait for the device): 5 steps wait and upload as often
+    as 2. The vocoder is loaded inside the audit, so that what loading makes is seen."""
+    from sync_audit import SyncAudit
+
+    seen = []
+    for steps in (3, 2, 5):  # the first fills the process-wide caches: not compared
+        with SyncAudit() as audit:
+            mv.load_vocoder(checkpoint, device="cpu", n_timesteps=steps).batch(*_rows())
+        seen.append((audit.sites, audit.uploads))
+    assert seen[1] == seen[2], seen[1:]

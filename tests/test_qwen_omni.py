@@ -604,6 +604,28 @@ def test_equal_length_buckets_equal_the_per_row_path_bit_for_bit(adapter):
     assert not torch.equal(other[0], batched[0])
 
 
+def test_token2wav_never_waits_for_the_device_per_ode_step(adapter):
+    """transformers' RK4 solver reads time points back from the device four times a step;
+    token2wav_batch integrates the same steps without (``token2wav_solver``; bit for bit:
+    the test above compares with transformers' own). 6 steps wait as often as 3, in our code
+    and in transformers'."""
+    import copy
+
+    import transformers
+    from sync_audit import SyncAudit
+
+    token2wav = copy.deepcopy(adapter.model.token2wav).float()
+    under = ("esn_core", str(Path(transformers.__file__).parent))
+    seen = []
+    for steps in (3, 6):
+        calls = [{**call, "num_steps": steps} for call in _token2wav_calls(
+            token2wav, adapter.model.speaker_map["Chelsie"], (7, 9, 4), torch.float32)]
+        with SyncAudit(under=under) as audit:
+            token2wav_batch(token2wav, calls, (3, 1, 4), max_rows=3)
+        seen.append((audit.sites, audit.uploads))
+    assert seen[0] == seen[1], seen
+
+
 @pytest.mark.parametrize("dtype, min_snr_db", [(torch.float64, 250.0), (torch.float32, 100.0)])
 def test_ragged_token2wav_equals_the_per_row_path(adapter, dtype, min_snr_db):
     """Rows of different code lengths in one call, each equal to its single-row decode.

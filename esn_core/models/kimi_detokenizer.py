@@ -36,6 +36,7 @@ place of flash-attn:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -43,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from esn_core.models.dit_parts import modulate, timestep_features
+from esn_core.models.dit_parts import HostConstant, modulate, timestep_features
 from esn_core.models.ragged import key_padding, longest_first, ragged_time_axis
 from esn_core.models.weights import load_exact
 
@@ -75,23 +76,36 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_features(t, self.features).to(self.mlp[0].weight.dtype))
 
 
+PREFIX_TIME = 0.999  # upstream's time for the pass that caches the kept frames' keys
+
+
+@functools.cache
+def network_timesteps(steps: int) -> HostConstant:
+    """The DiT's timestep at each of ``steps - 1`` Euler points, then at ``PREFIX_TIME``: t × 1000
+    truncated, in float32 as upstream computes it (on the host), sent to a device once."""
+    times = torch.linspace(0, 1, steps).tolist()[:-1] + [PREFIX_TIME]
+    return HostConstant((torch.tensor(times, dtype=torch.float32) * 1000).long())
+
+
 class SincosPositions(nn.Module):
     """Upstream's sinusoidal embedding: positions counted over the non-zero ids of a call."""
 
     def __init__(self, dim: int, size: int):
         super().__init__()
         self.dim = dim
-        self.table = sincos_table(size, dim)
+        self.table = HostConstant(sincos_table(size, dim))
         # An empty persistent buffer of upstream's (its dtype/device anchor): in the state dict.
         self.register_buffer("_float_tensor", torch.FloatTensor(1))
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         real = (position_ids != 0).long()
         index = torch.cumsum(real, dim=1) * real
-        if int(index.max()) >= self.table.shape[0]:
-            self.table = sincos_table(int(index.max()) + 1, self.dim)
-        table = self.table.to(device=position_ids.device, dtype=self._float_tensor.dtype)
-        return table[index]
+        # A count over a row's columns never exceeds their number: the table grows by what
+        # the host knows (upstream reads the largest index back from the device, a wait per
+        # call). Its rows do not depend on its size, so a longer table is the same table.
+        if position_ids.shape[1] >= self.table.host.shape[0]:
+            self.table = HostConstant(sincos_table(position_ids.shape[1] + 1, self.dim))
+        return self.table.on(position_ids.device, self._float_tensor.dtype)[index]
 
 
 def rope_table(dim: int, end: int, theta: float, interpolation: float) -> torch.Tensor:
@@ -196,7 +210,7 @@ class DiT(nn.Module):
             table = rope_table(hidden // heads, params.get("max_position_embeddings", 4096),
                                params.get("rope_base", 10000.0),
                                params.get("rope_interpolation_factor", 1.0))
-            self.rope = table[: dit["max_seq_len"]]
+            self.rope = HostConstant(table[: dit["max_seq_len"]])
         self.blocks = nn.ModuleList(DiTBlock(hidden, heads, dit["mlp_ratio"]) for _ in range(dit["depth"]))
         self.final_layer = FinalLayer(hidden, dit["input_size"])
 
@@ -207,7 +221,7 @@ class DiT(nn.Module):
         h = self.input_linear(x)
         if self.position_embedding is not None:
             h = h + self.position_embedding(positions).to(h.dtype)
-        rope = None if self.rope is None else self.rope.to(x.device)[positions]
+        rope = None if self.rope is None else self.rope.on(x.device)[positions]
         c = self.t_embedder(t)[:, None] + self.semantic_token_embedding(codes)
         kvs = []
         for i, block in enumerate(self.blocks):
@@ -237,10 +251,10 @@ class Streaming:
     def reset_positions(self) -> None:
         self.prefix, self.start = None, 0
 
-    def _velocity(self, x, codes, t: float, mask=None):
+    def _velocity(self, x, codes, point: int, mask=None):
+        """The DiT at Euler point ``point`` (``self.steps - 1``: the prefix pass's time)."""
         positions = torch.arange(self.start, self.start + x.shape[1], device=x.device)[None]
-        # The network's timestep is t × 1000 truncated, in float32 as upstream computes it.
-        steps = (torch.tensor([t], dtype=torch.float32) * 1000).long().to(x.device)
+        steps = network_timesteps(self.steps).on(x.device)[point:point + 1]
         return self.dit(x, positions, steps, codes, self.prefix, mask)
 
     def _key_mask(self, lengths: list[int], steps: int, device) -> torch.Tensor:
@@ -283,8 +297,8 @@ class Streaming:
         mask = self._key_mask(lengths, longest, device) if len(set(lengths)) > 1 else None
         times = torch.linspace(0, 1, self.steps).tolist()
         kvs = None
-        for t0, t1 in zip(times[:-1], times[1:]):
-            v, kvs = self._velocity(x, padded, t0, mask)
+        for point, (t0, t1) in enumerate(zip(times[:-1], times[1:])):
+            v, kvs = self._velocity(x, padded, point, mask)
             x = x + (t1 - t0) * v
         ahead = self.look_ahead
         mels = [x[b, : lengths[b] if finals[b] or not ahead else longest - ahead]
@@ -298,7 +312,7 @@ class Streaming:
             if self.prefix is not None:
                 self.prefix = [(k[kept], v[kept]) for k, v in self.prefix]
             # The kept frames, nearly clean, are what the next chunk attends to.
-            _, kvs = self._velocity(x[kept, :-ahead], padded[kept, :-ahead], 0.999)
+            _, kvs = self._velocity(x[kept, :-ahead], padded[kept, :-ahead], self.steps - 1)
         else:
             kvs = [(k[kept], v[kept]) for k, v in kvs]
         self.prefix = [(k[:, -self.max_kv:], v[:, -self.max_kv:]) for k, v in kvs]

@@ -112,7 +112,9 @@ def penalise_repeats(logits: torch.Tensor, history: torch.Tensor, penalty: float
     counts = torch.zeros_like(logits)
     valid = history >= 0
     counts.scatter_add_(1, history.clamp(min=0), valid.to(logits.dtype))
-    alpha = torch.pow(torch.tensor(penalty, dtype=logits.dtype, device=logits.device), counts)
+    # torch.full, not torch.tensor: made on the device, where torch.tensor would copy the
+    # value from host memory every step (on CUDA a copy the host waits for).
+    alpha = torch.pow(torch.full((), penalty, dtype=logits.dtype, device=logits.device), counts)
     return torch.where(logits < 0, logits * alpha, logits / alpha)
 
 

@@ -92,6 +92,7 @@ from esn_core.models.graphed_decode import GraphedDecode
 from esn_core.models.late_stop import late_stop_checks
 from esn_core.models.ragged import key_padding, ragged_time_axis
 from esn_core.models.speech_overlap import StreamHandoff
+from esn_core.models.token2wav_solver import rk4_without_host_reads
 from esn_core.models.weights import weight_files
 from esn_core.option_values import check_arguments
 
@@ -606,6 +607,7 @@ def _decode_rows(token2wav: nn.Module, calls: Sequence[dict], seeds: Sequence[in
     frames = torch.tensor(lengths, device=noise.device) * dit.repeats
     ragged = len(set(lengths)) > 1
     with contextlib.ExitStack() as stack:
+        stack.enter_context(rk4_without_host_reads())  # the same steps, no wait per step
         stack.enter_context(_initial_noise(noise))
         stack.enter_context(_dit_block_diff(dit, frames if ragged else None, shared_mask))
         if ragged:

@@ -64,11 +64,14 @@ class CausalConditionalCFM(nn.Module):
         """key_ok: (b, T) True at each row's real frames (a prefix); the DiT masks the rest."""
         x = self.start_noise(mu, key_ok, generator)
         grid = 1 - torch.cos(torch.linspace(0, 1, n_timesteps + 1, dtype=mu.dtype) * 0.5 * math.pi)
+        # The grid stays on the host (its steps are read there) and goes to the device once:
+        # a copy from host memory per step would make the host wait for every step.
+        times = grid.to(mu.device)
         both = lambda a: torch.cat([a, torch.zeros_like(a)], dim=0)  # noqa: E731  guided / unguided
         key_ok2, mu2, spks2, cond2 = torch.cat([key_ok, key_ok]), both(mu), both(spks), both(cond)
         rate = self.inference_cfg_rate
         for step in range(n_timesteps):
-            t = grid[step].to(mu.device).expand(2 * x.shape[0])
+            t = times[step].expand(2 * x.shape[0])
             v_cond, v_free = self.estimator(torch.cat([x, x]), key_ok2, mu2, t, spks2, cond2).chunk(2)
             x = x + (grid[step + 1] - grid[step]).item() * ((1 + rate) * v_cond - rate * v_free)
         return x

@@ -9,9 +9,9 @@ function mode, so CPU tests can tell which code would wait, and how often.
 
 It also counts, apart (``uploads``), host data sent to the device: a tensor made from Python
 data with a device named (``torch.tensor(rows, device=d)``, ``t.new_tensor(rows)``), or made
-on the host and then moved (``.to(d)``, ``.cuda()``, a ``copy_`` or an assignment from it). From pageable memory such a
-copy makes the host wait too, and on CPU it looks like any other op; what a test can see is
-that it happens, and how often.
+on the host and then moved (``.to(d)``, ``.cuda()``, a ``copy_`` or an assignment from it).
+From pageable memory such a copy makes the host wait too, and on CPU it looks like any other
+op; what a test can see is that it happens, and how often.
 """
 
 from __future__ import annotations
